@@ -1,0 +1,1 @@
+"""The Linux backend: the only place that knows ioctls and netlink."""
