@@ -1,0 +1,47 @@
+# wiretun: `sudo make demo` runs the main job, `sudo make test` the tests. Both install what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Debian packages the tests, demo and benchmarks use (installed only when a command is missing).
+APT_PACKAGES := iproute2 wireguard-go wireguard-tools iperf3 tcpdump tshark ethtool gcc libc6-dev python3-venv python3-dev procps
+APT_COMMANDS := ip wg wg-quick wireguard-go iperf3 tcpdump tshark ethtool gcc pgrep
+
+.PHONY: all deps venv demo demo-example test test-unit bench clean
+
+all: venv
+
+deps:
+	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages (missing:$$missing)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+
+$(BIN)/.installed: pyproject.toml | deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python demo/demo.py
+
+demo-example: venv
+	$(BIN)/python demo/example_in_netns.py
+
+# pytest exits 5 when it collected nothing; that is a failure here, never a silent pass.
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+test-unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: venv
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
