@@ -319,6 +319,9 @@ class Adapter:
         ``requested_guid`` defaults to a random UUID. With ``persistent`` the adapter outlives this
         handle and this process (TUNSETPERSIST) until :func:`delete_driver` or ``ip link del``;
         ``owner``/``group`` (uid/gid) let that user or group attach sessions without CAP_NET_ADMIN.
+        When both are omitted the owner is the calling process's effective uid: the kernel lets
+        *anyone* attach a queue to a TUN device with neither owner nor group, and every attached queue
+        receives a share of the adapter's packets.
         Raises InvalidParameter for a bad name or tunnel type, AlreadyExists when the name is taken,
         AccessDenied without CAP_NET_ADMIN, NotFound when /dev/net/tun is missing.
         """
@@ -334,6 +337,8 @@ class Adapter:
             _uint32("owner uid", owner)
         if group is not None:
             _uint32("group gid", group)
+        if owner is None and group is None:
+            owner = os.geteuid()
         _require_tun_device()
         ns = netlink.Namespace()
         try:
