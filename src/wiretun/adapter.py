@@ -39,6 +39,7 @@ from . import log
 from .errors import (
     AccessDenied,
     AlreadyExists,
+    Busy,
     EndOfFile,
     InvalidData,
     InvalidParameter,
@@ -580,8 +581,6 @@ class Adapter:
     def _register_session(self, session: Any, multi_queue: bool | None = None) -> None:
         """Called by Session. Busy when this handle already has a session and either side wants the
         adapter to itself (Wintun allows one session per adapter; multi-queue is wiretun's extension)."""
-        from .errors import Busy
-
         if multi_queue is None:
             multi_queue = bool(getattr(session, "multi_queue", False))
         with self._lock:
@@ -675,8 +674,10 @@ def _create_link(
         try:
             fd = tun.open_queue(candidate, create=True)
         except OSError as exc:
-            if exc.errno == errno.EBUSY and candidate != name:
-                continue  # taken meanwhile: try the next derived name
+            if exc.errno == errno.EBUSY:
+                if candidate != name:
+                    continue  # taken meanwhile: try the next derived name
+                raise AlreadyExists(f"the name {_show(name)} is already taken in this network namespace") from None
             raise _error(exc, f"cannot create adapter {_show(name)}") from None
         kernel_name = candidate
         break

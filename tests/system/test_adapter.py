@@ -454,11 +454,20 @@ def test_routes_v4_and_v6(netns, adapters):
     assert {("10.0.0.0/8", 0), ("172.16.0.0/12", 50)} <= shown
     shown6 = {(r["dst"], r.get("metric")) for r in ip_json("-6", "route", "show", "dev", "Rt")}
     assert ("fd01::/64", 7) in shown6
+    a.add_address("10.6.7.7/24")
+    a.add_route("10.20.0.0/16", gateway="10.6.7.8")
+    assert any(
+        str(r.destination) == "10.20.0.0/16" and str(r.gateway) == "10.6.7.8" for r in a.routes()
+    ), a.routes()
+    assert any(r["dst"] == "10.20.0.0/16" and r.get("gateway") == "10.6.7.8" for r in ip_json("route", "show", "dev", "Rt"))
+    with pytest.raises(InvalidParameter, match="IPv6 but the destination is IPv4"):
+        a.add_route("10.30.0.0/16", gateway="fd00::1")
+    a.remove_route("10.20.0.0/16", gateway="10.6.7.8")
     a.remove_route("10.0.0.0/8")
     a.remove_route("172.16.0.0/12", metric=50)
     a.remove_route("fd01::/64")
     got = {str(r.destination) for r in a.routes()}
-    assert not got & {"10.0.0.0/8", "172.16.0.0/12", "fd01::/64"}
+    assert not got & {"10.0.0.0/8", "172.16.0.0/12", "fd01::/64", "10.20.0.0/16"}
     with pytest.raises(NotFound):
         a.remove_route("10.0.0.0/8")
 
