@@ -55,6 +55,7 @@ __all__ = [
     "format_errno",
     "format_get",
     "parse_set",
+    "socket_in_use",
     "socket_path",
 ]
 
@@ -362,6 +363,22 @@ def socket_path(interface_name: str, directory: str = DEFAULT_SOCKET_DIRECTORY) 
     return path
 
 
+def socket_in_use(path: str) -> bool:
+    """True if a process accepts connections on the unix socket at ``path`` (or holds it without
+    answering); False if there is no file or nobody listens (a stale socket)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:  # e.g. a timeout with a full backlog: someone holds it
+        return True
+    finally:
+        probe.close()
+    return True
+
+
 class _Overlong(Exception):
     pass
 
@@ -522,23 +539,14 @@ class UAPIServer:
             return  # gone meanwhile
         if not stat.S_ISSOCK(st.st_mode):
             raise AlreadyExists(f"{path} exists and is not a socket; not replacing it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        probe.settimeout(2.0)
+        if socket_in_use(path):
+            raise AlreadyExists(f"UAPI socket {path} is in use by a running process; is another daemon running?")
+        # Nobody listens: the process that made it is gone (wg itself cleans up the same way).
+        log.info(f"UAPI: replacing stale socket {path}")
         try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            # Nobody listens: the process that made it is gone (wg itself cleans up the same way).
-            log.info(f"UAPI: replacing stale socket {path}")
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        except OSError as e:  # e.g. a timeout: something holds it but is not answering yet
-            raise AlreadyExists(f"UAPI socket {path} is in use ({e}); is another daemon running?") from None
-        finally:
-            probe.close()
-        raise AlreadyExists(f"UAPI socket {path} is in use by a running process; is another daemon running?")
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     def _accept_loop(self) -> None:
         with selectors.DefaultSelector() as sel:
