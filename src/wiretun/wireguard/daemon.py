@@ -158,6 +158,17 @@ def _interface_present(ifindex: int) -> bool:
 def run_foreground(interface: str, logger: Logger) -> int:
     """Create the adapter, device and UAPI socket; serve until told to stop; clean up."""
     ready = _Ready()
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    # Installed first: a SIGTERM during start-up then means "stop once started", with full cleanup.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
 
     def fail(message: str) -> int:
         logger.error(message)
@@ -204,15 +215,6 @@ def run_foreground(interface: str, logger: Logger) -> int:
         except OSError as e:
             return fail(f"Interface {name} vanished while starting: {e}")
 
-        stop = threading.Event()
-        received: list[int] = []
-
-        def on_signal(signum: int, _frame: object) -> None:
-            received.append(signum)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
         logger.verbose("UAPI listener started")
         ready.ready()
 

@@ -444,7 +444,12 @@ class UAPIServer:
         self._clients: dict[socket.socket, threading.Thread] = {}
         self._closed = threading.Event()
 
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o755)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(directory, 0o755)  # makedirs' mode is filtered by the umask; wg needs to read it
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             # The socket file takes the sockfs inode's mode minus the umask: 0700 here gives what
