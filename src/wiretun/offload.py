@@ -336,7 +336,7 @@ def _checksums_ok(pkt: memoryview, ip_len: int, is_v4: bool, proto: int) -> bool
 def coalesce(
     packets: Sequence[Buffer],
     *,
-    udp: bool = True,
+    udp: bool = False,
     max_size: int = MAX_SUPER_PACKET,
     max_segments: int = DEFAULT_MAX_SEGMENTS,
     out: list[Frame] | None = None,
@@ -351,6 +351,10 @@ def coalesce(
     never merge. Every other packet is returned untouched; packets of one flow keep their order
     (a packet that cannot join its flow's run ends that run), and each super-packet takes the place
     of its first packet. Frames are appended to ``out`` if given, and returned.
+
+    TCP super-packets (GSO_TCPV4/TCPV6) are accepted on any TUN queue with IFF_VNET_HDR. Pass
+    ``udp=True`` only when the kernel takes GSO_UDP_L4 writes (Linux 6.2+: TUNSETOFFLOAD with
+    TUN_F_USO4|TUN_F_USO6 succeeded); older kernels reject the whole write with EINVAL.
     """
     if not 0 < max_size <= MAX_SUPER_PACKET:
         raise InvalidParameter(f"max_size {max_size} is outside 1..{MAX_SUPER_PACKET}")
@@ -365,49 +369,44 @@ def coalesce(
     for i, raw in enumerate(packets):
         pkt = memoryview(raw)
         n = len(pkt)
-        if n < 28 or n > max_size:
+        if n < 28:
             continue
         version = pkt[0] >> 4
         # --- find a flow key and decide whether this packet could merge at all
         if version == 4:
-            if pkt[0] != 0x45:  # IPv4 options never merge
-                continue
             proto = pkt[9]
             if proto != PROTO_TCP and (proto != PROTO_UDP or not udp):
                 continue
-            if _U16.unpack_from(pkt, 2)[0] != n:
-                continue
-            ip_len, is_v4 = 20, True
-            key = bytes(pkt[9:10]) + bytes(pkt[12:24])  # proto, addresses, ports
-            frag = pkt[6] & 0x3F or pkt[7]  # MF or a fragment offset
+            ip_len, is_v4 = (pkt[0] & 0x0F) * 4, True
+            if ip_len < 20 or ip_len + 8 > n or _U16.unpack_from(pkt, 2)[0] != n:
+                continue  # malformed: the kernel drops it
+            key = bytes(pkt[9:10]) + bytes(pkt[12:20]) + bytes(pkt[ip_len : ip_len + 4])
+            # IPv4 options, MF or a fragment offset: never merged (but it still ends its flow's run)
+            mergeable = ip_len == 20 and not (pkt[6] & 0x3F or pkt[7])
             ip_match = bytes((pkt[1], pkt[6] & 0xE0, pkt[8]))  # TOS, DF/reserved, TTL
         elif version == 6:
             proto = pkt[6]
             if proto != PROTO_TCP and (proto != PROTO_UDP or not udp):
-                continue  # extension headers never merge
+                continue  # extension headers never merge (their flow is not looked into)
             if n < 48 or _U16.unpack_from(pkt, 4)[0] != n - 40:
                 continue
             ip_len, is_v4 = 40, False
             key = bytes(pkt[6:7]) + bytes(pkt[8:44])
-            frag = 0
+            mergeable = True
             ip_match = bytes(pkt[0:4]) + bytes(pkt[7:8])  # version, class, flow label; hop limit
         else:
             continue
         group = open_groups.get(key)
-        mergeable = not frag
+        mergeable = mergeable and n <= max_size
         seq = 0
         psh = False
         if proto == PROTO_TCP:
-            if n < ip_len + 20:
-                continue
-            hdr_len = ip_len + (pkt[ip_len + 12] >> 4) * 4
-            if hdr_len < ip_len + 20 or hdr_len > n:
-                continue
-            flags = pkt[ip_len + 13]
-            mergeable = mergeable and flags in tcp_ok and hdr_len < n
-            psh = flags == TCP_ACK | TCP_PSH
-            seq = _U32.unpack_from(pkt, ip_len + 4)[0]
+            hdr_len = ip_len + (pkt[ip_len + 12] >> 4) * 4 if n >= ip_len + 20 else n
+            # A malformed header, no payload, or flags other than ACK / ACK|PSH: not mergeable.
+            mergeable = mergeable and ip_len + 20 <= hdr_len < n and pkt[ip_len + 13] in tcp_ok
             if mergeable:
+                psh = pkt[ip_len + 13] == TCP_ACK | TCP_PSH
+                seq = _U32.unpack_from(pkt, ip_len + 4)[0]
                 # ACK number, data offset, window, urgent pointer and options must all match.
                 match = (ip_match + bytes(pkt[ip_len + 8 : ip_len + 13])
                          + bytes(pkt[ip_len + 14 : ip_len + 16]) + bytes(pkt[ip_len + 18 : hdr_len]))

@@ -383,8 +383,8 @@ class PacketInfo:
     ``header_length`` is the IP header length including IPv6 extension headers, so it is also
     the offset of the transport header; ``payload_offset`` is where the transport payload starts
     (after the TCP/UDP/ICMP header; equal to ``header_length`` for other protocols and for
-    non-first fragments). Ports are ``None`` unless TCP/UDP; ICMP fields are ``None`` unless
-    ICMP/ICMPv6.
+    non-first fragments). ``ttl`` is the hop limit for IPv6. Ports are ``None`` unless TCP/UDP;
+    ICMP fields are ``None`` unless ICMP/ICMPv6.
     """
 
     version: int

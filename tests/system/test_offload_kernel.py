@@ -383,7 +383,7 @@ def test_coalesced_udp_delivered_to_socket(netns, v6):
             payloads = [os.urandom(1200) for _ in range(20)] + [b"last datagram"]
             mk = P.ipv6_udp if v6 else P.ipv4_udp
             dgrams = [mk(t.peer, t.local, 5555, PORT, p) for p in payloads]
-            frames = O.coalesce(dgrams)
+            frames = O.coalesce(dgrams, udp=True)
             assert [f.count for f in frames] == [21]
             assert O.VirtioNetHeader.unpack_from(frames[0].header).gso_type == O.GSO_UDP_L4
             os.writev(t.fd, [frames[0].header, frames[0].packet])
@@ -423,7 +423,7 @@ def test_kernel_resegments_coalesced_super_packet(netns, v6, proto):
             mk = P.ipv6_udp if v6 else P.ipv4_udp
             kw = {} if v6 else {"dont_fragment": True}
             segs = [mk(src, dst, 40000, 9999, c, **kw) for c in chunks]
-        frames = O.coalesce(segs)
+        frames = O.coalesce(segs, udp=proto == "udp")
         assert [f.count for f in frames] == [len(segs)]
         os.writev(a.fd, [frames[0].header, frames[0].packet])
         deadline = time.monotonic() + DEADLINE

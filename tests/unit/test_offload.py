@@ -379,14 +379,14 @@ def test_coalesce_round_trip_udp(v6):
     mk = (lambda p, i: P.ipv6_udp(A6, B6, 53, 5353, p)) if v6 else (
         lambda p, i: P.ipv4_udp(A4, B4, 53, 5353, p, ip_id=i))
     segs = [mk(os.urandom(1200), i) for i in range(5)] + [mk(b"tail", 5)]
-    (frame,) = O.coalesce(segs)
+    (frame,) = O.coalesce(segs, udp=True)
     hdr = O.VirtioNetHeader.unpack_from(frame.header)
     assert (hdr.gso_type, hdr.csum_offset, hdr.gso_size) == (O.GSO_UDP_L4, 6, 1200)
     ih = 40 if v6 else 20
     assert struct.unpack_from("!H", frame.packet, ih + 4)[0] == len(frame.packet) - ih  # whole length
     check_super(frame, segs)
-    # With udp=False they all stay as they are.
-    assert [f.packet for f in O.coalesce(segs, udp=False)] == segs
+    # Without udp=True (the default) they all stay as they are.
+    assert [f.packet for f in O.coalesce(segs)] == segs
 
 
 @settings(max_examples=60, deadline=None)
@@ -505,6 +505,14 @@ def test_coalesce_ipv4_options_fragments_and_v6_ext_untouched():
     struct.pack_into("!H", opt, 2, len(opt))
     P.fix_checksums(opt)
     assert _flows(O.coalesce([segs[0], bytes(opt)])) == [1, 1]
+    # In the middle of a run it ends the run, so nothing of its flow overtakes it.
+    three = stream4(3, psh_last=False)
+    opt = bytearray(three[1][:20]) + b"\x01\x01\x01\x00" + three[1][20:]
+    opt[0] = 0x46
+    struct.pack_into("!H", opt, 2, len(opt))
+    P.fix_checksums(opt)
+    frames = O.coalesce([three[0], bytes(opt), three[2]])
+    assert _flows(frames) == [1, 1, 1] and frames[1].packet == bytes(opt)
     six = stream6(2)
     ext = bytearray(six[1][:40]) + bytes([P.PROTO_TCP, 0, 1, 4, 0, 0, 0, 0]) + six[1][40:]
     ext[6] = 0
@@ -531,15 +539,25 @@ def test_coalesce_limits():
 
 def test_coalesce_udp_rules():
     mk = lambda p, **kw: P.ipv4_udp(A4, B4, 53, 5353, p, **kw)
+
+    def runs(batch):
+        return _flows(O.coalesce(batch, udp=True))
+
     same = [mk(b"a" * 100) for _ in range(3)]
-    assert _flows(O.coalesce(same)) == [3]
-    assert _flows(O.coalesce([mk(b"a" * 50), mk(b"a" * 100)])) == [1, 1]  # larger after smaller
-    assert _flows(O.coalesce([mk(b"a" * 100), mk(b"a" * 50), mk(b"a" * 50)])) == [2, 1]
-    assert _flows(O.coalesce([mk(b"a" * 100), mk(b"a" * 100, ttl=3)])) == [1, 1]
+    assert runs(same) == [3]
+    assert _flows(O.coalesce(same)) == [1, 1, 1]  # UDP only when asked for
+    assert runs([mk(b"a" * 50), mk(b"a" * 100)]) == [1, 1]  # larger after smaller
+    assert runs([mk(b"a" * 100), mk(b"a" * 50), mk(b"a" * 50)]) == [2, 1]  # short one ends a run
+    assert runs([mk(b"a" * 100), mk(b"a" * 100, ttl=3)]) == [1, 1]
     nocsum = bytearray(mk(b"a" * 100))
-    nocsum[26:28] = b"\0\0"
-    assert _flows(O.coalesce([mk(b"a" * 100), bytes(nocsum), mk(b"a" * 100)])) == [1, 1, 1]
-    assert _flows(O.coalesce([mk(b""), mk(b"")])) == [1, 1]  # empty datagrams never merge
+    nocsum[26:28] = b"\0\0"  # "no checksum": nothing for the kernel to finish, leave it alone
+    assert runs([mk(b"a" * 100), bytes(nocsum), mk(b"a" * 100)]) == [1, 1, 1]
+    assert runs([mk(b""), mk(b"")]) == [1, 1]  # empty datagrams never merge
+    # A tiny or empty datagram of the flow ends the run too; nothing overtakes it.
+    assert runs([mk(b"a" * 100), mk(b""), mk(b"a" * 100)]) == [1, 1, 1]
+    assert runs([mk(b"a" * 100), mk(b"a" * 100), mk(b"a" * 100)]) == [3]
+    assert _flows(O.coalesce([mk(b"a" * 100), mk(b"b" * 200), mk(b"a" * 100)], udp=True,
+                             max_size=200)) == [1, 1, 1]
 
 
 def test_coalesce_out_list_and_frame_bytes():
