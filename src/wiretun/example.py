@@ -80,7 +80,7 @@ def _send_packets(session, quit_event: threading.Event, ipv6: bool, counts: dict
     seq = 0
     while not quit_event.is_set():
         seq += 1
-        probes = [packet.ipv4_icmp_echo(V4_PEER, V4_ADAPTER, ident=0, seq=0)]
+        probes = [packet.wintun_example_echo_request()]  # example.c's exact 28 bytes
         if ipv6:
             probes.append(packet.ipv6_icmp_echo(V6_PEER, V6_ADAPTER, ident=0x6007, seq=seq))
         for probe in probes:
@@ -116,7 +116,7 @@ def run(seconds: float | None = None, *, ipv6: bool = True) -> dict:
         log.info(f"Wintun v{(version >> 16) & 0xFF}.{version & 0xFF} loaded")
         adapter.add_address(f"{V4_ADAPTER}/24")
         if ipv6:
-            adapter.add_address(f"{V6_ADAPTER}/64", nodad=True)
+            adapter.add_address(f"{V6_ADAPTER}/64")  # TUN is NOARP: no DAD delay
         adapter.up()
         with adapter.start_session(RING_CAPACITY) as session:
             log.info("Launching threads and mangling packets...")
