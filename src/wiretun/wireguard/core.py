@@ -555,9 +555,11 @@ class WireGuard:
                 if which < 0:
                     break
                 self._expired(peer, which, now)
-            if timers.active and timers.wake is None:
+            # A handler may have armed a timer later than one left pending from before; make
+            # sure the heap holds the earliest of all.
+            if timers.active:
                 deadline = timers.next_deadline()
-                if deadline is not None:
+                if deadline is not None and (timers.wake is None or deadline < timers.wake):
                     self._schedule(timers, deadline)
 
     def _expired(self, peer: Peer, which: int, now: float) -> None:
