@@ -1,0 +1,208 @@
+"""Session throughput next to a plain os.read / os.writev loop on the same TUN device, in one run.
+
+Run as root:  .venv/bin/python bench/session.py [--packets N] [--rounds R]
+
+Everything happens in a network namespace this script creates and removes. The adapter gets
+10.77.0.1/24; 10.77.0.2 is "the far side", routed through the adapter.
+
+* receive: N UDP datagrams are first queued in the TUN queue by a socket in the namespace (the kernel
+  holds them: txqueuelen is raised above N), and only then is the drain timed, so the sender is never the
+  bottleneck. Plain: ``os.read(fd, 0x10009)`` until EAGAIN. Session per-packet:
+  ``receive_packet(block=False)`` + ``release_receive_packet``. Session batch: ``receive_packets(64)`` +
+  ``release_receive_packets``. Every method must drain exactly N packets.
+* send: N IPv4/UDP packets from 10.77.0.2 to a socket on 10.77.0.1 (which never reads: the kernel drops
+  them once its buffer is full, the same cost for every method). Plain: ``os.writev(fd, [header,
+  packet])``. Session per-packet: ``allocate_send_packet`` + copy + ``send_packet``. Session batch:
+  ``send_packets`` of 64 at a time.
+
+Methods are interleaved round by round; the table shows the median of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from wiretun import packet
+from wiretun.adapter import Adapter
+from wiretun.linux import netns, tun
+
+ADAPTER_ADDR = "10.77.0.1"
+PEER_ADDR = "10.77.0.2"
+SINK_PORT = 9000
+BATCH = 64
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
+        f"Python {platform.python_version()} ({platform.python_implementation()})"
+    )
+
+
+def prefill(sock: socket.socket, payload: bytes, count: int) -> None:
+    dest = (PEER_ADDR, SINK_PORT)
+    send = sock.sendto
+    for _ in range(count):
+        send(payload, dest)
+
+
+def drain_plain(fd: int) -> int:
+    read = os.read
+    n = 0
+    while True:
+        try:
+            read(fd, 0x10009)
+        except BlockingIOError:
+            return n
+        n += 1
+
+
+def drain_session_single(session) -> int:
+    receive = session.receive_packet
+    release = session.release_receive_packet
+    n = 0
+    while True:
+        pkt = receive(block=False)
+        if pkt is None:
+            return n
+        release(pkt)
+        n += 1
+
+
+def drain_session_batch(session) -> int:
+    receive = session.receive_packets
+    release = session.release_receive_packets
+    n = 0
+    while True:
+        pkts = receive(BATCH)
+        if not pkts:
+            return n
+        n += len(pkts)
+        release(pkts)
+
+
+def send_plain(fd: int, pkt: bytes, count: int) -> int:
+    writev = os.writev
+    iov = [bytes(tun.VNET_HDR_SIZE), pkt]
+    for _ in range(count):
+        writev(fd, iov)
+    return count
+
+
+def send_session_single(session, pkt: bytes, count: int) -> int:
+    allocate = session.allocate_send_packet
+    send = session.send_packet
+    size = len(pkt)
+    for _ in range(count):
+        buf = allocate(size)
+        buf[:] = pkt
+        send(buf)
+    return count
+
+
+def send_session_batch(session, pkt: bytes, count: int) -> int:
+    batch = [pkt] * BATCH
+    send = session.send_packets
+    sent = 0
+    while sent < count:
+        sent += send(batch if count - sent >= BATCH else batch[: count - sent])
+    return sent
+
+
+def timed(fn: Callable[[], int]) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    n = fn()
+    return n, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--packets", type=int, default=20000, help="packets per measurement (default 20000)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per method (default 5)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/session.py needs root (it creates a namespace and a TUN adapter)")
+    count = max(1000, min(args.packets, 200_000))
+    rounds = max(1, min(args.rounds, 50))
+    results: dict[tuple[str, int, str], list[float]] = {}
+
+    with netns.temporary("wtbench"):
+        adapter = Adapter.create("wtbench0", "Bench")
+        try:
+            adapter.add_address(f"{ADAPTER_ADDR}/24")
+            adapter.up()
+            subprocess.run(
+                ["ip", "link", "set", "dev", adapter.kernel_name, "txqueuelen", str(count + 1000)], check=True
+            )
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sink.bind((ADAPTER_ADDR, SINK_PORT))
+
+            for size in (64, 1400):
+                payload = bytes(size - 28)
+                out_pkt = packet.ipv4_udp(PEER_ADDR, ADAPTER_ADDR, 40000, SINK_PORT, bytes(size - 28))
+                for _ in range(rounds):
+                    # plain loop on a queue of its own (no session attached meanwhile)
+                    fd = adapter._open_queue()
+                    try:
+                        tun.set_offload(fd, 0)
+                        prefill(sender, payload, count)
+                        n, dt = timed(lambda: drain_plain(fd))
+                        _record(results, ("receive", size, "plain os.read loop"), n, count, dt)
+                        n, dt = timed(lambda: send_plain(fd, out_pkt, count))
+                        _record(results, ("send", size, "plain os.writev loop"), n, count, dt)
+                    finally:
+                        os.close(fd)
+                    with adapter.start_session(0x400000) as session:
+                        prefill(sender, payload, count)
+                        n, dt = timed(lambda: drain_session_single(session))
+                        _record(results, ("receive", size, "session per-packet"), n, count, dt)
+                        prefill(sender, payload, count)
+                        n, dt = timed(lambda: drain_session_batch(session))
+                        _record(results, ("receive", size, f"session batch ({BATCH})"), n, count, dt)
+                        n, dt = timed(lambda: send_session_single(session, out_pkt, count))
+                        _record(results, ("send", size, "session per-packet"), n, count, dt)
+                        n, dt = timed(lambda: send_session_batch(session, out_pkt, count))
+                        _record(results, ("send", size, f"session batch ({BATCH})"), n, count, dt)
+            sender.close()
+            sink.close()
+        finally:
+            adapter.close()
+
+    print(f"machine: {machine()}")
+    print(f"{count} packets per measurement, median of {rounds} rounds\n")
+    print(f"{'direction':<9} {'size':>5}  {'method':<24} {'packets/s':>12}  {'vs plain':>8}")
+    for direction in ("receive", "send"):
+        for size in (64, 1400):
+            rows = [(k[2], statistics.median(v)) for k, v in results.items() if k[0] == direction and k[1] == size]
+            base = rows[0][1]
+            for name, pps in rows:
+                print(f"{direction:<9} {size:>5}  {name:<24} {pps:>12,.0f}  {pps / base:>7.0%}")
+
+
+def _record(results: dict, key: tuple[str, int, str], n: int, expected: int, dt: float) -> None:
+    if n != expected:
+        raise SystemExit(f"{key}: moved {n} packets, expected {expected} (the queue dropped some?)")
+    results.setdefault(key, []).append(n / dt)
+
+
+if __name__ == "__main__":
+    main()
