@@ -1,0 +1,923 @@
+"""The WireGuard device: the sans-I/O core (:mod:`.core`) wired to a wiretun session and UDP sockets.
+
+    import wiretun
+    from wiretun.wireguard.device import Device
+
+    adapter = wiretun.Adapter.create("wg0", "WireGuard")
+    device = Device(adapter)                       # session, UDP sockets (random port), MTU 1420
+    device.configure(private_key="yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=", listen_port=51820)
+    device.add_peer("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
+                    endpoint="192.0.2.1:51820", allowed_ips=["10.0.0.2/32"], persistent_keepalive=25)
+    device.start()                                  # the event-loop thread starts moving packets
+    adapter.add_address("10.0.0.1/24"); adapter.up()
+    ...
+    device.state().peers[0].last_handshake_time_sec # per-peer handshake time, rx/tx bytes, endpoint
+    device.stats["rx_disallowed_source"]           # what was dropped, by reason
+    device.close()
+
+What ``wg(8)`` does through the UAPI socket (:class:`~wiretun.wireguard.uapi.UAPIServer`) arrives here as
+:meth:`Device.apply` of a :class:`~wiretun.wireguard.config.DeviceSet`, with wireguard-go's semantics;
+``get`` is answered from :meth:`Device.state`. The convenience methods (:meth:`configure`,
+:meth:`add_peer`, :meth:`remove_peer`) build such requests.
+
+Threads: one event-loop thread (started by :meth:`start`) waits with ``epoll`` on the session's read-wait
+handle, the UDP sockets (IPv4 and IPv6, bound to the same port as wireguard-go does), an rtnetlink socket
+for the interface's up/down and MTU, and an eventfd that :meth:`apply` and :meth:`close` use to wake it.
+Each wake-up drains in batches (TUN packets -> core -> UDP; UDP datagrams -> core -> TUN) and runs the
+core's timers when due. Configuration calls from other threads take the core's lock between batches.
+
+Behaviour follows wireguard-go where it is observable:
+
+* the device follows the interface's link state: it starts up, goes down (sessions and queued packets
+  dropped, timers stopped) when the interface is set down, and up again when it is set up;
+* the MTU is set to 1420 if the interface still has the TUN default of 1500; the padding of the core
+  follows the interface MTU as it changes;
+* a listen port of 0 binds a random port (IPv4 first, IPv6 on the same port, retried on collision);
+  a listen port change binds the new sockets *before* closing the old ones, so a port in use
+  (EADDRINUSE) leaves the device as it was (wireguard-go is left without sockets);
+* fwmark sets SO_MARK on both sockets; a peer whose public key is the device's own is ignored;
+* replies leave from the address the kernel's routing picks (no "sticky" source address).
+
+Bad datagrams of any kind are dropped and counted (:attr:`Device.stats`), never raised.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from .. import log
+from ..errors import EndOfFile, InvalidParameter, WintunError
+from ..linux import netlink
+from . import keys as _keys
+from . import messages as _messages
+from .config import (
+    EADDRINUSE,
+    EINVAL,
+    EIO,
+    KEY_SIZE,
+    DeviceSet,
+    DeviceState,
+    Endpoint,
+    PeerSet,
+    PeerState,
+    UAPIError,
+)
+from .core import Peer, WireGuard
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+    from ..session import Session
+
+__all__ = ["Device", "DEFAULT_MTU"]
+
+DEFAULT_MTU = 1420  # wireguard-go's default TUN MTU
+TUN_DEFAULT_MTU = 1500  # what the kernel gives a new TUN device
+DEFAULT_CAPACITY = 0x800000
+BATCH = 64  # packets or datagrams handled per batch before the core's lock is let go
+SOCKET_BUFFER_SIZE = 7 << 20  # wireguard-go's UDP socket buffer size
+RANDOM_PORT_ATTEMPTS = 100  # wireguard-go's retries when port 0 collides on IPv6
+MAX_WAIT = 1.0  # longest epoll sleep, so a lost wake-up can never stall the loop for long
+SEND_WAIT = 0.1  # how long a datagram send waits for socket buffer space before it is dropped
+JOIN_TIMEOUT = 10.0
+_RECV_SIZE = 65536  # larger than any UDP payload
+
+# rtnetlink, for link events (wireguard-go's netlink listener).
+_RTMGRP_LINK = 1
+_RTM_NEWLINK = 16
+_NLMSG_HDR = struct.Struct("=IHHII")
+_IFINFO = struct.Struct("=BxHiII")
+_RTATTR = struct.Struct("=HH")
+_IFLA_MTU = 4
+_IFF_UP = 0x1
+
+_ZERO_KEY = bytes(KEY_SIZE)
+
+
+class DeviceCounters:
+    """Counters of the device's own I/O (the core keeps the per-reason protocol drop counters)."""
+
+    __slots__ = (
+        "udp_rx",  # datagrams received
+        "udp_rx_errors",  # receive calls that failed (other than "nothing waiting")
+        "udp_tx",  # datagrams sent
+        "udp_tx_errors",  # datagrams the kernel refused or had no room for: dropped
+        "udp_tx_no_socket",  # datagrams for an address family without a socket: dropped
+        "tun_rx",  # packets read from the session
+        "tun_tx",  # decrypted packets written to the session
+        "tun_tx_dropped",  # decrypted packets dropped: the session's send ring was full
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _parse_key(value: object, what: str) -> bytes:
+    """32 raw bytes, or a key as text: base64 (as ``wg`` prints it) or 64 hex digits (UAPI form)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _keys.check_key(value, what)
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) == 2 * KEY_SIZE:
+            try:
+                return bytes.fromhex(text)
+            except ValueError:
+                raise InvalidParameter(f"{what} is 64 characters long but not hex") from None
+        try:
+            return _keys.from_base64(text)
+        except InvalidParameter:
+            # Never echo the text: it may be a private or preshared key.
+            raise InvalidParameter(f"{what} must be 32 bytes, 44 base64 or 64 hex characters") from None
+    raise InvalidParameter(f"{what} must be bytes or a base64/hex string, not {type(value).__name__}")
+
+
+def _normalise_host(host: str) -> str:
+    """A literal address in canonical form; IPv4-mapped IPv6 becomes plain IPv4 (it is sent over IPv4)."""
+    bare, sep, zone = host.partition("%")
+    address = ipaddress.ip_address(bare)
+    if address.version == 6:
+        mapped = address.ipv4_mapped  # type: ignore[union-attr]
+        if mapped is not None:
+            return str(mapped)
+        return f"{address}%{zone}" if sep and zone else str(address)
+    return str(address)
+
+
+def _normalise_endpoint(endpoint: Endpoint) -> Endpoint:
+    return (_normalise_host(endpoint[0]), int(endpoint[1]))
+
+
+def _parse_endpoint(value: object) -> Endpoint:
+    """``(host, port)`` or ``"host:port"`` / ``"[v6]:port"``; a host name is resolved (as ``wg`` does)."""
+    if isinstance(value, tuple) and len(value) == 2:
+        host, port = value
+    elif isinstance(value, str):
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host or not port_text.isdigit():
+            raise InvalidParameter(f"endpoint {value!r} is not host:port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        port = int(port_text)
+    else:
+        raise InvalidParameter(f"endpoint must be (host, port) or 'host:port', not {value!r}")
+    if not isinstance(host, str) or not host:
+        raise InvalidParameter(f"endpoint host must be a non-empty string, not {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 0xFFFF:
+        raise InvalidParameter(f"endpoint port {port!r} is out of range 1..65535")
+    try:
+        return (_normalise_host(host), port)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise InvalidParameter(f"endpoint host {host!r} cannot be resolved: {e.strerror}") from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)  # prefer IPv4, as wg does
+    return (_normalise_host(infos[0][4][0]), port)
+
+
+def _report_endpoint(endpoint: Any) -> Endpoint | None:
+    """The (host, port) that state() reports for a stored endpoint (a source may be a 4-tuple)."""
+    if endpoint is None:
+        return None
+    host = endpoint[0]
+    if len(endpoint) >= 4 and endpoint[3] and "%" not in host:
+        try:
+            host = f"{host}%{socket.if_indextoname(endpoint[3])}"
+        except OSError:
+            host = f"{host}%{endpoint[3]}"
+    return (host, endpoint[1])
+
+
+def _close_all(socks: Iterable[socket.socket | None]) -> None:
+    for sock in socks:
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def _udp_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
+    """A non-blocking UDP socket bound to the wildcard address; None if the family is unavailable."""
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+            return None
+        raise
+    try:
+        sock.setblocking(False)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_{RCV,SND}BUFFORCE
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_SIZE)
+            except OSError:  # without CAP_NET_ADMIN: as much as net.core.*mem_max allows
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_SIZE)
+        if fwmark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+    except OSError as e:
+        sock.close()
+        if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
+            return None  # IPv6 disabled in this namespace
+        raise
+    return sock
+
+
+def _bind_pair(port: int, fwmark: int) -> tuple[socket.socket | None, socket.socket | None, int]:
+    """IPv4 and IPv6 sockets on one port (0: a random port free in both families)."""
+    attempts = RANDOM_PORT_ATTEMPTS if port == 0 else 1
+    error: OSError | None = None
+    for _ in range(attempts):
+        s4 = s6 = None
+        try:
+            s4 = _udp_socket(socket.AF_INET, port, fwmark)
+            chosen = s4.getsockname()[1] if s4 is not None else port
+            s6 = _udp_socket(socket.AF_INET6, chosen, fwmark)
+            if s4 is None and s6 is None:
+                raise OSError(errno.EAFNOSUPPORT, "neither IPv4 nor IPv6 UDP sockets are available")
+            if s4 is None:
+                chosen = s6.getsockname()[1]  # type: ignore[union-attr]
+            return s4, s6, chosen
+        except OSError as e:
+            _close_all((s4, s6))
+            error = e
+            if port == 0 and e.errno == errno.EADDRINUSE:
+                continue  # the random IPv4 port is taken on IPv6: pick another
+            raise
+    assert error is not None
+    raise error
+
+
+# ------------------------------------------------------------------------------------------ device
+
+
+class Device:
+    """A userspace WireGuard interface on a wiretun adapter (see the module docstring).
+
+    ``Device(adapter)`` starts a session with ``capacity``-byte rings and binds UDP sockets on a random
+    port; nothing moves until :meth:`start`. Configure it before or after starting. :meth:`close` ends
+    it (idempotent); :attr:`closed` is set then, and also when the adapter disappears.
+    """
+
+    def __init__(self, adapter: "Adapter", *, capacity: int = DEFAULT_CAPACITY) -> None:
+        self._adapter = adapter
+        self._name = adapter.kernel_name
+        self._ns = netlink.Namespace()  # sockets made later (rebinds) go to this namespace
+        self._lock = threading.Lock()  # the core, the sockets and the counters
+        self._api_mutex = threading.Lock()  # one configuration call at a time
+        self._api_waiting = False
+        self._state_lock = threading.Lock()  # lifetime: closing, wake fd, teardown
+        self._closed = threading.Event()
+        self._closing = False
+        self._torn_down = False
+        self._thread: threading.Thread | None = None
+        self.counters = DeviceCounters()
+
+        mtu = adapter.mtu
+        if mtu == TUN_DEFAULT_MTU:
+            adapter.mtu = DEFAULT_MTU  # wireguard-go creates its TUN with 1420
+            mtu = DEFAULT_MTU
+        self._core = WireGuard(mtu=min(mtu, _messages.MAX_CONTENT_SIZE))
+        self._core.on_event = self._on_core_event
+
+        self._session: Session | None = None
+        self._sock4: socket.socket | None = None
+        self._sock6: socket.socket | None = None
+        self._retired: list[socket.socket] = []
+        self._sock_gen = 0
+        self._port = 0
+        self._fwmark = 0
+        self._wake_fd = -1
+        self._netlink: socket.socket | None = None
+        self._link_up = True  # wireguard-go starts up and then follows the link's events
+        self._rx_buffer = bytearray(_RECV_SIZE)
+        self._rx_view = memoryview(self._rx_buffer)
+        self._send_errors_logged: set[int] = set()
+        try:
+            self._session = adapter.start_session(capacity)
+            self._sock4, self._sock6, self._port = self._ns.call(_bind_pair, 0, 0)
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._netlink = self._ns.call(self._link_monitor)
+        except BaseException:
+            self._teardown()
+            raise
+        log.info(f"Device {self._name}: created, UDP port {self._port}, MTU {mtu}")
+
+    # ------------------------------------------------------------------ identity and lifetime
+
+    @property
+    def name(self) -> str:
+        """The interface's kernel name."""
+        try:
+            self._name = self._adapter.kernel_name
+        except (WintunError, OSError):
+            pass  # gone or closed: the last known name
+        return self._name
+
+    @property
+    def adapter(self) -> "Adapter":
+        return self._adapter
+
+    @property
+    def closed(self) -> threading.Event:
+        """Set once the device is closed, by :meth:`close` or because the adapter went away."""
+        return self._closed
+
+    def __enter__(self) -> "Device":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed.is_set() else f"port={self._port}"
+        return f"<wiretun.wireguard.Device {self._name!r} {state}>"
+
+    def start(self) -> None:
+        """Start the event-loop thread. InvalidParameter if already started or closed."""
+        with self._state_lock:
+            if self._closing or self._torn_down:
+                raise InvalidParameter(f"device {self._name} is closed")
+            if self._thread is not None:
+                raise InvalidParameter(f"device {self._name} is already started")
+            self._thread = threading.Thread(target=self._run, name=f"wiretun-wg-{self._name}", daemon=True)
+            self._thread.start()
+        log.info(f"Device {self._name}: started")
+
+    def close(self) -> None:
+        """Stop the loop, close the sockets, end the session; sets :attr:`closed`. Idempotent.
+
+        The adapter is not closed: it belongs to the caller.
+        """
+        with self._state_lock:
+            self._closing = True
+            thread = self._thread
+        self._wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(JOIN_TIMEOUT)
+            if thread.is_alive():
+                log.err(f"Device {self._name}: the event loop did not stop within {JOIN_TIMEOUT:g} s")
+        self._teardown()
+
+    def _wake(self) -> None:
+        with self._state_lock:
+            if self._wake_fd >= 0:
+                try:
+                    os.eventfd_write(self._wake_fd, 1)
+                except OSError:
+                    pass
+
+    def _teardown(self) -> None:
+        with self._state_lock:
+            if self._torn_down:
+                return
+            self._torn_down = True
+            self._closing = True
+            wake_fd, self._wake_fd = self._wake_fd, -1
+        with self._lock:
+            socks = [self._sock4, self._sock6, *self._retired]
+            self._sock4 = self._sock6 = None
+            self._retired = []
+            self._sock_gen += 1
+            self._core.down()  # forget session keys and queued packets
+            self._core.take_datagrams()
+            self._core.take_packets()
+        _close_all(socks)
+        if self._netlink is not None:
+            self._netlink.close()
+            self._netlink = None
+        session, self._session = self._session, None
+        if session is not None:
+            try:
+                session.end()
+            except Exception as e:
+                log.warn(f"Device {self._name}: ending the session failed: {e}")
+        if wake_fd >= 0:
+            os.close(wake_fd)
+        self._ns.close()
+        log.info(f"Device {self._name}: closed")
+        self._closed.set()
+
+    # ------------------------------------------------------------------ configuration (any thread)
+
+    @contextmanager
+    def _api_lock(self) -> Iterator[None]:
+        """The core's lock for a configuration call; the loop steps aside for it between batches."""
+        with self._api_mutex:
+            self._api_waiting = True
+            try:
+                self._lock.acquire()
+            finally:
+                self._api_waiting = False
+            try:
+                yield
+            finally:
+                self._lock.release()
+
+    def apply(self, request: DeviceSet) -> None:
+        """Apply a UAPI ``set`` request with wireguard-go's semantics.
+
+        Raises :class:`UAPIError`: EADDRINUSE when the listen port cannot be bound or fwmark cannot be
+        set, EINVAL for a value the core refuses (e.g. too many peers), EIO once the device is closed.
+        A listen port failure changes nothing; later failures leave what was applied before them, as
+        wireguard-go does.
+        """
+        if not isinstance(request, DeviceSet):
+            raise InvalidParameter(f"apply() takes a DeviceSet, not {type(request).__name__}")
+        try:
+            with self._api_lock():
+                if self._torn_down:
+                    raise UAPIError(EIO, f"device {self._name} is closed")
+                self._apply_locked(request)
+        finally:
+            self._wake()  # flush what the core queued; pick up new sockets
+
+    def _apply_locked(self, request: DeviceSet) -> None:
+        core = self._core
+        fwmark = self._fwmark if request.fwmark is None else request.fwmark
+        if not 0 <= fwmark <= 0xFFFFFFFF:
+            raise UAPIError(EINVAL, f"fwmark {fwmark} is out of range 0..4294967295")
+        port = request.listen_port
+        if port is not None and not 0 <= port <= 0xFFFF:
+            raise UAPIError(EINVAL, f"listen_port {port} is out of range 0..65535")
+        if port is not None and (port != self._port or (self._sock4 is None and self._sock6 is None)):
+            try:
+                s4, s6, bound = self._ns.call(_bind_pair, port, fwmark)
+            except OSError as e:
+                raise UAPIError(EADDRINUSE, f"cannot listen on UDP port {port}: {e.strerror or e}") from None
+            self._retired += [s for s in (self._sock4, self._sock6) if s is not None]
+            self._sock4, self._sock6, self._port = s4, s6, bound
+            self._sock_gen += 1
+            log.info(f"Device {self._name}: listening on UDP port {bound}")
+        elif request.fwmark is not None:
+            for sock in (self._sock4, self._sock6):
+                if sock is None:
+                    continue
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+                except OSError as e:
+                    raise UAPIError(EADDRINUSE, f"cannot set fwmark {fwmark}: {e.strerror or e}") from None
+        self._fwmark = fwmark
+
+        try:
+            if request.private_key is not None:
+                core.set_private_key(request.private_key)  # zero clears; removes a peer with our key
+            if request.replace_peers:
+                core.remove_all_peers()
+            for peer_set in request.peers:
+                self._apply_peer(peer_set)
+        except (InvalidParameter, ValueError) as e:
+            raise UAPIError(EINVAL, str(e)) from None
+        finally:
+            core.apply_config(time.monotonic())
+
+    def _apply_peer(self, ps: PeerSet) -> None:
+        core = self._core
+        public_key = _keys.check_key(ps.public_key, "public key")
+        own = core.public_key
+        if own is not None and _keys.keys_equal(own, public_key):
+            return  # wireguard-go ignores a peer with the device's own key
+        peer = core.get_peer(public_key)
+        if ps.remove:
+            if peer is not None:
+                core.remove_peer(public_key)
+                log.info(f"Device {self._name}: {peer!r} removed")
+            return
+        if peer is None:
+            if ps.update_only:
+                return
+            peer = core.add_peer(public_key)
+            log.info(f"Device {self._name}: {peer!r} created")
+        if ps.preshared_key is not None:
+            peer.preshared_key = ps.preshared_key
+        if ps.endpoint is not None:
+            peer.endpoint = _normalise_endpoint(ps.endpoint)
+        if ps.persistent_keepalive_interval is not None:
+            peer.persistent_keepalive_interval = ps.persistent_keepalive_interval
+        if ps.replace_allowed_ips:
+            peer.clear_allowed_ips()
+        for network, remove in ps.allowed_ips:
+            if remove:
+                peer.remove_allowed_ip(network)
+            else:
+                peer.add_allowed_ip(network)
+
+    def state(self) -> DeviceState:
+        """A snapshot for ``get``: keys, listen port, fwmark, and per peer its configuration, endpoint,
+        last handshake time and rx/tx bytes."""
+        with self._api_lock():
+            core = self._core
+            peers = []
+            for peer in core.peers():
+                sec, nsec = peer.last_handshake
+                peers.append(
+                    PeerState(
+                        public_key=peer.public_key,
+                        preshared_key=peer.preshared_key,
+                        endpoint=_report_endpoint(peer.endpoint),
+                        persistent_keepalive_interval=peer.persistent_keepalive_interval,
+                        last_handshake_time_sec=sec,
+                        last_handshake_time_nsec=nsec,
+                        rx_bytes=peer.rx_bytes,
+                        tx_bytes=peer.tx_bytes,
+                        allowed_ips=list(peer.allowed_ips),
+                    )
+                )
+            return DeviceState(private_key=core.private_key, listen_port=self._port, fwmark=self._fwmark, peers=peers)
+
+    # ------------------------------------------------------------------ Python API
+
+    def configure(
+        self,
+        *,
+        private_key: bytes | str | None = None,
+        listen_port: int | None = None,
+        fwmark: int | None = None,
+        replace_peers: bool = False,
+    ) -> None:
+        """Set device fields; None leaves a field unchanged. Keys are 32 bytes or base64/hex text;
+        a private key of 32 zero bytes clears it; ``listen_port=0`` picks a random port, ``fwmark=0``
+        clears the mark; ``replace_peers`` removes every peer. Raises InvalidParameter for a bad value
+        and UAPIError (EADDRINUSE) when the port cannot be bound."""
+        request = DeviceSet(replace_peers=bool(replace_peers))
+        if private_key is not None:
+            request.private_key = _parse_key(private_key, "private key")
+        if listen_port is not None:
+            if isinstance(listen_port, bool) or not isinstance(listen_port, int) or not 0 <= listen_port <= 0xFFFF:
+                raise InvalidParameter(f"listen_port {listen_port!r} is out of range 0..65535")
+            request.listen_port = listen_port
+        if fwmark is not None:
+            if isinstance(fwmark, bool) or not isinstance(fwmark, int) or not 0 <= fwmark <= 0xFFFFFFFF:
+                raise InvalidParameter(f"fwmark {fwmark!r} is out of range 0..4294967295")
+            request.fwmark = fwmark
+        self.apply(request)
+
+    def add_peer(
+        self,
+        public_key: bytes | str,
+        *,
+        preshared_key: bytes | str | None = None,
+        endpoint: Endpoint | str | None = None,
+        allowed_ips: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        persistent_keepalive: int = 0,
+    ) -> None:
+        """Add a peer, or reconfigure the one with this key: its allowed IPs become ``allowed_ips``,
+        its preshared key ``preshared_key`` (None: none), its persistent keepalive interval
+        ``persistent_keepalive`` seconds (0: off). ``endpoint`` is ``(host, port)`` or ``"host:port"``
+        (``"[v6]:port"``; names are resolved); None keeps the current one (e.g. a learned endpoint).
+        InvalidParameter for a bad value, including the device's own public key."""
+        key = _parse_key(public_key, "public key")
+        own = self.public_key
+        if own is not None and _keys.keys_equal(own, key):
+            raise InvalidParameter("a peer cannot have the device's own public key")
+        if isinstance(persistent_keepalive, bool) or not isinstance(persistent_keepalive, int) \
+                or not 0 <= persistent_keepalive <= 0xFFFF:
+            raise InvalidParameter(f"persistent_keepalive {persistent_keepalive!r} is out of range 0..65535 s")
+        if isinstance(allowed_ips, (str, bytes)):
+            allowed_ips = [allowed_ips]  # type: ignore[list-item]
+        networks = []
+        for item in allowed_ips:
+            try:
+                networks.append((ipaddress.ip_network(item, strict=False), False))
+            except (TypeError, ValueError) as e:
+                raise InvalidParameter(f"allowed IP {item!r} is not an IPv4/IPv6 prefix: {e}") from None
+        self.apply(DeviceSet(peers=[PeerSet(
+            public_key=key,
+            preshared_key=_ZERO_KEY if preshared_key is None else _parse_key(preshared_key, "preshared key"),
+            endpoint=None if endpoint is None else _parse_endpoint(endpoint),
+            persistent_keepalive_interval=persistent_keepalive,
+            replace_allowed_ips=True,
+            allowed_ips=networks,
+        )]))
+
+    def remove_peer(self, public_key: bytes | str) -> bool:
+        """Remove the peer with this key (its sessions, routes, queued packets). False if absent."""
+        key = _parse_key(public_key, "public key")
+        with self._api_lock():
+            removed = self._core.remove_peer(key)
+        if removed:
+            log.info(f"Device {self._name}: peer {_keys.to_base64(key)[:8]}… removed")
+        return removed
+
+    def peer(self, public_key: bytes | str) -> PeerState | None:
+        """The state of one peer (as in :meth:`state`), or None if there is no such peer."""
+        key = _parse_key(public_key, "public key")
+        for peer in self.state().peers:
+            if peer.public_key == key:
+                return peer
+        return None
+
+    @property
+    def public_key(self) -> bytes | None:
+        """The device's public key (None without a private key)."""
+        with self._api_lock():
+            return self._core.public_key
+
+    @property
+    def listen_port(self) -> int:
+        """The UDP port the device is bound to."""
+        return self._port
+
+    @property
+    def fwmark(self) -> int:
+        return self._fwmark
+
+    @property
+    def is_up(self) -> bool:
+        """Whether the device is up (it follows the interface's administrative state)."""
+        return self._core.is_up
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: the core's drops by reason (``rx_bad_mac1``, ``rx_replay``,
+        ``rx_disallowed_source``, ...; see :class:`wiretun.wireguard.core.Counters`) and totals, plus the
+        device's I/O counters (:class:`DeviceCounters`) and ``dropped``, all drops together."""
+        with self._api_lock():
+            out = self._core.stats.as_dict()
+            out["dropped"] = self._core.stats.dropped()
+            device = self.counters.as_dict()
+        out["dropped"] += device["udp_tx_errors"] + device["udp_tx_no_socket"] + device["tun_tx_dropped"]
+        out.update(device)
+        return out
+
+    # ------------------------------------------------------------------ the event loop
+
+    def _on_core_event(self, name: str, peer: Peer) -> None:
+        if name == "handshake_complete":
+            log.info(f"Device {self._name}: {peer!r} handshake completed")
+        elif name == "handshake_gave_up":
+            log.info(f"Device {self._name}: {peer!r} handshake did not complete; giving up for now")
+
+    def _link_monitor(self) -> socket.socket | None:
+        """An rtnetlink socket for link events (up/down, MTU), in this namespace; None if refused."""
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        except OSError as e:
+            log.warn(f"Device {self._name}: cannot watch link events ({e.strerror}); staying up")
+            return None
+        try:
+            sock.setblocking(False)
+            sock.bind((0, _RTMGRP_LINK))
+        except OSError as e:
+            sock.close()
+            log.warn(f"Device {self._name}: cannot watch link events ({e.strerror}); staying up")
+            return None
+        return sock
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except EndOfFile:
+            log.info(f"Device {self._name}: the adapter is gone; closing")
+        except Exception as e:  # a bug must not leave a daemon running without a data path
+            log.err(f"Device {self._name}: event loop failed: {e!r}; closing")
+        finally:
+            self._teardown()
+
+    def _loop(self) -> None:
+        session = self._session
+        if session is None:
+            return
+        session_fd = session.get_read_wait_event()
+        wake_fd = self._wake_fd
+        netlink_sock = self._netlink
+        netlink_fd = netlink_sock.fileno() if netlink_sock is not None else -1
+        poller = select.epoll()
+        try:
+            poller.register(session_fd, select.EPOLLIN)
+            poller.register(wake_fd, select.EPOLLIN)
+            if netlink_fd >= 0:
+                poller.register(netlink_fd, select.EPOLLIN)
+            lock = self._lock
+            core = self._core
+            monotonic = time.monotonic
+            gen = -1
+            sockets: dict[int, socket.socket] = {}
+            while not self._closing:
+                if gen != self._sock_gen:
+                    with lock:
+                        gen = self._sock_gen
+                        for fd in sockets:
+                            try:
+                                poller.unregister(fd)
+                            except (OSError, ValueError):
+                                pass
+                        retired, self._retired = self._retired, []
+                        _close_all(retired)
+                        sockets = {s.fileno(): s for s in (self._sock4, self._sock6) if s is not None}
+                        for fd in sockets:
+                            poller.register(fd, select.EPOLLIN)
+                with lock:
+                    deadline = core.next_deadline()
+                    if core.datagrams or core.packets:
+                        self._flush()
+                if deadline is None:
+                    timeout = MAX_WAIT
+                else:
+                    timeout = min(MAX_WAIT, max(0.0, deadline - monotonic()))
+                events = poller.poll(timeout)
+                for fd, _ in events:
+                    if self._closing:
+                        break
+                    if fd == session_fd:
+                        with lock:
+                            self._from_tun(session)
+                    elif fd == wake_fd:
+                        try:
+                            os.eventfd_read(wake_fd)
+                        except BlockingIOError:
+                            pass
+                    elif fd == netlink_fd:
+                        self._link_events()
+                    else:
+                        sock = sockets.get(fd)
+                        if sock is not None:
+                            with lock:
+                                if self._sock_gen == gen:  # not retired meanwhile
+                                    self._from_udp(sock)
+                    if self._api_waiting:
+                        self._step_aside()
+                if deadline is not None:
+                    now = monotonic()
+                    if now >= deadline:
+                        with lock:
+                            core.tick(now)
+                            self._flush()
+                if self._api_waiting:
+                    self._step_aside()
+        finally:
+            poller.close()
+
+    def _step_aside(self) -> None:
+        """Let a waiting configuration call take the lock (a released Lock is re-taken by the thread
+        holding the GIL before a waiter wakes, so without this a busy loop would starve it)."""
+        deadline = time.monotonic() + 1.0
+        while self._api_waiting and not self._closing and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
+    def _from_tun(self, session: "Session") -> None:
+        """One batch of packets from the session through the core to UDP. Called with the lock held."""
+        views = session.receive_packets(BATCH)
+        if not views:
+            return
+        try:
+            self._core.send_packets(views, time.monotonic())
+        finally:
+            session.release_receive_packets(views)
+        self.counters.tun_rx += len(views)
+        self._flush()
+
+    def _from_udp(self, sock: socket.socket) -> None:
+        """One batch of datagrams through the core to the session. Called with the lock held."""
+        recv = sock.recvfrom_into
+        buf = self._rx_buffer
+        view = self._rx_view
+        receive = self._core.receive_datagram
+        now = time.monotonic()
+        count = 0
+        try:
+            for _ in range(BATCH):
+                n, source = recv(buf)
+                receive(view[:n], source, now)
+                count += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.counters.udp_rx_errors += 1  # e.g. an ICMP error queued on the socket: go on
+        self.counters.udp_rx += count
+        if count:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what the core produced: datagrams to UDP, decrypted packets to the session."""
+        core = self._core
+        packets = core.packets
+        if packets:
+            core.packets = []
+            session = self._session
+            written = 0
+            if session is not None:
+                try:
+                    written = session.send_packets(packets)
+                except EndOfFile:
+                    raise
+                except InvalidParameter:  # cannot happen: the core checks the IP length
+                    written = 0
+            self.counters.tun_tx += written
+            self.counters.tun_tx_dropped += len(packets) - written
+        datagrams = core.datagrams
+        if datagrams:
+            core.datagrams = []
+            self._send_datagrams(datagrams)
+
+    def _send_datagrams(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        s4 = self._sock4
+        s6 = self._sock6
+        counters = self.counters
+        sent = 0
+        for data, endpoint in datagrams:
+            sock = s6 if ":" in endpoint[0] else s4
+            if sock is None:
+                counters.udp_tx_no_socket += 1
+                continue
+            try:
+                sock.sendto(data, endpoint)
+                sent += 1
+            except BlockingIOError:
+                # The socket buffer is full: wait briefly for room (as a blocking send would), once.
+                try:
+                    select.select((), (sock,), (), SEND_WAIT)
+                    sock.sendto(data, endpoint)
+                    sent += 1
+                except OSError as e:
+                    self._send_failed(e, endpoint)
+            except OSError as e:
+                self._send_failed(e, endpoint)
+        counters.udp_tx += sent
+
+    def _send_failed(self, e: OSError, endpoint: Any) -> None:
+        self.counters.udp_tx_errors += 1
+        code = e.errno or 0
+        if code not in self._send_errors_logged:  # once per kind: this can happen per packet
+            self._send_errors_logged.add(code)
+            log.warn(f"Device {self._name}: sending to {endpoint[0]} port {endpoint[1]} failed: "
+                     f"{e.strerror or e} (dropping; logged once)")
+
+    def _link_events(self) -> None:
+        """Follow the interface's up/down state and MTU from rtnetlink (wireguard-go's tun events)."""
+        sock = self._netlink
+        if sock is None:
+            return
+        index = self._adapter.luid
+        up: bool | None = None
+        mtu: int | None = None
+        resync = False
+        while True:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    resync = True  # events were lost: read the link's state instead
+                    continue
+                break
+            offset = 0
+            while offset + _NLMSG_HDR.size <= len(data):
+                length, mtype, _, _, _ = _NLMSG_HDR.unpack_from(data, offset)
+                if length < _NLMSG_HDR.size:
+                    break
+                body = offset + _NLMSG_HDR.size
+                if mtype == _RTM_NEWLINK and length >= _NLMSG_HDR.size + _IFINFO.size:
+                    _, _, ifindex, flags, _ = _IFINFO.unpack_from(data, body)
+                    if ifindex == index:
+                        up = bool(flags & _IFF_UP)
+                        attr = body + _IFINFO.size
+                        end = offset + length
+                        while attr + _RTATTR.size <= end:
+                            alen, atype = _RTATTR.unpack_from(data, attr)
+                            if alen < _RTATTR.size:
+                                break
+                            if atype == _IFLA_MTU and alen >= 8:
+                                mtu = struct.unpack_from("=I", data, attr + 4)[0]
+                            attr += (alen + 3) & ~3
+                offset += (length + 3) & ~3
+        if resync:
+            try:
+                up = self._adapter.is_up
+                mtu = self._adapter.mtu
+            except (WintunError, OSError):
+                pass
+        if up is None and mtu is None:
+            return
+        with self._lock:
+            core = self._core
+            if mtu is not None and mtu != core.mtu:
+                core.mtu = min(mtu, _messages.MAX_CONTENT_SIZE)
+            if up is not None and up != self._link_up:
+                self._link_up = up
+                if up:
+                    core.up(time.monotonic())
+                    log.info(f"Device {self._name}: interface up")
+                else:
+                    core.down()
+                    log.info(f"Device {self._name}: interface down")
+                self._flush()
