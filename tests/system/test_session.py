@@ -1,0 +1,509 @@
+"""Sessions on real TUN adapters, each test in its own network namespace (the ``netns`` fixture).
+
+The far side of the adapter is the namespace's own kernel: it answers pings sent through the session,
+delivers UDP to sockets in the namespace, and routes datagrams for 10.0.0.2 / fd00:1::2 out through the
+adapter. Every check is on exact bytes, addresses and counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import select
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from wiretun import packet
+from wiretun.adapter import Adapter
+from wiretun.errors import BufferOverflow, Busy, EndOfFile, InvalidParameter, NoMoreItems
+from wiretun.linux import tun
+from wiretun.ring import RELEASE_BIT, record_size
+from wiretun.session import Session
+
+V4_LOCAL, V4_PEER = "10.0.0.1", "10.0.0.2"
+V6_LOCAL, V6_PEER = "fd00:1::1", "fd00:1::2"
+SMALL = 0x20000
+
+
+@pytest.fixture
+def adapter(netns):
+    a = Adapter.create("wts0", "SessionTest")
+    try:
+        a.add_address(f"{V4_LOCAL}/24")
+        a.add_address(f"{V6_LOCAL}/64")
+        a.up()
+        yield a
+    finally:
+        a.close()
+
+
+def receive_matching(session: Session, match, timeout: float = 3.0) -> bytes:
+    """The first packet for which ``match(bytes)`` holds; others (IPv6 MLD, router solicitations ...)
+    are released and skipped. Returns a copy; the packet itself is released."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError("no matching packet arrived")
+        pkt = session.receive_packet(block=True, timeout=remaining)
+        if pkt is None:
+            continue
+        data = bytes(pkt)
+        session.release_receive_packet(pkt)
+        if match(data):
+            return data
+
+
+def send(session: Session, data: bytes) -> None:
+    buf = session.allocate_send_packet(len(data))
+    buf[:] = data
+    session.send_packet(buf)
+
+
+def is_v4(proto: int, dst: str | None = None):
+    dst_b = socket.inet_aton(dst) if dst else None
+    return lambda p: p[0] >> 4 == 4 and p[9] == proto and (dst_b is None or p[16:20] == dst_b)
+
+
+def is_v6(next_header: int, first_byte: int | None = None):
+    def match(p: bytes) -> bool:
+        return p[0] >> 4 == 6 and p[6] == next_header and (first_byte is None or p[40] == first_byte)
+
+    return match
+
+
+def v4_expected(received: bytes, body: bytes, src: str, dst: str, proto: int, ttl: int = 64) -> bytes:
+    """The IPv4 packet the kernel must have sent: every byte fixed except the IP ID and the DF bit,
+    which are taken from what arrived (the checksum is recomputed over them)."""
+    ident = struct.unpack_from("!H", received, 4)[0]
+    df = bool(received[6] & 0x40)
+    return packet.ipv4_header(src, dst, proto, len(body), ttl=ttl, ident=ident, dont_fragment=df) + body
+
+
+def v6_expected(received: bytes, body: bytes, src: str, dst: str, next_header: int) -> bytes:
+    """The IPv6 packet the kernel must have sent; the flow label (auto flow labels) is taken as received."""
+    flow = struct.unpack_from("!I", received, 0)[0] & 0xFFFFF
+    return packet.ipv6_header(src, dst, next_header, len(body), hop_limit=64, flow_label=flow) + body
+
+
+# ----------------------------------------------------------------------------- kernel <-> session
+
+
+def test_kernel_echo_reply_arrives_with_exact_bytes(adapter):
+    with adapter.start_session(0x400000) as s:
+        request = packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, ident=0x1234, seq=7, payload=b"wiretun ping", ttl=64)
+        send(s, request)
+        reply = receive_matching(s, is_v4(packet.PROTO_ICMP, V4_PEER))
+        icmp = packet.ipv4_icmp_echo(V4_LOCAL, V4_PEER, 0x1234, 7, b"wiretun ping", request=False)[20:]
+        assert icmp[:2] == b"\x00\x00"  # echo reply, code 0
+        assert reply == v4_expected(reply, icmp, V4_LOCAL, V4_PEER, packet.PROTO_ICMP)
+        assert packet.verify_checksums(reply)
+
+
+def test_kernel_icmpv6_echo_reply_arrives_with_exact_bytes(adapter):
+    with adapter.start_session() as s:
+        request = packet.ipv6_icmp_echo(V6_PEER, V6_LOCAL, ident=0x77, seq=3, payload=b"v6 ping")
+        send(s, request)
+        reply = receive_matching(s, is_v6(packet.PROTO_ICMPV6, packet.ICMPV6_ECHO_REPLY))
+        icmp = packet.ipv6_icmp_echo(V6_LOCAL, V6_PEER, 0x77, 3, b"v6 ping", request=False)[40:]
+        assert reply == v6_expected(reply, icmp, V6_LOCAL, V6_PEER, packet.PROTO_ICMPV6)
+        assert packet.verify_checksums(reply)
+
+
+def test_udp_from_a_socket_arrives_byte_for_byte(adapter):
+    payload = bytes(range(256)) * 3
+    with adapter.start_session() as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((V4_LOCAL, 4444))
+        sock.sendto(payload, (V4_PEER, 5555))
+        got = receive_matching(s, is_v4(packet.PROTO_UDP, V4_PEER))
+        udp = packet.ipv4_udp(V4_LOCAL, V4_PEER, 4444, 5555, payload)[20:]
+        assert got == v4_expected(got, udp, V4_LOCAL, V4_PEER, packet.PROTO_UDP)
+
+
+def test_udp6_from_a_socket_arrives_byte_for_byte(adapter):
+    payload = b"six" * 100
+    with adapter.start_session() as s, socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind((V6_LOCAL, 4446))
+        sock.sendto(payload, (V6_PEER, 5556))
+        got = receive_matching(s, is_v6(packet.PROTO_UDP))
+        udp = packet.ipv6_udp(V6_LOCAL, V6_PEER, 4446, 5556, payload)[40:]
+        assert got == v6_expected(got, udp, V6_LOCAL, V6_PEER, packet.PROTO_UDP)
+
+
+def test_allocated_packet_reaches_a_udp_socket(adapter):
+    with adapter.start_session() as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((V4_LOCAL, 6000))
+        sock.settimeout(3)
+        datagram = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7000, 6000, b"through the send ring")
+        buf = s.allocate_send_packet(len(datagram))
+        assert len(buf) == len(datagram) and not buf.readonly
+        buf[:] = datagram
+        s.send_packet(buf)
+        data, addr = sock.recvfrom(2000)
+        assert data == b"through the send ring"
+        assert addr == (V4_PEER, 7000)
+
+
+def test_allocated_ipv6_packet_reaches_a_udp_socket(adapter):
+    with adapter.start_session() as s, socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind((V6_LOCAL, 6006))
+        sock.settimeout(3)
+        send(s, packet.ipv6_udp(V6_PEER, V6_LOCAL, 7006, 6006, b"v6 through the ring"))
+        data, addr = sock.recvfrom(2000)
+        assert data == b"v6 through the ring"
+        assert addr[:2] == (V6_PEER, 7006)
+
+
+def test_batch_forms_and_iterator(adapter):
+    with adapter.start_session() as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((V4_LOCAL, 6100))
+        sock.settimeout(3)
+        datagrams = [packet.ipv4_udp(V4_PEER, V4_LOCAL, 7100 + i, 6100, b"batch %d" % i) for i in range(10)]
+        assert s.send_packets(datagrams) == 10
+        assert sorted(sock.recvfrom(100) for _ in range(10)) == sorted(
+            (b"batch %d" % i, (V4_PEER, 7100 + i)) for i in range(10)
+        )
+        # Out: ten datagrams through the kernel, read back with one batch call.
+        for i in range(10):
+            sock.sendto(b"out %d" % i, (V4_PEER, 5000 + i))
+        got: list[bytes] = []
+        deadline = time.monotonic() + 3
+        while len(got) < 10 and time.monotonic() < deadline:
+            batch = s.receive_packets(64, block=True, timeout=0.5)
+            got += [bytes(p) for p in batch if is_v4(packet.PROTO_UDP, V4_PEER)(p)]
+            s.release_receive_packets(batch)
+        assert [p[28:] for p in got] == [b"out %d" % i for i in range(10)]
+        # The iterator: blocking, ends when the session does.
+        seen: list[bytes] = []
+
+        def iterate() -> None:
+            for p in s:
+                seen.append(bytes(p))
+                s.release_receive_packet(p)
+
+        t = threading.Thread(target=iterate)
+        t.start()
+        sock.sendto(b"iterated", (V4_PEER, 5999))
+        deadline = time.monotonic() + 3
+        while not any(p[28:] == b"iterated" for p in seen) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s.end()
+        t.join(2)
+        assert not t.is_alive()
+        assert any(p[28:] == b"iterated" for p in seen)
+
+
+def test_empty_polls(adapter):
+    with adapter.start_session() as s:
+        while s.receive_packet(block=False) is not None:  # drain what the kernel sent on link-up
+            pass
+        with pytest.raises(NoMoreItems) as e:
+            s.receive_packet()
+        assert e.value.code == 259
+        assert s.receive_packet(block=False) is None
+        assert s.receive_packets(64) == []
+        t0 = time.monotonic()
+        assert s.receive_packet(block=True, timeout=0.2) is None
+        assert 0.15 < time.monotonic() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------- ring semantics
+
+
+def test_out_of_order_release_frees_space_only_from_head(adapter):
+    """A 128 KiB receive ring holds 93 records of 1400-byte packets; what does not fit is dropped (as
+    Wintun's driver drops). Releasing a packet in the middle frees nothing; releasing the first frees
+    both it and the already released one after it."""
+    rec = record_size(1400)
+    fit = (SMALL - 4) // rec
+    assert fit == 93
+    with adapter.start_session(SMALL) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        time.sleep(0.2)
+        while (p := s.receive_packet(block=False)) is not None:  # link-up chatter
+            s.release_receive_packet(p)
+        ring = s._rx
+
+        def blast(first: int, count: int) -> None:
+            for i in range(first, first + count):
+                sock.sendto(struct.pack("!I", i) + bytes(1368), (V4_PEER, 9))
+
+        def seqs(pkts) -> list[int]:
+            return [struct.unpack_from("!I", p, 28)[0] for p in pkts]
+
+        blast(0, fit + 7)
+        held = s.receive_packets(fit + 7)
+        assert len(held) == fit and all(len(p) == 1400 for p in held)
+        assert seqs(held) == list(range(fit))
+        assert s.receive_dropped == 7
+        head0 = ring.head
+
+        s.release_receive_packet(held[1])  # out of order: marked, Head stays
+        assert ring.head == head0
+        assert ring.stored_size(head0 + rec) == RELEASE_BIT | 1400
+        blast(1000, 1)
+        assert s.receive_packets(10) == []  # its space is not usable yet: dropped
+        assert s.receive_dropped == 8
+
+        s.release_receive_packet(held[0])  # now Head moves over both
+        assert ring.head == (head0 + 2 * rec) % SMALL
+        blast(2000, 3)
+        more = s.receive_packets(10)
+        assert seqs(more) == [2000, 2001]  # two records' worth came back; the third did not fit
+        assert s.receive_dropped == 9
+        s.release_receive_packets(held[2:])
+        s.release_receive_packets(more)
+        assert ring.head == ring.tail
+
+
+def test_full_send_ring_is_buffer_overflow_and_nothing_else_breaks(adapter):
+    fit = (SMALL - 4) // record_size(1400)
+    with adapter.start_session(SMALL) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((V4_LOCAL, 6200))
+        sock.settimeout(3)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        bufs = []
+        for i in range(fit):
+            buf = s.allocate_send_packet(1400)
+            buf[:] = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7200, 6200, struct.pack("!I", i) + bytes(1400 - 32))
+            bufs.append(buf)
+        with pytest.raises(BufferOverflow) as e:
+            s.allocate_send_packet(1400)
+        assert e.value.code == 111
+        big = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7200, 6200, bytes(1372))
+        assert s.send_packets([big] * 3) == 0  # the caller drops them
+        # The 496 bytes left take 41 records of 8-byte packets, then nothing (4 bytes always stay free).
+        smalls = []
+        while True:
+            try:
+                smalls.append(s.allocate_send_packet(8))
+            except BufferOverflow:
+                break
+        assert len(smalls) == (SMALL - 4 - fit * record_size(1400)) // record_size(8) == 41
+        # Receiving is unaffected.
+        send_ping = packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 1, 1, b"still alive", 64)
+        # (the ring is full, so the ping cannot be sent yet; the kernel's own traffic still arrives)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+            out.sendto(b"rx ok", (V4_PEER, 9))
+        got = receive_matching(s, is_v4(packet.PROTO_UDP, V4_PEER))
+        assert got[28:] == b"rx ok"
+        # Send in reverse: nothing leaves until the first allocation is sent, then all in order.
+        for buf in reversed(bufs[1:]):
+            s.send_packet(buf)
+        sock.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            sock.recvfrom(2000)
+        for small in smalls:
+            s.send_packet(small)  # 8 zero bytes: not IP; the kernel will refuse them
+        s.send_packet(bufs[0])
+        sock.settimeout(3)
+        order = [struct.unpack_from("!I", sock.recvfrom(2000)[0])[0] for _ in range(fit)]
+        assert order == list(range(fit))
+        assert s.send_dropped == 41  # refused by the kernel (EINVAL), counted, logged once
+        send(s, send_ping)
+        reply = receive_matching(s, is_v4(packet.PROTO_ICMP, V4_PEER))
+        assert reply.endswith(b"still alive")
+
+
+def test_bad_arguments_are_clear_errors(adapter):
+    for bad in (0x1000, 0x20001, 0x30000, 0x8000000, 0):
+        with pytest.raises(InvalidParameter) as e:
+            adapter.start_session(bad)
+        assert f"{bad:#x}" in str(e.value) and "0x20000" in str(e.value) and "0x4000000" in str(e.value)
+    with adapter.start_session() as s:
+        for size in (0, 0x10000, -5):
+            with pytest.raises(InvalidParameter) as e:
+                s.allocate_send_packet(size)
+            assert str(size) in str(e.value)
+        with pytest.raises(InvalidParameter):
+            s.send_packets([b""])
+        with pytest.raises(InvalidParameter):
+            s.send_packets([bytes(0x10000)])
+        with pytest.raises(InvalidParameter):
+            s.receive_packets(0)
+        with pytest.raises(InvalidParameter):
+            s.release_receive_packet(memoryview(bytearray(20)))
+        with pytest.raises(InvalidParameter):
+            s.send_packet(memoryview(bytearray(20)))
+        buf = s.allocate_send_packet(28)
+        buf[:] = packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 9, 9)
+        s.send_packet(buf)
+        with pytest.raises((InvalidParameter, ValueError)):
+            s.send_packet(buf)  # sent twice (the view was also released)
+        pkt = s.receive_packet(block=True, timeout=3)
+        assert pkt is not None
+        s.release_receive_packet(pkt)
+        with pytest.raises(InvalidParameter):
+            s.release_receive_packet(pkt)  # released twice
+        with pytest.raises(ValueError):
+            bytes(pkt)  # a released packet's view is released too
+
+
+def test_packet_from_another_session_is_refused(adapter):
+    with Adapter.create("wts1", "SessionTest") as other:
+        other.add_address("10.9.9.1/24")
+        other.up()
+        with adapter.start_session() as s1, other.start_session() as s2:
+            send(s2, packet.ipv4_icmp_echo("10.9.9.2", "10.9.9.1", 1, 1, b"other"))
+            foreign = s2.receive_packet(block=True, timeout=3)
+            assert foreign is not None
+            with pytest.raises(InvalidParameter):
+                s1.release_receive_packet(foreign)
+            with pytest.raises(InvalidParameter):
+                s1.release_receive_packets([foreign])
+            s2.release_receive_packet(foreign)  # still releasable by its own session
+            buf = s2.allocate_send_packet(20)
+            with pytest.raises(InvalidParameter):
+                s1.send_packet(buf)
+
+
+# ----------------------------------------------------------------------------- waiting and ending
+
+
+def test_read_wait_event_with_selectors_and_asyncio(adapter):
+    with adapter.start_session() as s:
+        fd = s.get_read_wait_event()
+        assert isinstance(fd, int)
+        while (p := s.receive_packet(block=False)) is not None:
+            s.release_receive_packet(p)
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            assert sel.select(0.05) == []
+            send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 2, 2, b"selector"))
+            assert sel.select(3)
+        assert receive_matching(s, is_v4(packet.PROTO_ICMP)).endswith(b"selector")
+
+        async def via_asyncio() -> bytes:
+            loop = asyncio.get_running_loop()
+            ready = asyncio.Event()
+            loop.add_reader(fd, ready.set)
+            try:
+                send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 3, 3, b"asyncio"))
+                while True:
+                    await asyncio.wait_for(ready.wait(), 3)
+                    ready.clear()
+                    pkt = s.receive_packet(block=False)
+                    if pkt is None:
+                        continue
+                    data = bytes(pkt)
+                    s.release_receive_packet(pkt)
+                    if is_v4(packet.PROTO_ICMP)(data):
+                        return data
+            finally:
+                loop.remove_reader(fd)
+
+        assert asyncio.run(via_asyncio()).endswith(b"asyncio")
+
+
+def _blocked_reader(s: Session, how: str, out: dict) -> None:
+    try:
+        if how == "receive":
+            while True:
+                p = s.receive_packet(block=True)
+                if p is not None:
+                    s.release_receive_packet(p)
+        else:
+            fd = s.get_read_wait_event()
+            while True:
+                select.select([fd], [], [])
+                p = s.receive_packet(block=False)
+                if p is not None:
+                    s.release_receive_packet(p)
+    except EndOfFile as e:
+        out["woke"] = time.monotonic()
+        out["error"] = e
+
+
+@pytest.mark.parametrize("how", ["receive", "select"])
+@pytest.mark.parametrize("ender", ["end", "adapter.close"])
+def test_ending_wakes_a_blocked_reader_within_100ms(adapter, how, ender):
+    s = adapter.start_session()
+    out: dict = {}
+    t = threading.Thread(target=_blocked_reader, args=(s, how, out), daemon=True)
+    t.start()
+    time.sleep(0.3)  # the reader is asleep by now
+    assert t.is_alive()
+    t0 = time.monotonic()
+    if ender == "end":
+        s.end()
+    else:
+        adapter.close()
+    t.join(2)
+    assert not t.is_alive()
+    assert out["error"].code == 38
+    assert out["woke"] - t0 < 0.1, f"woke after {1000 * (out['woke'] - t0):.1f} ms"
+    assert s.ended
+    with pytest.raises(EndOfFile):
+        s.receive_packet()
+    with pytest.raises(EndOfFile):
+        s.allocate_send_packet(20)
+    with pytest.raises(EndOfFile):
+        s.receive_packets()
+    select.select([s.get_read_wait_event()], [], [], 0)  # still a valid descriptor
+    s.end()  # again: nothing
+
+
+def test_closing_the_adapter_ends_the_session_cleanly(adapter):
+    s = adapter.start_session()
+    send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 5, 5, b"held"))
+    held = s.receive_packet(block=True, timeout=3)
+    buf = s.allocate_send_packet(100)
+    name = adapter.kernel_name
+    adapter.close()
+    assert s.ended
+    assert bytes(held) or True  # views still held stay readable
+    s.release_receive_packet(held)  # after the end: nothing happens
+    s.send_packet(buf)
+    r = subprocess.run(["ip", "link", "show", "dev", name], capture_output=True)
+    assert r.returncode != 0  # the adapter is gone
+    with pytest.raises(EndOfFile):
+        s.receive_packet()
+
+
+def test_deleting_the_device_underneath_gives_end_of_file(adapter):
+    s = adapter.start_session()
+    subprocess.run(["ip", "link", "del", "dev", adapter.kernel_name], check=True)
+    assert s.wait(2)  # the handle wakes up
+    with pytest.raises(EndOfFile):
+        while True:
+            p = s.receive_packet(block=False)
+            if p is not None:
+                s.release_receive_packet(p)
+    s.end()
+
+
+# ----------------------------------------------------------------------------- one session per adapter
+
+
+def test_second_session_is_busy(adapter):
+    s = adapter.start_session()
+    with pytest.raises(Busy) as e:
+        adapter.start_session()
+    assert e.value.code == 170
+    s.end()
+    with adapter.start_session() as again:
+        send(again, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 6, 6, b"again"))
+        assert receive_matching(again, is_v4(packet.PROTO_ICMP)).endswith(b"again")
+
+
+def test_queue_held_elsewhere_is_busy_unless_multi_queue(adapter):
+    fd = tun.open_queue(adapter.kernel_name)  # as another process's session would
+    try:
+        with pytest.raises(Busy):
+            adapter.start_session()
+        with adapter.start_session(multi_queue=True) as s:
+            assert s.multi_queue
+            with adapter.start_session(multi_queue=True) as s2:
+                assert s2.multi_queue
+            with pytest.raises(Busy):
+                adapter.start_session()
+    finally:
+        import os
+
+        os.close(fd)
+    with adapter.start_session() as s:
+        assert not s.multi_queue
