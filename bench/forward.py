@@ -157,8 +157,34 @@ def serve_wiretun(ns_a: str, dev_a: str, ns_b: str, dev_b: str, offload: bool) -
         except EndOfFile as exc:
             print(f"forwarder {src.adapter.kernel_name}: {exc}", file=sys.stderr, flush=True)
 
-    for args in ((sa, sb), (sb, sa)):
-        threading.Thread(target=pump, args=args, daemon=True).start()
+    def poll_loop() -> None:
+        ep = select.epoll()
+        ep.register(sa.get_read_wait_event(), select.EPOLLIN)
+        ep.register(sb.get_read_wait_event(), select.EPOLLIN)
+        ra, rb = sa.receive_packets, sb.receive_packets
+        try:
+            while True:
+                moved = False
+                p = ra(batch)
+                if p:
+                    sb.send_packets(p)
+                    sa.release_receive_packets(p)
+                    moved = True
+                p = rb(batch)
+                if p:
+                    sa.send_packets(p)
+                    sb.release_receive_packets(p)
+                    moved = True
+                if not moved:
+                    ep.poll(1.0)
+        except EndOfFile as exc:
+            print(f"forwarder: {exc}", file=sys.stderr, flush=True)
+
+    if os.environ.get("WIRETUN_BENCH_MODE") == "poll":
+        threading.Thread(target=poll_loop, daemon=True).start()
+    else:
+        for args in ((sa, sb), (sb, sa)):
+            threading.Thread(target=pump, args=args, daemon=True).start()
     print(f"ready {getattr(sa, 'offloads', 0):#x}", flush=True)
     _wait_for_stdin_eof()
     os._exit(0)
@@ -187,6 +213,8 @@ class Result:
     udp_pps: float | None = None  # 64-byte datagrams the forwarder wrote into B per second
     udp_received_pps: float | None = None  # of which the iperf3 server received
     tcp_read_avg: float | None = None  # bytes per read on A during the TCP run (header included)
+    tcp_cpu: float | None = None  # forwarder CPU seconds per second during the TCP run
+    tcp_us_per_packet: float | None = None  # forwarder CPU microseconds per packet moved (both ways)
     offloads: str = ""
     error: str | None = None
 
@@ -270,6 +298,14 @@ class Forwarder:
             raise RuntimeError(f"forwarder did not start: {line.strip()} {err.strip()[-800:]}")
         self.offloads = line.split()[1] if len(line.split()) > 1 else ""
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the forwarder process has used so far (all its threads)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         """Close the forwarder's stdin (its signal to exit) and wait; kill it if it lingers."""
         try:
@@ -339,10 +375,18 @@ def measure(kind: str, seconds: float, udp: bool) -> Result:
                 _check("ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX}", "dev", dev)
                 _check("ip", "-n", ns, "link", "set", dev, "up")
             before = _counters(ns_a, DEV_A, "tx")
+            back_before = _counters(ns_b, DEV_B, "tx")
+            cpu_before, t0 = fwd.cpu_seconds(), time.monotonic()
             result.tcp_bps = tcp_bits_per_second(_iperf(ns_a, ns_b, seconds, udp=False))
+            cpu, elapsed = fwd.cpu_seconds() - cpu_before, time.monotonic() - t0
             after = _counters(ns_a, DEV_A, "tx")
+            back_after = _counters(ns_b, DEV_B, "tx")
+            moved = after[0] - before[0] + back_after[0] - back_before[0]
             if after[0] > before[0]:
                 result.tcp_read_avg = (after[1] - before[1]) / (after[0] - before[0])
+            result.tcp_cpu = cpu / elapsed
+            if moved:
+                result.tcp_us_per_packet = cpu / moved * 1e6
             if udp:
                 before = _counters(ns_b, DEV_B, "rx")
                 report = _iperf(ns_a, ns_b, seconds, udp=True)
@@ -401,7 +445,8 @@ def table(results: list[Result], seconds: float) -> str:
         f"Forwarding between two TUN adapters (iperf3 A -> B, {seconds:g} s per run)",
         machine_line(),
         "",
-        f"{'forwarder':<16} {'TCP Gbit/s':>10} {'x pytun':>8} {'x C':>7} {'x C off':>8} {'B/read':>7}"
+        f"{'forwarder':<16} {'TCP Gbit/s':>10} {'x pytun':>8} {'x C':>7} {'x C off':>8} {'B/read':>7} {'CPU':>5}"
+        f" {'us/pkt':>6}"
         f" {'UDP-64 kpps':>11} {'x pytun':>8} {'x C':>7} {'rcvd kpps':>9}  offloads",
     ]
     for kind in KINDS:
@@ -415,18 +460,22 @@ def table(results: list[Result], seconds: float) -> str:
         kpps = f"{r.udp_pps / 1e3:.1f}" if r.udp_pps is not None else "-"
         rcvd = f"{r.udp_received_pps / 1e3:.1f}" if r.udp_received_pps is not None else "-"
         avg = f"{r.tcp_read_avg:.0f}" if r.tcp_read_avg else "-"
+        cpu = f"{r.tcp_cpu * 100:.0f}%" if r.tcp_cpu is not None else "-"
+        per = f"{r.tcp_us_per_packet:.1f}" if r.tcp_us_per_packet is not None else "-"
         lines.append(
             f"{kind:<16} {gbit:>10} {_ratio(r.tcp_bps, tcp('python-pytun')):>8} "
-            f"{_ratio(r.tcp_bps, tcp('C plain')):>7} {_ratio(r.tcp_bps, tcp('C offload')):>8} {avg:>7}"
+            f"{_ratio(r.tcp_bps, tcp('C plain')):>7} {_ratio(r.tcp_bps, tcp('C offload')):>8} {avg:>7} {cpu:>5} {per:>6}"
             f" {kpps:>11} {_ratio(r.udp_pps, pps('python-pytun')):>8} {_ratio(r.udp_pps, pps('C plain')):>7}"
             f" {rcvd:>9}  {r.offloads}"
         )
     lines.append("")
     lines.append("x pytun / x C / x C off: ratio to python-pytun / C plain / C offload in this run. "
                  "B/read: bytes per read on A")
-    lines.append("during TCP (header included). UDP-64 kpps: 64-byte datagrams forwarded into B per second; "
-                 "rcvd: of those,")
-    lines.append("what the iperf3 server read (it shares the CPUs with the client and the forwarder). "
+    lines.append("during TCP (header included). CPU, us/pkt: the forwarder's CPU time during TCP, per second "
+                 "and per packet moved (both ways).")
+    lines.append("UDP-64 kpps: 64-byte datagrams forwarded into B per second; rcvd: of those, "
+                 "what the iperf3 server read")
+    lines.append("(it shares the CPUs with the client and the forwarder). "
                  "offloads: TUNSETOFFLOAD flags.")
     checks = [
         ("wiretun offload >= 5x python-pytun (TCP)", tcp("wiretun offload"), tcp("python-pytun"), 5.0),
