@@ -1,0 +1,614 @@
+"""The WireGuard device against real wireguard-go (and itself), over veth pairs between namespaces.
+
+Every side is configured with the real ``wg`` tool through its UAPI socket, whatever runs it:
+
+* ``inproc``: a :class:`~wiretun.wireguard.device.Device` in this process, created in a thread that
+  entered the node's namespace, with a :class:`~wiretun.wireguard.uapi.UAPIServer` in front;
+* ``daemon``: ``wiretun-wg -f`` as a subprocess under ``ip netns exec``;
+* ``wggo``: ``wireguard-go -f`` under ``ip netns exec``.
+
+wg finds userspace sockets only in /var/run/wireguard, so interface names are unique and every
+socket is removed at the end. Traffic is ping and iperf3 (always time-bounded), inside namespaces
+the tests create. Assertions are on reply counts, iperf3's byte counts, ``wg show dump``
+handshakes and transfer counters, captured packets and the device's drop counters.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import wiretun
+from wiretun.linux import netns as _netns
+
+SOCK_DIR = Path("/var/run/wireguard")
+WIREGUARD_GO = shutil.which("wireguard-go")
+TOOLS = ("wg", "iperf3", "ss")
+
+pytestmark = pytest.mark.skipif(
+    WIREGUARD_GO is None or any(shutil.which(t) is None for t in TOOLS),
+    reason=f"needs wireguard-go and {', '.join(TOOLS)}",
+)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()} {r.stdout.strip()}")
+    return r
+
+
+def nsx(ns: str, *argv: str, **kw: Any) -> subprocess.CompletedProcess:
+    return sh("ip", "netns", "exec", ns, *argv, **kw)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:7]}"
+
+
+def genkey() -> tuple[str, str]:
+    private = sh("wg", "genkey").stdout.strip()
+    public = sh("wg", "pubkey", input=private + "\n").stdout.strip()
+    return private, public
+
+
+def bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(ns: str, address: str, count: int = 3, *, source: str | None = None, interval: float = 0.1,
+         wait: float = 2, size: int = 56) -> int:
+    """Send ``count`` ICMP echo requests from namespace ``ns``; return how many distinct replies came.
+
+    A raw ICMP socket made in that namespace (iputils ping is not always installed). The loop is
+    bounded: ``count`` sends, then at most ``wait`` seconds after the last one.
+    """
+    v6 = ":" in address
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    with _netns.entered(ns):
+        sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+    try:
+        if source:
+            sock.bind((source, 0))
+        ident = random.randint(1, 0xFFFF)
+        payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+        request_type, reply_type = (128, 129) if v6 else (8, 0)
+        want = ipaddress.ip_address(address)
+        replied: set[int] = set()
+        next_send = time.monotonic()
+        deadline = None
+        seq = 0
+        while True:
+            now = time.monotonic()
+            if seq < count and now >= next_send:
+                header = struct.pack("!BBHHH", request_type, 0, 0, ident, seq)
+                message = header + payload
+                if not v6:  # the kernel fills in the ICMPv6 checksum (it needs the pseudo-header)
+                    message = header[:2] + struct.pack("!H", _icmp_checksum(message)) + header[4:] + payload
+                with contextlib.suppress(OSError):  # e.g. "network unreachable": counts as lost
+                    sock.sendto(message, (address, 0))
+                seq += 1
+                next_send = now + interval
+                if seq == count:
+                    deadline = now + wait
+            if deadline is not None and (now >= deadline or len(replied) == count):
+                return len(replied)
+            limit = (deadline if deadline is not None else next_send) - now
+            ready, _, _ = select.select([sock], [], [], max(0.0, min(limit, interval)))
+            if not ready:
+                continue
+            data, sender = sock.recvfrom(65535)
+            if not v6:
+                data = data[(data[0] & 15) * 4:]  # raw IPv4 sockets see the IP header
+            if len(data) < 8 or ipaddress.ip_address(sender[0].split("%")[0]) != want:
+                continue
+            rtype, _, _, rid, rseq = struct.unpack_from("!BBHHH", data)
+            if rtype == reply_type and rid == ident and rseq < count and data[8:] == payload:
+                replied.add(rseq)
+    finally:
+        sock.close()
+
+
+@dataclasses.dataclass
+class PeerDump:
+    public_key: str
+    preshared_key: str
+    endpoint: str
+    allowed_ips: str
+    latest_handshake: int
+    rx: int
+    tx: int
+    keepalive: str
+
+
+@dataclasses.dataclass
+class Wire:
+    """A veth pair between two namespaces, with an IPv4 and an IPv6 address on each end."""
+
+    a_if: str
+    b_if: str
+    a4: str
+    b4: str
+    a6: str
+    b6: str
+
+
+class Node:
+    """One WireGuard interface (wiretun in-process, wiretun-wg daemon, or wireguard-go) in a namespace."""
+
+    def __init__(self, lab: "Lab", kind: str, ns: str, index: int) -> None:
+        self.lab = lab
+        self.kind = kind
+        self.ns = ns
+        self.index = index
+        self.ifname = unique({"inproc": "wti", "daemon": "wtd", "wggo": "wgg"}[kind])
+        self.private, self.public = genkey()
+        self.inner4 = f"10.77.0.{index}"
+        self.inner6 = f"fd77::{index}"
+        self.port = 0
+        self.device: Any = None
+        self.adapter: Any = None
+        self.server: Any = None
+        self.proc: subprocess.Popen | None = None
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.ifname} in {self.ns}>"
+
+    @property
+    def socket_path(self) -> Path:
+        return SOCK_DIR / f"{self.ifname}.sock"
+
+    def key_file(self, private: str) -> str:
+        path = self.lab.tmp / f"{self.ifname}-{uuid.uuid4().hex[:6]}.key"
+        path.write_text(private + "\n")
+        path.chmod(0o600)
+        return str(path)
+
+    # -- wg --
+
+    def wg(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return sh("wg", *args, check=check)
+
+    def set(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return sh("wg", "set", self.ifname, *args, check=check)
+
+    def dump(self) -> tuple[list[str], dict[str, PeerDump]]:
+        lines = sh("wg", "show", self.ifname, "dump").stdout.splitlines()
+        peers = {}
+        for line in lines[1:]:
+            f = line.split("\t")
+            peers[f[0]] = PeerDump(f[0], f[1], f[2], f[3], int(f[4]), int(f[5]), int(f[6]), f[7])
+        return lines[0].split("\t"), peers
+
+    def peer(self, other: "Node | str") -> PeerDump:
+        key = other if isinstance(other, str) else other.public
+        return self.dump()[1][key]
+
+    def configure(self, port: int) -> None:
+        self.port = port
+        self.set("private-key", self.key_file(self.private), "listen-port", str(port))
+        nsx(self.ns, "ip", "addr", "add", f"{self.inner4}/24", "dev", self.ifname)
+        nsx(self.ns, "ip", "addr", "add", f"{self.inner6}/64", "dev", self.ifname, "nodad")
+        nsx(self.ns, "ip", "link", "set", self.ifname, "up")
+
+    def add_peer(self, other: "Node", endpoint: str | None = None, *extra: str,
+                 allowed: str | None = None) -> None:
+        args = ["peer", other.public, "allowed-ips", allowed or f"{other.inner4}/32,{other.inner6}/128"]
+        if endpoint is not None:
+            args += ["endpoint", f"{bracket(endpoint)}:{other.port}"]
+        self.set(*args, *extra)
+
+    def stats(self) -> dict[str, int]:
+        assert self.device is not None, "counters are read from in-process devices"
+        return self.device.stats
+
+    def close(self) -> None:
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.close()
+        if self.device is not None:
+            with contextlib.suppress(Exception):
+                self.device.close()
+        if self.adapter is not None:
+            with contextlib.suppress(Exception):
+                self.adapter.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+
+class Lab:
+    """Namespaces, wires and WireGuard nodes for one test; :meth:`close` undoes all of it."""
+
+    def __init__(self, make_netns: Callable[[str], str], tmp: Path) -> None:
+        self._make_netns = make_netns
+        self.tmp = tmp
+        self.nodes: list[Node] = []
+        self._wires = 0
+        self._indexes = iter(range(1, 200))
+
+    def namespace(self) -> str:
+        return self._make_netns("wtw")
+
+    def wire(self, a: str, b: str) -> Wire:
+        """A veth pair a<->b: 192.168.k.1/24 + fd00:k::1/64 on a's end, .2 / ::2 on b's."""
+        self._wires += 1
+        k = self._wires
+        w = Wire(unique("va"), unique("vb"), f"192.168.{k}.1", f"192.168.{k}.2", f"fd00:{k}::1", f"fd00:{k}::2")
+        sh("ip", "link", "add", w.a_if, "netns", a, "type", "veth", "peer", "name", w.b_if, "netns", b)
+        for ns, ifname, v4, v6 in ((a, w.a_if, w.a4, w.a6), (b, w.b_if, w.b4, w.b6)):
+            nsx(ns, "ip", "addr", "add", f"{v4}/24", "dev", ifname)
+            nsx(ns, "ip", "addr", "add", f"{v6}/64", "dev", ifname, "nodad")
+            nsx(ns, "ip", "link", "set", ifname, "up")
+        return w
+
+    def node(self, kind: str, ns: str, port: int) -> Node:
+        node = Node(self, kind, ns, next(self._indexes))
+        self.nodes.append(node)
+        if kind == "inproc":
+            self._start_inproc(node)
+        elif kind == "daemon":
+            self._start_process(node, [sys.executable, "-m", "wiretun.wireguard.daemon", "-f", node.ifname])
+        elif kind == "wggo":
+            self._start_process(node, [WIREGUARD_GO, "-f", node.ifname])
+        else:
+            raise ValueError(kind)
+        node.configure(port)
+        return node
+
+    def _start_inproc(self, node: Node) -> None:
+        from wiretun.wireguard.device import Device
+        from wiretun.wireguard.uapi import UAPIServer
+
+        with _netns.entered(node.ns):  # the adapter, sockets and the loop thread live there
+            node.adapter = wiretun.Adapter.create(node.ifname, "WireGuard")
+            node.device = Device(node.adapter)
+            node.server = UAPIServer(node.ifname, node.device)
+            node.device.start()
+
+    def _start_process(self, node: Node, argv: list[str]) -> None:
+        env = dict(os.environ, LOG_LEVEL="error", WG_PROCESS_FOREGROUND="1")
+        node.proc = subprocess.Popen(["ip", "netns", "exec", node.ns, *argv], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: node.socket_path.exists() or node.proc.poll() is not None, 20, f"{node} to start")
+        assert node.proc.poll() is None, f"{node} exited with {node.proc.returncode}"
+
+    def close(self) -> None:
+        for node in reversed(self.nodes):
+            node.close()
+
+
+@pytest.fixture
+def lab(make_netns, tmp_path) -> Iterator[Lab]:
+    lab = Lab(make_netns, tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def pair(lab: Lab, left_kind: str, right_kind: str, outer: int = 4, *,
+         left_extra: tuple[str, ...] = (), right_extra: tuple[str, ...] = ()) -> tuple[Node, Node, Wire]:
+    """Two nodes in two namespaces joined by a veth pair, each the other's peer over IPv4 or IPv6."""
+    left_ns, right_ns = lab.namespace(), lab.namespace()
+    wire = lab.wire(left_ns, right_ns)
+    left = lab.node(left_kind, left_ns, 51001)
+    right = lab.node(right_kind, right_ns, 51002)
+    left.add_peer(right, wire.b4 if outer == 4 else wire.b6, *left_extra)
+    right.add_peer(left, wire.a4 if outer == 4 else wire.a6, *right_extra)
+    return left, right, wire
+
+
+def iperf(server: Node, client: Node, address: str, *, reverse: bool = False, seconds: int = 1) -> int:
+    """Bytes the receiving side got in an iperf3 TCP run (client -> server, or back with ``reverse``)."""
+    port = random.randint(20000, 40000)
+    srv = subprocess.Popen(["ip", "netns", "exec", server.ns, "iperf3", "-s", "-1", "-B", address, "-p", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: nsx(server.ns, "ss", "-Hltn", f"sport = :{port}").stdout.strip(), 10, "iperf3 to listen")
+        argv = ["iperf3", "-c", address, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "5000"]
+        if reverse:
+            argv.append("-R")
+        r = nsx(client.ns, *argv, check=False, timeout=seconds + 30)
+        result = json.loads(r.stdout)
+        assert "error" not in result, result["error"]
+        return int(result["end"]["sum_received"]["bytes"])
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+        srv.wait(5)
+
+
+def assert_handshaken(a: Node, b: Node) -> None:
+    """Both sides report a recent handshake with each other and bytes both ways."""
+    now = time.time()
+    for x, y in ((a, b), (b, a)):
+        p = x.peer(y)
+        assert now - 120 < p.latest_handshake <= now + 5, (x, p)
+        assert p.rx > 0 and p.tx > 0, (x, p)
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize(
+    "left_kind, outer, initiator",
+    [("inproc", 4, "wiretun"), ("daemon", 6, "wireguard-go")],
+    ids=["inproc-outer4-wiretun-initiates", "daemon-outer6-wireguard-go-initiates"],
+)
+def test_traffic_with_wireguard_go(lab, left_kind, outer, initiator):
+    left, right, wire = pair(lab, left_kind, "wggo", outer)
+    assert left.peer(right).latest_handshake == 0 and right.peer(left).latest_handshake == 0
+    first, second = (left, right) if initiator == "wiretun" else (right, left)
+    # The initiator's first packet waits in its queue for the handshake, so nothing is lost.
+    assert ping(first.ns, second.inner4, 3) == 3
+    assert first.dump()[1][second.public].tx >= 148 + 32  # initiation, then data
+    assert ping(second.ns, first.inner4, 3) == 3
+    assert ping(left.ns, right.inner6, 3) == 3
+    assert ping(right.ns, left.inner6, 3) == 3
+    assert_handshaken(left, right)
+    expected = f"{bracket(wire.b4 if outer == 4 else wire.b6)}:{right.port}"
+    assert left.peer(right).endpoint == expected
+    assert right.peer(left).endpoint == f"{bracket(wire.a4 if outer == 4 else wire.a6)}:{left.port}"
+
+    before = left.peer(right)
+    moved = {}
+    for address in (right.inner4, right.inner6):
+        moved[(address, "to wggo")] = iperf(right, left, address)  # wiretun sends
+        moved[(address, "from wggo")] = iperf(right, left, address, reverse=True)  # wiretun receives
+    assert all(n > 1_000_000 for n in moved.values()), moved
+    after = left.peer(right)
+    assert after.tx - before.tx > moved[(right.inner4, "to wggo")]
+    assert after.rx - before.rx > moved[(right.inner4, "from wggo")]
+    if left.device is not None:
+        stats = left.stats()
+        assert stats["rx_bad_tag"] == stats["rx_replay"] == stats["rx_disallowed_source"] == 0, stats
+
+
+def test_private_key_changes_on_either_side(lab):
+    left, right, wire = pair(lab, "inproc", "wggo")
+    assert ping(left.ns, right.inner4, 2) == 2
+    first = left.peer(right).latest_handshake
+
+    # New key on the wiretun side; the wireguard-go side replaces the peer.
+    old_public = left.public
+    left.private, left.public = genkey()
+    left.set("private-key", left.key_file(left.private))
+    assert left.wg("show", left.ifname, "public-key").stdout.strip() == left.public
+    right.set("peer", old_public, "remove")
+    right.add_peer(left, wire.a4)
+    time.sleep(1.05)  # handshake times have one-second resolution in wg show
+    assert ping(left.ns, right.inner4, 3) == 3
+    assert right.peer(left).latest_handshake > 0
+    assert left.peer(right).latest_handshake > first
+    assert old_public not in right.dump()[1]
+
+    # New key on the wireguard-go side; the wiretun side replaces the peer; wireguard-go initiates.
+    old_public = right.public
+    right.private, right.public = genkey()
+    right.set("private-key", right.key_file(right.private))
+    left.set("peer", old_public, "remove")
+    left.add_peer(right, wire.b4)
+    assert left.peer(right).latest_handshake == 0
+    assert ping(right.ns, left.inner4, 3) == 3
+    assert_handshaken(left, right)
+    assert [p.public_key for p in left.device.state().peers] == [base64.b64decode(right.public)]
+
+
+def test_roaming_when_wiretun_changes_listen_port(lab):
+    left, right, wire = pair(lab, "daemon", "wggo")
+    assert ping(left.ns, right.inner4, 2) == 2
+    left.set("listen-port", "51999")  # through the UAPI: the daemon rebinds
+    assert left.wg("show", left.ifname, "listen-port").stdout.strip() == "51999"
+    udp = nsx(left.ns, "ss", "-Hulpn").stdout
+    assert ":51999 " in udp and ":51001 " not in udp
+    # wireguard-go still has :51001; our next packets come from :51999 and it follows them.
+    assert ping(left.ns, right.inner4, 3) == 3
+    assert right.peer(left).endpoint == f"{wire.a4}:51999"
+    assert ping(right.ns, left.inner4, 3) == 3
+
+
+def test_roaming_when_wireguard_go_changes_address_and_port(lab):
+    left, right, wire = pair(lab, "inproc", "wggo")
+    assert ping(right.ns, left.inner4, 2) == 2
+    assert left.peer(right).endpoint == f"{wire.b4}:{right.port}"
+    # Move the wireguard-go side to another address and port. (The new port also makes wireguard-go
+    # forget the source address it had cached; it does not retry a vanished source by itself.)
+    nsx(right.ns, "ip", "addr", "del", f"{wire.b4}/24", "dev", wire.b_if)
+    nsx(right.ns, "ip", "addr", "add", "192.168.1.77/24", "dev", wire.b_if)
+    right.set("listen-port", "51333")
+    assert ping(right.ns, left.inner4, 3) == 3
+    assert left.peer(right).endpoint == "192.168.1.77:51333"  # learned from authenticated packets
+    assert ping(left.ns, right.inner4, 3) == 3  # and we answer at the new place
+    assert ping(left.ns, right.inner6, 3) == 3
+    assert left.stats()["udp_tx_errors"] == 0
+
+
+def test_cryptokey_routing_filters_both_ways(lab):
+    left, right, wire = pair(lab, "inproc", "wggo")
+    assert ping(left.ns, right.inner4, 2) == 2
+    # wireguard-go sends from 10.9.9.9, which our peer entry does not allow: decrypted, then dropped.
+    nsx(right.ns, "ip", "addr", "add", "10.9.9.9/32", "dev", right.ifname)
+    before = left.stats()
+    assert ping(right.ns, left.inner4, 3, source="10.9.9.9", wait=1) == 0
+    after = left.stats()
+    assert after["rx_disallowed_source"] - before["rx_disallowed_source"] == 3
+    assert after["rx_data_packets"] == before["rx_data_packets"]
+    # Allow it (and route the replies to it into the tunnel), and the same pings pass.
+    left.add_peer(right, None, allowed=f"{right.inner4}/32,{right.inner6}/128,10.9.9.9/32")
+    nsx(left.ns, "ip", "route", "add", "10.9.9.9/32", "dev", left.ifname)
+    assert ping(right.ns, left.inner4, 3, source="10.9.9.9") == 3
+    # Outbound: a destination no peer's allowed IPs cover is not sent anywhere.
+    nsx(left.ns, "ip", "route", "add", "10.8.8.8/32", "dev", left.ifname)
+    before = left.stats()
+    assert ping(left.ns, "10.8.8.8", 2, wait=1) == 0
+    assert left.stats()["tx_no_route"] - before["tx_no_route"] >= 2
+    assert ping(left.ns, right.inner4, 2) == 2
+
+
+def test_persistent_keepalive_on_the_wire(lab):
+    if shutil.which("tcpdump") is None:
+        pytest.skip("tcpdump is not installed")
+    left, right, wire = pair(lab, "inproc", "wggo")
+    # Turning keepalive on sends one at once: that alone makes the handshake happen.
+    left.add_peer(right, wire.b4, "persistent-keepalive", "1")
+    wait_for(lambda: left.peer(right).latest_handshake, 10, "the handshake the keepalive started")
+    rx_before = right.peer(left).rx
+    # Keepalives are transport messages with no content: 32 bytes of UDP payload, type 4.
+    capture = subprocess.Popen(
+        ["ip", "netns", "exec", left.ns, "tcpdump", "-i", wire.a_if, "-nn", "-l", "-q", "-Q", "out",
+         f"udp and src port {left.port} and udp[4:2] = 40 and udp[8] = 4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(5):
+            if "listening on" in capture.stderr.readline():
+                break
+        else:
+            raise AssertionError("tcpdump did not start")
+        time.sleep(3.4)
+    finally:
+        capture.send_signal(signal.SIGINT)
+        out, _ = capture.communicate(timeout=10)
+    keepalives = [line for line in out.splitlines() if "UDP, length 32" in line]
+    assert 3 <= len(keepalives) <= 5, out
+    assert right.peer(left).rx - rx_before >= 32 * 3
+    assert left.peer(right).keepalive == "1"
+
+
+def test_two_wiretun_devices(lab):
+    left, right, wire = pair(lab, "inproc", "daemon", outer=6)
+    assert ping(left.ns, right.inner4, 3) == 3
+    assert ping(right.ns, left.inner6, 3) == 3
+    assert iperf(right, left, right.inner4) > 1_000_000
+    assert iperf(right, left, right.inner6, reverse=True) > 1_000_000
+    assert_handshaken(left, right)
+    assert left.peer(right).endpoint == f"[{wire.b6}]:{right.port}"
+
+
+def test_hub_with_three_spokes(lab):
+    hub_ns = lab.namespace()
+    spokes_ns = [lab.namespace() for _ in range(3)]
+    wires = [lab.wire(hub_ns, ns) for ns in spokes_ns]
+    nsx(hub_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    hub = lab.node("inproc", hub_ns, 51000)
+    spokes = [lab.node(kind, ns, 51001 + i) for i, (kind, ns) in enumerate(zip(("wggo", "daemon", "wggo"), spokes_ns))]
+    for spoke, wire in zip(spokes, wires):
+        hub.add_peer(spoke, wire.b4)
+        # Each spoke reaches the whole tunnel subnet through the hub.
+        spoke.add_peer(hub, wire.a4, allowed="10.77.0.0/24")
+    for spoke in spokes:
+        assert ping(spoke.ns, hub.inner4, 2) == 2, spoke
+    # Spoke to spoke, forwarded by the hub's kernel back into the hub device.
+    assert ping(spokes[0].ns, spokes[2].inner4, 3) == 3
+    assert ping(spokes[2].ns, spokes[1].inner4, 3) == 3
+    _, peers = hub.dump()
+    assert len(peers) == 3
+    for spoke, wire in zip(spokes, wires):
+        p = peers[spoke.public]
+        assert p.latest_handshake > 0 and p.rx > 0 and p.tx > 0
+        assert p.endpoint == f"{wire.b4}:{spoke.port}"
+
+
+def garbage_datagrams(rng: random.Random) -> Iterator[bytes]:
+    """Every kind of bad datagram, each kind many times."""
+    for _ in range(100):
+        yield b""
+        yield rng.randbytes(rng.randint(1, 31))  # shorter than any message
+        yield bytes([1, 0, 0, 0]) + rng.randbytes(rng.choice((40, 143, 145, 200)))  # initiation, bad size
+        yield bytes([1, 0, 0, 0]) + rng.randbytes(144)  # right size, random: bad MAC1
+        yield bytes([2, 0, 0, 0]) + rng.randbytes(88)  # response, bad MAC1
+        yield bytes([2, 0, 0, 0]) + rng.randbytes(50)  # response, bad size
+        yield bytes([3, 0, 0, 0]) + rng.randbytes(60)  # cookie reply for no one
+        yield bytes([4, 0, 0, 0]) + rng.randbytes(rng.randint(28, 1400))  # transport, unknown index
+        yield bytes([rng.randint(5, 255)]) + rng.randbytes(rng.randint(31, 1400))  # no such type
+        yield bytes([1, 1, 0, 0]) + rng.randbytes(144)  # reserved bytes set
+    yield rng.randbytes(65000)
+
+
+def test_garbage_does_not_disturb_an_established_tunnel(lab):
+    left, right, wire = pair(lab, "inproc", "wggo")
+    assert ping(right.ns, left.inner4, 2) == 2
+    handshake = left.peer(right).latest_handshake
+    before = left.stats()
+    replies: list[int] = []
+    pinger = threading.Thread(target=lambda: replies.append(ping(right.ns, left.inner4, 30, interval=0.05)))
+    pinger.start()
+    rng = random.Random(5)
+    sent = 0
+    with _netns.entered(right.ns):
+        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)]
+    try:
+        for i, data in enumerate(garbage_datagrams(rng)):
+            if i % 2:
+                senders[0].sendto(data, (wire.a4, left.port))
+            else:
+                senders[1].sendto(data, (wire.a6, left.port))
+            sent += 1
+            if i % 50 == 0:
+                time.sleep(0.01)  # spread over the pings
+    finally:
+        for s in senders:
+            s.close()
+        pinger.join(30)  # ping() is bounded: 30 sends, then at most 2 s
+    assert replies == [30]
+    after = left.stats()
+    delta = {k: after[k] - before[k] for k in after}
+    for reason in ("rx_bad_size", "rx_bad_type", "rx_bad_mac1", "rx_unknown_index"):
+        assert delta[reason] >= 100, (reason, delta)
+    assert delta["udp_rx"] >= sent  # every datagram was read ...
+    garbage_drops = sum(delta[k] for k in ("rx_bad_size", "rx_bad_type", "rx_bad_mac1", "rx_unknown_index"))
+    assert garbage_drops == sent  # ... and each dropped for exactly one reason
+    # The tunnel is untouched: same session, same endpoint, no handshake needed.
+    p = left.peer(right)
+    assert p.latest_handshake == handshake
+    assert p.endpoint == f"{wire.b4}:{right.port}"
+    assert ping(left.ns, right.inner6, 3) == 3
