@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import json
 import os
@@ -179,12 +180,12 @@ class Wire:
 class Node:
     """One WireGuard interface (wiretun in-process, wiretun-wg daemon, or wireguard-go) in a namespace."""
 
-    def __init__(self, lab: "Lab", kind: str, ns: str, index: int) -> None:
+    def __init__(self, lab: "Lab", kind: str, ns: str, index: int, ifname: str | None = None) -> None:
         self.lab = lab
         self.kind = kind
         self.ns = ns
         self.index = index
-        self.ifname = unique({"inproc": "wti", "daemon": "wtd", "wggo": "wgg"}[kind])
+        self.ifname = ifname or unique({"inproc": "wti", "daemon": "wtd", "wggo": "wgg"}[kind])
         self.private, self.public = genkey()
         self.inner4 = f"10.77.0.{index}"
         self.inner6 = f"fd77::{index}"
@@ -291,8 +292,9 @@ class Lab:
             nsx(ns, "ip", "link", "set", ifname, "up")
         return w
 
-    def node(self, kind: str, ns: str, port: int) -> Node:
-        node = Node(self, kind, ns, next(self._indexes))
+    def node(self, kind: str, ns: str, port: int, *, ifname: str | None = None, configure: bool = True) -> Node:
+        """Start a node; ``configure`` gives it its key, ``port`` and inner addresses and sets it up."""
+        node = Node(self, kind, ns, next(self._indexes), ifname)
         self.nodes.append(node)
         if kind == "inproc":
             self._start_inproc(node)
@@ -302,7 +304,10 @@ class Lab:
             self._start_process(node, [WIREGUARD_GO, "-f", node.ifname])
         else:
             raise ValueError(kind)
-        node.configure(port)
+        if configure:
+            node.configure(port)
+        else:
+            node.port = port
         return node
 
     def _start_inproc(self, node: Node) -> None:
@@ -612,3 +617,199 @@ def test_garbage_does_not_disturb_an_established_tunnel(lab):
     assert p.latest_handshake == handshake
     assert p.endpoint == f"{wire.b4}:{right.port}"
     assert ping(left.ns, right.inner6, 3) == 3
+
+
+# ------------------------------------------------------------------ the device itself (in-process)
+
+
+def make_inproc(ns: str, name: str | None = None):
+    from wiretun.wireguard.device import Device
+
+    with _netns.entered(ns):
+        adapter = wiretun.Adapter.create(name or unique("wtp"), "WireGuard")
+        try:
+            device = Device(adapter)
+        except BaseException:
+            adapter.close()
+            raise
+    return adapter, device
+
+
+@contextlib.contextmanager
+def inproc_devices(*namespaces: str) -> Iterator[list[tuple[Any, Any]]]:
+    made: list[tuple[Any, Any]] = []
+    try:
+        for ns in namespaces:
+            made.append(make_inproc(ns))
+        yield made
+    finally:
+        for adapter, device in made:
+            device.close()
+            adapter.close()
+
+
+def test_python_api_two_devices(lab):
+    from wiretun.wireguard import keys
+
+    a_ns, b_ns = lab.namespace(), lab.namespace()
+    wire = lab.wire(a_ns, b_ns)
+    with inproc_devices(a_ns, b_ns) as [(ad_a, dev_a), (ad_b, dev_b)]:
+        assert ad_a.mtu == 1420 and dev_a.mtu == 1420  # wireguard-go's default, set on the TUN
+        assert dev_a.listen_port != 0 and dev_a.public_key is None
+        key_a, key_b = keys.generate_private_key(), keys.generate_private_key()
+        psk = keys.generate_preshared_key()
+        dev_a.configure(private_key=key_a, listen_port=51820)
+        dev_b.configure(private_key=keys.to_base64(key_b), listen_port=51821)  # base64 works too
+        assert dev_a.public_key == keys.public_key(key_a)
+        dev_a.add_peer(keys.public_key(key_b), preshared_key=psk, endpoint=f"[{wire.b6}]:51821",
+                       allowed_ips=["10.66.0.2/32"])
+        # b knows no endpoint: its keepalive (sent when turned on) has nowhere to go until a calls.
+        dev_b.add_peer(keys.to_base64(keys.public_key(key_a)), preshared_key=keys.to_base64(psk),
+                       allowed_ips=["10.66.0.1/32"], persistent_keepalive=25)
+        assert dev_b.stats["tx_no_endpoint"] >= 1
+        for adapter, device, address in ((ad_a, dev_a, "10.66.0.1/24"), (ad_b, dev_b, "10.66.0.2/24")):
+            adapter.add_address(address)
+            adapter.up()
+            device.start()
+        assert ping(a_ns, "10.66.0.2", 3) == 3
+        state = dev_a.state()
+        assert state.listen_port == 51820 and state.private_key == key_a
+        [peer] = state.peers
+        assert peer.public_key == keys.public_key(key_b) and peer.preshared_key == psk
+        assert peer.endpoint == (wire.b6, 51821)
+        assert abs(peer.last_handshake_time_sec - time.time()) < 30
+        assert peer.rx_bytes > 0 and peer.tx_bytes > 0
+        assert [str(n) for n in peer.allowed_ips] == ["10.66.0.2/32"]
+        b_peer = dev_b.peer(keys.public_key(key_a))
+        assert b_peer is not None and b_peer.persistent_keepalive_interval == 25
+        assert b_peer.endpoint == (wire.a6, 51820)  # learned from a's packets
+        # Re-adding replaces the configuration; removing ends the traffic.
+        dev_a.add_peer(keys.public_key(key_b), allowed_ips=["10.66.0.0/30"])
+        assert [str(n) for n in dev_a.peer(keys.public_key(key_b)).allowed_ips] == ["10.66.0.0/30"]
+        assert dev_a.peer(keys.public_key(key_b)).preshared_key == bytes(32)
+        assert dev_a.remove_peer(keys.public_key(key_b)) is True
+        assert dev_a.remove_peer(keys.public_key(key_b)) is False
+        assert ping(a_ns, "10.66.0.2", 2, wait=0.5) == 0
+        assert dev_a.stats["tx_no_route"] >= 2
+        # Bad values are refused with the value and the limit named (never a key's text).
+        with pytest.raises(wiretun.InvalidParameter, match="65535"):
+            dev_a.configure(listen_port=70000)
+        with pytest.raises(wiretun.InvalidParameter, match="own public key"):
+            dev_a.add_peer(keys.public_key(key_a))
+        with pytest.raises(wiretun.InvalidParameter, match="base64"):
+            dev_a.configure(private_key="not a key")
+        with pytest.raises(wiretun.InvalidParameter, match="prefix"):
+            dev_a.add_peer(keys.public_key(key_b), allowed_ips=["10.0.0.300/32"])
+        with pytest.raises(wiretun.InvalidParameter, match="port"):
+            dev_a.add_peer(keys.public_key(key_b), endpoint="10.0.0.1:0")
+
+
+def test_apply_semantics_follow_wireguard_go(lab):
+    from wiretun.wireguard import keys
+    from wiretun.wireguard.config import DeviceSet, PeerSet, UAPIError
+
+    ns = lab.namespace()
+    with inproc_devices(ns) as [(adapter, device)]:
+        own = keys.generate_private_key()
+        p1, p2, p3 = (keys.public_key(keys.generate_private_key()) for _ in range(3))
+        net = ipaddress.ip_network
+        device.apply(DeviceSet(private_key=own, peers=[
+            PeerSet(public_key=keys.public_key(own), endpoint=("10.0.0.9", 9)),  # our own key: ignored
+            PeerSet(public_key=p1, allowed_ips=[(net("10.1.0.0/16"), False), (net("10.2.0.0/16"), False)]),
+            PeerSet(public_key=p2, update_only=True),  # does not exist: not created
+            PeerSet(public_key=p3, endpoint=("::ffff:192.0.2.7", 7)),  # IPv4-mapped: sent over IPv4
+        ]))
+        state = device.state()
+        assert [p.public_key for p in state.peers] == [p1, p3]
+        assert state.peers[1].endpoint == ("192.0.2.7", 7)
+        # allowed_ip removal takes exactly that prefix from that peer; an IP moves between peers.
+        device.apply(DeviceSet(peers=[
+            PeerSet(public_key=p1, allowed_ips=[(net("10.2.0.0/16"), True)]),
+            PeerSet(public_key=p3, update_only=True, allowed_ips=[(net("10.1.0.0/16"), False)]),
+        ]))
+        state = device.state()
+        assert state.peers[0].allowed_ips == [] and state.peers[1].allowed_ips == [net("10.1.0.0/16")]
+        # A port in use: EADDRINUSE, and the device keeps its sockets and port.
+        port = device.listen_port
+        with _netns.entered(ns):
+            squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            squatter.bind(("0.0.0.0", 0))
+            with pytest.raises(UAPIError) as info:
+                device.apply(DeviceSet(listen_port=squatter.getsockname()[1], private_key=bytes(32)))
+            assert info.value.errno == errno.EADDRINUSE
+            assert device.listen_port == port and device.public_key == keys.public_key(own)
+        finally:
+            squatter.close()
+        # fwmark reaches both sockets; 0 clears it.
+        device.apply(DeviceSet(fwmark=0x51))
+        assert device.state().fwmark == 0x51
+        assert {s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) for s in (device._sock4, device._sock6)} == {0x51}
+        device.apply(DeviceSet(fwmark=0, listen_port=0))
+        assert device._sock4.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
+        assert device.listen_port not in (0, port)
+        assert device._sock6.getsockname()[1] == device.listen_port
+        # A private key equal to a peer's public key removes that peer; replace_peers removes all.
+        k3 = keys.generate_private_key()
+        device.apply(DeviceSet(peers=[PeerSet(public_key=keys.public_key(k3))]))
+        device.apply(DeviceSet(private_key=k3))
+        assert keys.public_key(k3) not in [p.public_key for p in device.state().peers]
+        device.apply(DeviceSet(replace_peers=True, peers=[PeerSet(public_key=p2)]))
+        assert [p.public_key for p in device.state().peers] == [p2]
+        device.apply(DeviceSet(private_key=bytes(32)))
+        assert device.state().private_key is None
+
+
+def test_device_follows_link_state_and_mtu(lab):
+    left, right, wire = pair(lab, "inproc", "wggo")
+    assert ping(left.ns, right.inner4, 2) == 2
+    first = left.peer(right).latest_handshake
+    nsx(left.ns, "ip", "link", "set", left.ifname, "mtu", "1380")
+    wait_for(lambda: left.device.mtu == 1380, 5, "the device to see the new MTU")
+    nsx(left.ns, "ip", "link", "set", left.ifname, "down")
+    wait_for(lambda: not left.device.is_up, 5, "the device to go down with its interface")
+    nsx(left.ns, "ip", "link", "set", left.ifname, "up")
+    wait_for(lambda: left.device.is_up, 5, "the device to come up again")
+    nsx(left.ns, "ip", "route", "replace", "10.77.0.0/24", "dev", left.ifname)  # set down dropped it
+    time.sleep(1.05)
+    # Going down dropped the session: the next packet needs (and gets) a new handshake.
+    assert ping(left.ns, right.inner4, 3) == 3
+    assert left.peer(right).latest_handshake > first
+
+
+def test_adapter_deleted_closes_device(lab):
+    ns = lab.namespace()
+    adapter, device = make_inproc(ns)
+    try:
+        device.start()
+        assert not device.closed.is_set()
+        nsx(ns, "ip", "link", "del", adapter.kernel_name)
+        assert device.closed.wait(5)
+        device.close()  # idempotent, also after the loop closed it
+        device.close()
+    finally:
+        adapter.close()
+
+
+def test_close_before_start_and_twice(lab):
+    ns = lab.namespace()
+    adapter, device = make_inproc(ns)
+    try:
+        port = device.listen_port
+        device.close()
+        device.close()
+        assert device.closed.is_set()
+        with pytest.raises(wiretun.InvalidParameter):
+            device.start()
+        from wiretun.wireguard.config import DeviceSet, UAPIError
+        with pytest.raises(UAPIError):
+            device.apply(DeviceSet(listen_port=1))
+        # The port is free again, and a new device can take the adapter.
+        with _netns.entered(ns):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", port))
+        s.close()
+        from wiretun.wireguard.device import Device
+        Device(adapter).close()
+    finally:
+        adapter.close()

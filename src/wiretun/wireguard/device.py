@@ -641,6 +641,11 @@ class Device:
         return self._fwmark
 
     @property
+    def mtu(self) -> int:
+        """The MTU the core pads to: the interface's, followed as it changes."""
+        return self._core.mtu
+
+    @property
     def is_up(self) -> bool:
         """Whether the device is up (it follows the interface's administrative state)."""
         return self._core.is_up
