@@ -84,6 +84,9 @@ def _send_packets(session, quit_event: threading.Event, ipv6: bool, counts: dict
         if ipv6:
             probes.append(packet.ipv6_icmp_echo(V6_PEER, V6_ADAPTER, ident=0x6007, seq=seq))
         for probe in probes:
+            v = "IPv4" if probe[0] >> 4 == 4 else "IPv6"
+            peer, adapter = (V4_PEER, V4_ADAPTER) if v == "IPv4" else (V6_PEER, V6_ADAPTER)
+            log.info(f"Sending {v} ICMP echo request to {adapter} from {peer}")
             try:
                 buf = session.allocate_send_packet(len(probe))
             except EndOfFile:
@@ -93,9 +96,6 @@ def _send_packets(session, quit_event: threading.Event, ipv6: bool, counts: dict
             buf[:] = probe
             session.send_packet(buf)
             counts["sent"] += 1
-            v = "IPv4" if probe[0] >> 4 == 4 else "IPv6"
-            peer, adapter = (V4_PEER, V4_ADAPTER) if v == "IPv4" else (V6_PEER, V6_ADAPTER)
-            log.info(f"Sending {v} ICMP echo request to {adapter} from {peer}")
         quit_event.wait(1.0)
 
 
