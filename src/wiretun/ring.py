@@ -319,9 +319,9 @@ class Consumer:
     (the session does). ``tail_moved`` is the producer's event, needed only by :meth:`wait`.
     """
 
-    __slots__ = ("ring", "tail_moved", "_head", "_taken", "_tags", "_first", "_ended")
+    __slots__ = ("ring", "tail_moved", "_head", "_taken", "_tags", "_first", "_ended", "_rewinds")
 
-    def __init__(self, ring: Ring, tail_moved: TailMoved | None = None) -> None:
+    def __init__(self, ring: Ring, tail_moved: TailMoved | None = None, *, rewind_when_empty: bool = False) -> None:
         head = ring.head
         if head >= ring.capacity or head & 3:
             raise InvalidData(f"ring Head {head:#x} is not a 4-aligned offset below capacity {ring.capacity:#x}")
@@ -336,6 +336,10 @@ class Consumer:
         self._tags: list[Any] = []
         self._first = 0
         self._ended = False
+        # Only for a caller that is also the producer, under one lock (the session's receive ring):
+        # when the last packet is released and nothing is unread, Head and Tail go back to 0 so that a
+        # ring that keeps emptying keeps reusing the same, cached memory.
+        self._rewinds = rewind_when_empty
 
     @property
     def outstanding(self) -> int:
@@ -452,10 +456,7 @@ class Consumer:
         if first < len(tags) and tags[first] is tag:  # the oldest: the usual case, kept short
             first += 1
             if first == len(tags):
-                tags.clear()
-                self._taken.clear()
-                self._first = 0
-                self.ring.words[HEAD_WORD] = self._head
+                self._emptied()
             else:
                 self._first = first
                 self._move_head()
@@ -516,16 +517,32 @@ class Consumer:
         first = self._first
         taken = self._taken
         if first >= len(taken):
-            taken.clear()
-            self._tags.clear()
-            self._first = 0
-            self.ring.words[HEAD_WORD] = self._head
+            self._emptied()
             return
         if first > 64 and first * 2 > len(taken):
             del taken[:first]
             del self._tags[:first]
             self._first = first = 0
         self.ring.words[HEAD_WORD] = taken[first] - 4
+
+    def forget(self) -> None:
+        """Drop every record of received packets and their tags (the ring is going away)."""
+        self._taken.clear()
+        self._tags.clear()
+        self._first = 0
+
+    def _emptied(self) -> None:
+        """Every received packet is released: Head moves to the read position (or, rewinding, all to 0)."""
+        self._taken.clear()
+        self._tags.clear()
+        self._first = 0
+        words = self.ring.words
+        if self._rewinds and words[TAIL_WORD] == self._head:
+            self._head = 0
+            words[TAIL_WORD] = 0
+            words[HEAD_WORD] = 0
+        else:
+            words[HEAD_WORD] = self._head
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep on TailMoved with the Alertable handshake until a packet (or the end) may be waiting.

@@ -17,7 +17,8 @@ rings of ``capacity`` bytes each in anonymous memory:
   every packet at the front that is sent (allocation order) is written to the queue right away
   (``writev`` with a zero header) and its space freed. If the kernel says EAGAIN/ENOBUFS/ENOMEM the
   packets stay in the ring and go out with the next send (or receive) call; a packet the kernel rejects
-  (EINVAL: not IPv4/IPv6) is dropped, counted in :attr:`Session.send_dropped` and logged once.
+  (EINVAL: not IPv4/IPv6; EIO: the adapter is down) is dropped, counted in :attr:`Session.send_dropped`
+  and logged once per kind of error.
 
 The read-wait handle (:meth:`Session.get_read_wait_event`) is an epoll fd holding the TUN queue and an
 eventfd that :meth:`Session.end` sets: it is readable when packets may be waiting or the session has
@@ -26,9 +27,15 @@ after the end, readable) until the session object is garbage-collected, so a thr
 is never left holding a closed or recycled descriptor.
 
 Offload seam: the virtio-net header of each received packet lands in ``_rx_iov[0]``, a scratch buffer,
-and is discarded (TUNSETOFFLOAD is 0, so it is all zero). An offload-enabled session (a later task) keeps
-it per packet (keyed by the packet's ring offset, like the tracking dicts below) and hands it out with
-the packet; sends then write the caller's header instead of ``ZERO_HEADER``.
+and is discarded (TUNSETOFFLOAD is 0, so it is all zero). An offload-enabled session (a later task) copies
+it out per packet in the read loops of :meth:`Session._pull` / :meth:`Session._pull_one` (e.g. into a
+list parallel to the views, or keyed by the packet's data offset, which the consumer already records)
+and hands it out with the packet; sends put the caller's header where ``ZERO_HEADER`` goes in
+``_tx_iov`` / ``_tx_direct_iov`` (and, for packets that wait in the send ring, keep it beside them).
+
+Performance: no threads, no per-packet allocation beyond the packet's own memoryview (and the slice the
+kernel reads into), no exception per empty poll (after one EAGAIN the next call polls the queue first).
+Rings that empty are rewound to offset 0 so the memory in use stays in cache.
 """
 
 from __future__ import annotations
@@ -70,8 +77,9 @@ DEFAULT_BATCH = 64
 ZERO_HEADER = bytes(tun.VNET_HDR_SIZE)
 _HDR = tun.VNET_HDR_SIZE
 _READ_SPAN = MAX_PACKET_SIZE  # bytes offered to each read: the largest IP packet
-# The kernel side of the queue is gone (adapter deleted) or the fd was closed under us.
-_GONE_ERRNOS = frozenset({errno.EBADFD, errno.EBADF, errno.ENODEV, errno.ENXIO, errno.EIO, errno.EPIPE})
+# The queue's device is gone (deleted: the kernel answers EBADFD) or the fd was closed under us. Not
+# EIO: that is a write while the adapter is down, which drops the packet (as Wintun does) and goes on.
+_GONE_ERRNOS = frozenset({errno.EBADFD, errno.EBADF, errno.ENODEV, errno.ENXIO})
 _RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -135,13 +143,15 @@ class Session:
         self.send_dropped = 0
         self._send_errors_logged: set[int] = set()
         res = self._res = _Resources()
+        self._name = "?"
         adapter._register_session(self)
         try:
+            self._name = adapter.kernel_name  # kept for messages: asking the adapter later may fail
             if not self._multi_queue:
                 attached = adapter._attached_queues()
                 if attached:
                     raise Busy(
-                        f"adapter {adapter.kernel_name!r} already has {attached} attached queue(s) (a session "
+                        f"adapter {self._name!r} already has {attached} attached queue(s) (a session "
                         f"in another process?); start every session with multi_queue=True to share it"
                     )
             res.queue_fd = adapter._open_queue()
@@ -161,13 +171,16 @@ class Session:
         self._mask = capacity - 1
 
         # Receive ring (kernel -> caller). The pump below is its producer; Consumer does the releases.
-        self._rx_cons = Consumer(self._rx)
+        self._rx_cons = Consumer(self._rx, rewind_when_empty=True)
         self._rx_words = self._rx.words
         self._rx_data = self._rx.data
         self._rx_dwords = self._rx.data.cast("I")  # Size of the record at r is _rx_dwords[r >> 2]
         self._rx_iov: list[Any] = [bytearray(_HDR), None]  # [virtio-net header scratch, ring slice]
         self._rx_scratch = bytearray(_READ_SPAN)  # used only when the ring is too full for a blind read
         self._rx_scratch_iov: list[Any] = [self._rx_iov[0], self._rx_scratch]
+        self._rx_idle = False  # the last read found the queue empty: poll before the next one
+        self._rx_poll = select.poll()
+        self._rx_poll.register(self._fd, select.POLLIN)
 
         # Send ring (caller -> kernel). Producer does allocate/send; _flush is its consumer.
         self._tx_prod = Producer(self._tx)
@@ -201,7 +214,7 @@ class Session:
 
     def __repr__(self) -> str:
         state = "ended" if self._ended else "running"
-        return f"<Session on {self._adapter.kernel_name!r} capacity={self._capacity:#x} {state}>"
+        return f"<Session on {self._name!r} capacity={self._capacity:#x} {state}>"
 
     def __enter__(self) -> Session:
         return self
@@ -229,6 +242,7 @@ class Session:
         with self._rx_lock, self._tx_lock:
             res.close_queue()
             self._tx_track.clear()
+            self._rx_cons.forget()
             self._rx_iov[1] = None
             self._tx_iov[1] = None
             self._rx_dwords.release()
@@ -240,7 +254,7 @@ class Session:
         """The queue failed for good (adapter deleted): end I/O, wake waiters; resources go with end()."""
         if not self._ended:
             self._ended = True
-            log.warn(f"Session on {self._adapter.kernel_name} lost its queue: {exc.strerror or exc}")
+            log.warn(f"Session on {self._name} lost its queue: {exc.strerror or exc}")
             try:
                 os.eventfd_write(self._res.event_fd, 1)
             except OSError:
@@ -284,6 +298,7 @@ class Session:
         try:
             n = os.readv(self._fd, self._rx_scratch_iov) - _HDR
         except BlockingIOError:
+            self._rx_idle = True
             return -1
         except OSError as e:
             self._read_error(e)
@@ -302,10 +317,7 @@ class Session:
         offsets with a single bound check per packet: ``stop`` is the last data offset from which a blind
         read of 0xFFFF bytes can neither overrun Head nor need wrapping.
         """
-        cons = self._rx_cons
         words = self._rx_words
-        if not cons._taken and words[TAIL_WORD]:
-            cons.rewind()  # everything was released: start over at 0, where the memory is still cached
         data = self._rx_data
         dwords = self._rx_dwords
         iov = self._rx_iov
@@ -319,7 +331,12 @@ class Session:
         offsets: list[int] = []
         add_view = views.append
         add_offset = offsets.append
+        if self._rx_idle:
+            if not self._rx_poll.poll(0):
+                return views
+            self._rx_idle = False
         left = max_count
+        span, hdr = _READ_SPAN, _HDR
         d = r + 4  # data offset of the packet being read
         try:
             while left > 0:
@@ -329,8 +346,8 @@ class Session:
                 stop = min(end - MAX_RECORD_SIZE, cap - 1) + 4
                 if d <= stop:
                     for _ in range(left):
-                        iov[1] = data[d : d + _READ_SPAN]
-                        n = readv(fd, iov) - _HDR
+                        iov[1] = data[d : d + span]
+                        n = readv(fd, iov) - hdr
                         dwords[(d >> 2) - 1] = n
                         add_view(data[d : d + n])
                         add_offset(d)
@@ -349,7 +366,7 @@ class Session:
                         add_offset(d)
                         d += (n + 7) & ~3
         except BlockingIOError:
-            pass
+            self._rx_idle = True
         except OSError as e:
             if views:
                 self._publish(d - 4, offsets, views)
@@ -366,12 +383,10 @@ class Session:
 
     def _pull_one(self) -> memoryview | None:
         """One packet from the queue into the ring: :meth:`_pull` for a single packet, without lists."""
-        cons = self._rx_cons
+        if self._rx_idle and not self._rx_poll.poll(0):
+            return None  # still empty: a poll costs less than a failed read's exception
         words = self._rx_words
         r = words[TAIL_WORD]
-        if r and not cons._taken:
-            cons.rewind()
-            r = 0
         free = (words[HEAD_WORD] - r - 4) & self._mask
         if free >= MAX_RECORD_SIZE:
             iov = self._rx_iov
@@ -379,6 +394,7 @@ class Session:
             try:
                 n = os.readv(self._fd, iov) - _HDR
             except BlockingIOError:
+                self._rx_idle = True
                 return None
             except OSError as e:
                 self._read_error(e)
@@ -386,11 +402,12 @@ class Session:
             n = self._pull_slow(r, free)
             if n < 0:
                 return None  # empty, or the one packet waiting was dropped for lack of room
+        self._rx_idle = False
         self._rx_dwords[r >> 2] = n
         view = self._rx_data[r + 4 : r + 4 + n]
         tail = (r + ((n + 7) & ~3)) & self._mask
         words[TAIL_WORD] = tail
-        cons.accept_one(r + 4, tail, view)
+        self._rx_cons.accept_one(r + 4, tail, view)
         return view
 
     def receive_packet(self, block: bool | None = None, timeout: float | None = None) -> memoryview | None:
@@ -496,6 +513,33 @@ class Session:
         except BufferError:
             _release_views(packets)
 
+    # ------------------------------------------------------------------ asyncio (see wiretun.aio)
+
+    def packets(self, batch: int = DEFAULT_BATCH) -> Any:
+        """``async for packet in session.packets()``: every packet until the session ends (release each)."""
+        from . import aio
+
+        return aio.packets(self, batch)
+
+    async def receive(self) -> memoryview:
+        """The next packet, awaiting without blocking the event loop; EndOfFile once ended."""
+        from . import aio
+
+        return await aio.receive(self)
+
+    async def send(self, packet: bytes | bytearray | memoryview) -> None:
+        """Send one packet (copied), awaiting while the send ring is full; EndOfFile once ended."""
+        from . import aio
+
+        await aio.send(self, packet)
+
+    def _queue_fileno(self) -> int:
+        """The TUN queue's descriptor (for waiting until it accepts writes); EndOfFile once ended."""
+        fd = self._res.queue_fd
+        if fd < 0 or self._ended:
+            raise self._eof()
+        return fd
+
     # ------------------------------------------------------------------ send (caller -> kernel)
 
     def _flush(self) -> None:
@@ -538,7 +582,7 @@ class Session:
         if code not in self._send_errors_logged:
             self._send_errors_logged.add(code)
             log.warn(
-                f"Session on {self._adapter.kernel_name}: kernel rejected a {size}-byte packet "
+                f"Session on {self._name}: kernel rejected a {size}-byte packet "
                 f"({exc.strerror}); dropping such packets (logged once)"
             )
 

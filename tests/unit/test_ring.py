@@ -196,6 +196,28 @@ def test_release_twice_or_foreign_offset_is_invalid_parameter():
         cons.release(a)
 
 
+def test_many_outstanding_released_one_by_one():
+    """Long runs exercise the consumer's bookkeeping (its list of outstanding packets is compacted)."""
+    _, ring, prod, cons = new_pair()
+    offs = [send(prod, ring, pattern(i, 40 + i % 7)) for i in range(300)]
+    tags = [object() for _ in offs]
+    for t in tags:
+        cons.receive(t)
+    cons.release_tag(tags[250])  # one out of order, far ahead
+    for i in range(250):
+        if i % 2:
+            cons.release_tag(tags[i])
+        else:
+            cons.release(offs[i])
+        # Head moves to the oldest unreleased packet; past 249 that skips the early-released 250.
+        assert ring.head == offs[i + 1 if i < 249 else 251] - 4
+    assert ring.stored_size(offs[250] - 4) & RELEASE_BIT
+    cons.release_many(offs[252:])
+    assert ring.head == offs[251] - 4
+    cons.release_tag(tags[251])
+    assert ring.head == ring.tail and cons.outstanding == 0
+
+
 def test_release_by_tag_is_identity():
     _, ring, prod, cons = new_pair()
     for i in range(3):
@@ -406,6 +428,19 @@ def test_consumer_wait_with_alertable_handshake():
         assert cons.receive() == 4
 
 
+def test_consumer_that_rewinds_when_emptied():
+    _, ring, prod, _ = new_pair()
+    cons = Consumer(ring, rewind_when_empty=True)
+    a = send(prod, ring, b"one.")
+    b = send(prod, ring, b"two.")
+    cons.receive()
+    cons.release(a)
+    assert ring.head == b - 4  # b is unread: no rewind
+    cons.receive()
+    cons.release(b)
+    assert ring.head == ring.tail == 0  # emptied: both back to 0
+
+
 def test_rewind_only_when_empty():
     _, ring, prod, cons = new_pair()
     a = send(prod, ring, b"12345678")
@@ -477,6 +512,16 @@ class RingModel(RuleBasedStateMachine):
         self.alloc_pos = (self.alloc_pos + record_size(size)) % CAP
         return rec
 
+    @rule(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=8))
+    def burst(self, sizes):
+        """Allocate and send several small packets in order (they reach the consumer once every earlier
+        allocation is sent)."""
+        for size in sizes:
+            rec = self.allocate(size)
+            if rec is None:
+                return
+            self.send(rec)
+
     @rule(rec=consumes(allocated))
     def send(self, rec):
         if rec is None:
@@ -493,7 +538,8 @@ class RingModel(RuleBasedStateMachine):
             if r["state"] == "sent":
                 expected = r
                 break
-        got = self.cons.poll()
+        tag = object()
+        got = self.cons.poll(tag)
         if expected is None:
             assert got == -1
             return None
@@ -501,16 +547,59 @@ class RingModel(RuleBasedStateMachine):
         assert self.cons.size(got) == expected["size"]
         assert bytes(self.ring.data[got : got + expected["size"]]) == pattern(expected["tag"], expected["size"])
         expected["state"] = "received"
+        expected["tag"] = tag
         return expected
 
-    @rule(rec=consumes(received))
-    def release(self, rec):
+    @rule(target=received, count=st.integers(2, 6))
+    def receive_several(self, count):
+        from hypothesis.stateful import multiple
+
+        got = [self.receive() for _ in range(count)]
+        return multiple(*[g for g in got if g is not None])
+
+    @rule(rec=consumes(received), by_tag=st.booleans())
+    def release(self, rec, by_tag):
         if rec is None:
             return
-        self.cons.release(rec["offset"])
+        if by_tag:
+            self.cons.release_tag(rec["tag"])
+        else:
+            self.cons.release(rec["offset"])
         rec["state"] = "released"
         with pytest.raises(InvalidParameter):
             self.cons.release(rec["offset"])
+        with pytest.raises(InvalidParameter):
+            self.cons.release_tag(rec["tag"])
+        self.drop_freed()
+
+    def has_received(self) -> bool:
+        return any(r["state"] == "received" for r in self.records)
+
+    @precondition(has_received)
+    @rule(recs=st.lists(consumes(received), max_size=5), by_tag=st.booleans())
+    def release_batch(self, recs, by_tag):
+        recs = [r for r in recs if r is not None]
+        if by_tag:
+            self.cons.release_tags([r["tag"] for r in recs])
+        else:
+            self.cons.release_many([r["offset"] for r in recs])
+        for r in recs:
+            r["state"] = "released"
+        self.drop_freed()
+
+    @precondition(has_received)
+    @rule(recs=st.lists(consumes(received), min_size=1, max_size=3))
+    def release_batch_with_a_duplicate_fails_whole(self, recs):
+        recs = [r for r in recs if r is not None]
+        if not recs:
+            return
+        before = (self.ring.head, self.cons.outstanding)
+        with pytest.raises(InvalidParameter):
+            self.cons.release_tags([r["tag"] for r in recs] + [recs[0]["tag"]])
+        assert (self.ring.head, self.cons.outstanding) == before
+        self.cons.release_tags([r["tag"] for r in recs])  # then fine
+        for r in recs:
+            r["state"] = "released"
         self.drop_freed()
 
     @precondition(lambda self: any(r["state"] == "sent" for r in self.records))
@@ -529,5 +618,5 @@ class RingModel(RuleBasedStateMachine):
 
 TestRingModel = RingModel.TestCase
 TestRingModel.settings = settings(
-    max_examples=200, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=150, stateful_step_count=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
 )
