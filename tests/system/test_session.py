@@ -254,6 +254,12 @@ def test_out_of_order_release_frees_space_only_from_head(adapter):
         blast(2000, 3)
         more = s.receive_packets(10)
         assert seqs(more) == [2000, 2001]  # two records' worth came back; the third did not fit
+        # The first of them runs from the ring's last record on into the trailing bytes; the second
+        # starts again at the front (wrapped). Both are whole, byte for byte.
+        assert ring.tail < ring.head
+        for p, seq in zip(more, (2000, 2001)):
+            udp = packet.ipv4_udp(V4_LOCAL, V4_PEER, sock.getsockname()[1], 9, struct.pack("!I", seq) + bytes(1368))
+            assert bytes(p) == v4_expected(bytes(p), udp[20:], V4_LOCAL, V4_PEER, packet.PROTO_UDP)
         assert s.receive_dropped == 9
         s.release_receive_packets(held[2:])
         s.release_receive_packets(more)
@@ -307,6 +313,20 @@ def test_full_send_ring_is_buffer_overflow_and_nothing_else_breaks(adapter):
         send(s, send_ping)
         reply = receive_matching(s, is_v4(packet.PROTO_ICMP, V4_PEER))
         assert reply.endswith(b"still alive")
+
+
+def test_sending_while_the_adapter_is_down_drops_and_goes_on(adapter):
+    with adapter.start_session() as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((V4_LOCAL, 6300))
+        sock.settimeout(3)
+        datagram = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7300, 6300, b"after")
+        adapter.down()
+        assert s.send_packets([datagram] * 3) == 3  # taken, and dropped by the kernel (EIO)
+        send(s, datagram)
+        assert s.send_dropped == 4 and not s.ended
+        adapter.up()
+        assert s.send_packets([datagram]) == 1
+        assert sock.recvfrom(100) == (b"after", (V4_PEER, 7300))
 
 
 def test_bad_arguments_are_clear_errors(adapter):
