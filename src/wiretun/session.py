@@ -672,7 +672,12 @@ class Session:
             data = self._tx_data
             try:
                 for pkt in it:
-                    n = len(pkt)
+                    try:
+                        n = len(pkt)
+                    except TypeError:
+                        raise InvalidParameter(
+                            f"packet {count} is not a bytes-like object ({type(pkt).__name__})"
+                        ) from None
                     if not 0 < n <= MAX_PACKET_SIZE:
                         check_packet_size(n)
                     offset = prod.try_allocate(n)
