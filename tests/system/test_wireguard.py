@@ -663,14 +663,16 @@ def test_python_api_two_devices(lab):
         assert dev_a.public_key == keys.public_key(key_a)
         dev_a.add_peer(keys.public_key(key_b), preshared_key=psk, endpoint=f"[{wire.b6}]:51821",
                        allowed_ips=["10.66.0.2/32"])
-        # b knows no endpoint: its keepalive (sent when turned on) has nowhere to go until a calls.
+        # b knows no endpoint: its keepalive (sent when its interface comes up) has nowhere to go.
         dev_b.add_peer(keys.to_base64(keys.public_key(key_a)), preshared_key=keys.to_base64(psk),
                        allowed_ips=["10.66.0.1/32"], persistent_keepalive=25)
-        assert dev_b.stats["tx_no_endpoint"] >= 1
-        for adapter, device, address in ((ad_a, dev_a, "10.66.0.1/24"), (ad_b, dev_b, "10.66.0.2/24")):
+        assert not dev_b.is_up  # the interface is down: nothing is sent yet
+        for adapter, device, address in ((ad_b, dev_b, "10.66.0.2/24"), (ad_a, dev_a, "10.66.0.1/24")):
+            device.start()
             adapter.add_address(address)
             adapter.up()
-            device.start()
+            wait_for(lambda: device.is_up, 5, "the device to follow its interface up")
+        assert dev_b.stats["tx_no_endpoint"] >= 1
         assert ping(a_ns, "10.66.0.2", 3) == 3
         state = dev_a.state()
         assert state.listen_port == 51820 and state.private_key == key_a

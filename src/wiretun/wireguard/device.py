@@ -28,8 +28,11 @@ core's timers when due. Configuration calls from other threads take the core's l
 
 Behaviour follows wireguard-go where it is observable:
 
-* the device follows the interface's link state: it starts up, goes down (sessions and queued packets
-  dropped, timers stopped) when the interface is set down, and up again when it is set up;
+* the device is up while the interface is administratively up, as the kernel's WireGuard is: while it
+  is down no handshake or keepalive is sent, and setting it down drops sessions and queued packets.
+  (wireguard-go assumes "up" at start until the first link event; with ``wg-quick``'s "set MTU, then
+  up" that means a handshake, a down and a second handshake that the peer may reject as a flood.)
+  Peers with a persistent keepalive send one when the interface comes up;
 * the MTU is set to 1420 if the interface still has the TUN default of 1500; the padding of the core
   follows the interface MTU as it changes;
 * a listen port of 0 binds a random port (IPv4 first, IPv6 on the same port, retried on collision);
@@ -307,7 +310,7 @@ class Device:
         self._fwmark = 0
         self._wake_fd = -1
         self._netlink: socket.socket | None = None
-        self._link_up = True  # wireguard-go starts up and then follows the link's events
+        self._link_up = True  # the interface's administrative state, followed through rtnetlink
         self._rx_buffer = bytearray(_RECV_SIZE)
         self._rx_view = memoryview(self._rx_buffer)
         self._send_errors_logged: set[int] = set()
@@ -316,6 +319,10 @@ class Device:
             self._sock4, self._sock6, self._port = self._ns.call(_bind_pair, 0, 0)
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._netlink = self._ns.call(self._link_monitor)
+            # Subscribed first, then read: a change in between arrives as an event.
+            if self._netlink is not None and not adapter.is_up:
+                self._link_up = False
+                self._core.down()
         except BaseException:
             self._teardown()
             raise
