@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests, demo and benchmarks use (installed only when a command is missing).
-APT_PACKAGES := iproute2 wireguard-go wireguard-tools iperf3 tcpdump tshark ethtool gcc libc6-dev python3-venv python3-dev procps
-APT_COMMANDS := ip wg wg-quick wireguard-go iperf3 tcpdump tshark ethtool gcc pgrep
+APT_PACKAGES := iproute2 iputils-ping wireguard-go wireguard-tools iperf3 tcpdump tshark ethtool gcc libc6-dev python3-venv python3-dev procps
+APT_COMMANDS := ip ping wg wg-quick wireguard-go iperf3 tcpdump tshark ethtool gcc pgrep
 
-.PHONY: all deps venv demo demo-example test test-unit bench clean
+.PHONY: all deps venv demo demo-wireguard-go demo-example test test-unit bench clean
 
 all: venv
 
@@ -28,7 +28,10 @@ $(BIN)/.installed: pyproject.toml | deps
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python demo/demo.py
+	bash demo/wireguard.sh
+
+demo-wireguard-go: venv
+	bash demo/wireguard.sh wireguard-go
 
 demo-example: venv
 	$(BIN)/python demo/example_in_netns.py

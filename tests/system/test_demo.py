@@ -1,0 +1,30 @@
+"""`make demo`'s script, run as the quick start runs it, on both variants."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("right", ["wiretun-wg", "wireguard-go"])
+def test_wireguard_demo(right):
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    proc = subprocess.run(
+        ["bash", str(ROOT / "demo" / "wireguard.sh"), right],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "IPERF_SECONDS": "1"},
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "3 packets transmitted, 3 received, 0% packet loss" in out
+    sender = re.search(r"([\d.]+) MBytes\s+([\d.]+) Mbits/sec\s+\d*\s+sender", out)
+    assert sender and float(sender.group(1)) > 0, out
+    assert out.count("latest handshake:") == 2
+    assert "interface: wg0" in out and "interface: wg1" in out
+    assert "cleaned up" in out
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert not {n for n in after - before if n.startswith("wtdemo-")}
+    assert not any(p.name in ("wg0.sock", "wg1.sock") for p in Path("/var/run/wireguard").glob("*.sock"))
