@@ -34,6 +34,7 @@ import platform
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -135,9 +136,6 @@ def serve_wiretun(ns_a: str, dev_a: str, ns_b: str, dev_b: str, offload: bool) -
         a = Adapter.create(dev_a, "Bench")
     with netns.entered(ns_b):
         b = Adapter.create(dev_b, "Bench")
-    # Up before any packet moves: the kernel refuses writes to a down device with EIO.
-    a.up()
-    b.up()
     capacity = 0x2000000 if offload else 0x800000
     options = {"offload": True} if offload else {}
     sa = a.start_session(capacity, **options)
@@ -146,14 +144,21 @@ def serve_wiretun(ns_a: str, dev_a: str, ns_b: str, dev_b: str, offload: bool) -
 
     def pump(src, dst) -> None:  # type: ignore[no-untyped-def]
         receive, send, release = src.receive_packets, dst.send_packets, src.release_receive_packets
-        if offload:
-            receive, send = src.receive_packets_with_headers, dst.send_packets_with_headers
+        headers: list[bytes] = []
         try:
-            while True:
-                packets = receive(batch, block=True)
-                if packets:
-                    send(packets)
-                    release(packets)
+            if offload:  # each packet passes with its virtio-net header, super-packets whole
+                while True:
+                    packets = receive(batch, block=True, headers=headers)
+                    if packets:
+                        send(packets, headers)
+                        release(packets)
+                        headers.clear()
+            else:
+                while True:
+                    packets = receive(batch, block=True)
+                    if packets:
+                        send(packets)
+                        release(packets)
         except EndOfFile as exc:
             print(f"forwarder {src.adapter.kernel_name}: {exc}", file=sys.stderr, flush=True)
 
@@ -217,6 +222,7 @@ class Result:
     tcp_us_per_packet: float | None = None  # forwarder CPU microseconds per packet moved (both ways)
     offloads: str = ""
     error: str | None = None
+    failed_runs: int = 0
 
 
 def _run(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -430,7 +436,24 @@ def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x"
 
 
-def table(results: list[Result], seconds: float) -> str:
+def median_result(kind: str, runs: list[Result]) -> Result:
+    """One row from several runs: the median of every measured field; an error if every run failed."""
+    good = [r for r in runs if r.error is None]
+    if not good:
+        return runs[-1]
+    out = Result(kind, offloads=good[0].offloads)
+    for name in ("tcp_bps", "udp_pps", "udp_received_pps", "tcp_read_avg", "tcp_cpu", "tcp_us_per_packet"):
+        values = [getattr(r, name) for r in good if getattr(r, name) is not None]
+        if values:
+            setattr(out, name, statistics.median(values))
+    failed = len(runs) - len(good)
+    if failed:
+        out.error = None
+        out.failed_runs = failed
+    return out
+
+
+def table(results: list[Result], seconds: float, rounds: int = 1) -> str:
     by = {r.kind: r for r in results}
 
     def tcp(kind: str) -> float | None:
@@ -442,7 +465,8 @@ def table(results: list[Result], seconds: float) -> str:
         return r.udp_pps if r else None
 
     lines = [
-        f"Forwarding between two TUN adapters (iperf3 A -> B, {seconds:g} s per run)",
+        f"Forwarding between two TUN adapters (iperf3 A -> B, {seconds:g} s per run, "
+        f"median of {rounds} interleaved round{'s' if rounds != 1 else ''})",
         machine_line(),
         "",
         f"{'forwarder':<16} {'TCP Gbit/s':>10} {'x pytun':>8} {'x C':>7} {'x C off':>8} {'B/read':>7} {'CPU':>5}"
@@ -466,7 +490,7 @@ def table(results: list[Result], seconds: float) -> str:
             f"{kind:<16} {gbit:>10} {_ratio(r.tcp_bps, tcp('python-pytun')):>8} "
             f"{_ratio(r.tcp_bps, tcp('C plain')):>7} {_ratio(r.tcp_bps, tcp('C offload')):>8} {avg:>7} {cpu:>5} {per:>6}"
             f" {kpps:>11} {_ratio(r.udp_pps, pps('python-pytun')):>8} {_ratio(r.udp_pps, pps('C plain')):>7}"
-            f" {rcvd:>9}  {r.offloads}"
+            f" {rcvd:>9}  {r.offloads}" + (f"  ({r.failed_runs} run(s) failed)" if r.failed_runs else "")
         )
     lines.append("")
     lines.append("x pytun / x C / x C off: ratio to python-pytun / C plain / C offload in this run. "
@@ -495,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run (default 5)")
     parser.add_argument("--only", default="", help="comma-separated forwarder kinds, e.g. 'C plain,C offload'")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure every forwarder this many times, interleaved; the table shows medians "
+                             "(default 3)")
     parser.add_argument("--no-udp", action="store_true", help="skip the UDP packets/s runs")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--serve", nargs=5, metavar=("KIND", "NS_A", "DEV_A", "NS_B", "DEV_B"),
@@ -505,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not 0 < args.seconds <= 600:
         parser.error(f"--seconds {args.seconds} is outside 0..600")
+    if not 1 <= args.rounds <= 20:
+        parser.error(f"--rounds {args.rounds} is outside 1..20")
     if os.geteuid() != 0:
         print("forward.py: needs root (network namespaces, TUN devices); skipped", file=sys.stderr)
         return 1
@@ -522,19 +551,20 @@ def main(argv: list[str] | None = None) -> int:
         available -= {"C plain", "C offload"}
     if "python-pytun" in kinds and not ensure_pytun(notes):
         available.discard("python-pytun")
-    results: list[Result] = []
-    # Ctrl-C: the finally blocks in measure() remove namespaces and processes.
-    for kind in kinds:
-        if kind not in available:
-            continue
-        try:
-            results.append(measure(kind, args.seconds, not args.no_udp))
-        except KeyboardInterrupt:
-            print("interrupted; cleaned up", file=sys.stderr)
-            return 130
-        except Exception as exc:  # one failed forwarder must not hide the others' numbers
-            results.append(Result(kind, error=str(exc)[:300]))
-    print(table(results, args.seconds))
+    runs: dict[str, list[Result]] = {k: [] for k in kinds if k in available}
+    # Rounds are interleaved so that a burst of load elsewhere on the machine hits every forwarder
+    # alike; Ctrl-C: the finally blocks in measure() remove namespaces and processes.
+    for _ in range(args.rounds):
+        for kind in runs:
+            try:
+                runs[kind].append(measure(kind, args.seconds, not args.no_udp))
+            except KeyboardInterrupt:
+                print("interrupted; cleaned up", file=sys.stderr)
+                return 130
+            except Exception as exc:  # one failed forwarder must not hide the others' numbers
+                runs[kind].append(Result(kind, error=str(exc)[:300]))
+    results = [median_result(kind, got) for kind, got in runs.items()]
+    print(table(results, args.seconds, args.rounds))
     for note in notes:
         print("note:", note)
     if args.json:

@@ -26,12 +26,29 @@ ended, so it works with ``select``, ``selectors`` and ``asyncio``'s ``add_reader
 after the end, readable) until the session object is garbage-collected, so a thread still sleeping on it
 is never left holding a closed or recycled descriptor.
 
-Offload seam: the virtio-net header of each received packet lands in ``_rx_iov[0]``, a scratch buffer,
-and is discarded (TUNSETOFFLOAD is 0, so it is all zero). An offload-enabled session (a later task) copies
-it out per packet in the read loops of :meth:`Session._pull` / :meth:`Session._pull_one` (e.g. into a
-list parallel to the views, or keyed by the packet's data offset, which the consumer already records)
-and hands it out with the packet; sends put the caller's header where ``ZERO_HEADER`` goes in
-``_tx_iov`` / ``_tx_direct_iov`` (and, for packets that wait in the send ring, keep it beside them).
+**Offloads** (``start_session(capacity, offload=True)``): the session sets ``TUNSETOFFLOAD`` to
+checksum + TSO4 + TSO6, plus USO4 + USO6 where the kernel accepts them (Linux 6.2+; older kernels say
+EINVAL and the session goes on without), see :attr:`Session.offloads`. The kernel then hands over
+*super-packets*: one IP/TCP or IP/UDP header with up to 64 KiB of payload and a checksum that holds only
+the pseudo-header sum, described by the packet's virtio-net header (:class:`wiretun.offload.VirtioNetHeader`:
+GSO type, header length, segment size, checksum start and offset, flags). The receive ring of an
+offload session stores each packet *with* its 10-byte header in front, exactly as the kernel's read
+produced it (the ring is the session's own memory; its records' Size counts the header), so the header
+costs no extra copy or allocation; ``receive_packet`` still returns a view of the IP packet alone, and
+:meth:`Session.packet_header` or ``receive_packets(..., headers=list)`` give the header. Sends take a
+header per packet (``send_packet(view, header=...)``, ``send_packets(packets, headers=...)``): a
+super-packet written with its header is segmented by the kernel (or delivered whole to a local socket).
+Between two offload sessions (a forwarder) a packet passes with its header unchanged; :mod:`wiretun.offload`
+splits super-packets into wire packets and coalesces wire packets into super-packets. The largest IP
+packet the kernel hands out is 65535 bytes (it segments GSO packets of ``gso_max_size``, 65536, or more in
+software first), so Wintun's 0xFFFF packet limit still holds for the packet itself. Offloads belong to
+the device, not to a queue: all sessions sharing a multi-queue adapter must agree on ``offload``, and a
+session that disagrees with the queues already attached gets InvalidParameter.
+
+**Capture** (``start_session(..., capture="file.pcap")``, a path or a binary file object): every packet
+the session receives (as handed out) and sends (as written to the kernel) is recorded in a pcap file
+with the raw-IP link type (:mod:`wiretun.capture`), offloaded super-packets whole, as they passed. The
+file is flushed and closed when the session ends.
 
 Performance: no threads, no per-packet allocation beyond the packet's own memoryview (and the slice the
 kernel reads into), no exception per empty poll (after one EAGAIN the next call polls the queue first).
@@ -40,22 +57,31 @@ Rings that empty are rewound to offset 0 so the memory in use stays in cache.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
+import io
 import itertools
+import mmap
 import os
 import select
+import socket
+import struct
 import threading
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, TypeAlias
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, Sequence, TypeAlias
 
 from . import log
+from .capture import PcapWriter
 from .errors import Busy, EndOfFile, InvalidData, InvalidParameter, NoMoreItems
 from .linux import tun
+from .offload import VirtioNetHeader
 from .ring import (
     DATA_WORD,
     HEAD_WORD,
+    HEADER_SIZE,
     MAX_PACKET_SIZE,
     MAX_RECORD_SIZE,
     TAIL_WORD,
@@ -64,6 +90,7 @@ from .ring import (
     Ring,
     check_capacity,
     check_packet_size,
+    ring_size,
 )
 
 if TYPE_CHECKING:
@@ -81,6 +108,45 @@ _READ_SPAN = MAX_PACKET_SIZE  # bytes offered to each read: the largest IP packe
 # EIO: that is a write while the adapter is down, which drops the packet (as Wintun does) and goes on.
 _GONE_ERRNOS = frozenset({errno.EBADFD, errno.EBADF, errno.ENODEV, errno.ENXIO})
 _RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM})
+
+OFFLOADS = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6 | tun.TUN_F_USO4 | tun.TUN_F_USO6
+"""What ``offload=True`` asks the kernel for; :data:`BASE_OFFLOADS` where USO is unknown (before 6.2)."""
+BASE_OFFLOADS = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6
+# An offload session's receive ring holds frames: virtio-net header + IP packet. A read is offered one
+# byte more than the largest frame so that a longer one (which the kernel would cut) is seen and dropped.
+_FRAME_MAX = _HDR + MAX_PACKET_SIZE
+_FRAME_SPAN = _FRAME_MAX + 1
+_FRAME_RECORD = (4 + _FRAME_SPAN + 3) & ~3
+_FRAME_SLACK = _FRAME_RECORD - MAX_RECORD_SIZE + 16  # beyond Wintun's trailing area, for the longer records
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GTXCSUM = 0x00000016
+
+
+def _tx_checksum_offloaded(kernel_name: str) -> bool:
+    """Whether the device has checksum offload on now (ETHTOOL_GTXCSUM), i.e. some queue's session asked
+    for offloads. Run it in the adapter's namespace (``adapter._call``)."""
+    value = ctypes.create_string_buffer(struct.pack("II", _ETHTOOL_GTXCSUM, 0), 8)
+    req = struct.pack("16sP16x", kernel_name.encode(), ctypes.addressof(value))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, req)
+    return struct.unpack_from("II", value.raw)[1] != 0
+
+
+def _header_bytes(header: Any, where: str) -> Any:
+    """A header argument as 10 bytes: a VirtioNetHeader is packed, a bytes-like must be 10 bytes long."""
+    if header is None:
+        return ZERO_HEADER
+    if isinstance(header, VirtioNetHeader):
+        return header.pack()
+    try:
+        size = memoryview(header).nbytes
+    except TypeError:
+        raise InvalidParameter(
+            f"{where} must be a VirtioNetHeader or 10 bytes, not {type(header).__name__}"
+        ) from None
+    if size != _HDR:
+        raise InvalidParameter(f"{where} is {size} bytes; a virtio-net header is {_HDR} bytes")
+    return header
 
 
 class _Resources:
@@ -129,11 +195,23 @@ class Session:
     flows across the queues.
     """
 
-    def __init__(self, adapter: Adapter, capacity: int = DEFAULT_CAPACITY, *, multi_queue: bool = False) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        capacity: int = DEFAULT_CAPACITY,
+        *,
+        multi_queue: bool = False,
+        offload: bool = False,
+        capture: str | os.PathLike[str] | BinaryIO | None = None,
+    ) -> None:
         check_capacity(capacity)
+        if not isinstance(offload, bool):
+            raise InvalidParameter(f"offload must be True or False, not {offload!r}")
         self._adapter = adapter
         self._capacity = capacity
         self._multi_queue = bool(multi_queue)
+        self._offload = offload
+        self._offloads = 0
         self._ended = True  # until started: end() and the finalizer have nothing to undo
         self._torn_down = True
         self._end_lock = threading.Lock()
@@ -142,9 +220,23 @@ class Session:
         self.receive_dropped = 0
         self.send_dropped = 0
         self._send_errors_logged: set[int] = set()
+        self._capture: PcapWriter | None = None
+        if capture is not None:
+            if isinstance(capture, PcapWriter):
+                raise InvalidParameter("capture takes a path or a binary file object, not a PcapWriter")
+            try:
+                self._capture = PcapWriter(capture)
+            except InvalidParameter as exc:
+                raise InvalidParameter(f"capture: {exc}") from None
         res = self._res = _Resources()
         self._name = "?"
-        adapter._register_session(self)
+        self._rx_memory: mmap.mmap | None = None
+        try:
+            adapter._register_session(self)
+        except BaseException:
+            if self._capture is not None:
+                self._capture.close()
+            raise
         try:
             self._name = adapter.kernel_name  # kept for messages: asking the adapter later may fail
             if not self._multi_queue:
@@ -155,15 +247,26 @@ class Session:
                         f"in another process?); start every session with multi_queue=True to share it"
                     )
             res.queue_fd = adapter._open_queue()
-            tun.set_offload(res.queue_fd, 0)
+            self._offloads = self._negotiate_offloads(res.queue_fd)
             res.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             res.epoll = select.epoll(2)
             res.epoll.register(res.queue_fd, select.EPOLLIN)
             res.epoll.register(res.event_fd, select.EPOLLIN)
-            self._rx = Ring.allocate(capacity)
+            if offload:
+                # Frames (header + packet) up to 10 bytes longer than Wintun's records: a little more room
+                # after the trailing area, in memory of our own (Ring.allocate sizes it for packets only).
+                self._rx_memory = mmap.mmap(-1, ring_size(capacity) + _FRAME_SLACK,
+                                            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                self._rx = Ring(self._rx_memory, capacity)
+            else:
+                self._rx = Ring.allocate(capacity)
             self._tx = Ring.allocate(capacity)
         except BaseException:
             res.close_all()
+            if self._rx_memory is not None:
+                self._rx_memory.close()
+            if self._capture is not None:
+                self._capture.close()
             adapter._unregister_session(self)
             raise
         self._finalizer = weakref.finalize(self, res.close_all)
@@ -174,10 +277,14 @@ class Session:
         self._rx_cons = Consumer(self._rx, rewind_when_empty=True)
         self._rx_words = self._rx.words
         self._rx_data = self._rx.data
-        self._rx_dwords = self._rx.data.cast("I")  # Size of the record at r is _rx_dwords[r >> 2]
+        if self._rx_memory is not None:  # Data plus the slack beyond the trailing area
+            self._rx_data = memoryview(self._rx_memory)[HEADER_SIZE:]
+        self._rx_readinto = io.FileIO(self._fd, "rb", closefd=False).readinto  # None on EAGAIN, no raise
+        self._rx_dwords = self._rx_data.cast("I")  # Size of the record at r is _rx_dwords[r >> 2]
         self._rx_iov: list[Any] = [bytearray(_HDR), None]  # [virtio-net header scratch, ring slice]
         self._rx_scratch = bytearray(_READ_SPAN)  # used only when the ring is too full for a blind read
         self._rx_scratch_iov: list[Any] = [self._rx_iov[0], self._rx_scratch]
+        self._rx_scratch_frame = memoryview(bytearray(_FRAME_SPAN)) if offload else None
         self._rx_idle = False  # the last read found the queue empty: poll before the next one
         self._rx_poll = select.poll()
         self._rx_poll.register(self._fd, select.POLLIN)
@@ -189,6 +296,7 @@ class Session:
         self._tx_iov: list[Any] = [ZERO_HEADER, None]
         self._tx_direct_iov: list[Any] = [ZERO_HEADER, None]
         self._tx_track: dict[int, tuple[memoryview, int]] = {}  # id(view) -> (view, data offset)
+        self._tx_headers: dict[int, Any] = {}  # data offset -> header, for queued packets sent with one
         self._tx_stalled = False
 
         self._ended = False
@@ -211,6 +319,53 @@ class Session:
     @property
     def ended(self) -> bool:
         return self._ended
+
+    @property
+    def offload(self) -> bool:
+        """Whether the session was started with ``offload=True`` (packets carry virtio-net headers)."""
+        return self._offload
+
+    @property
+    def offloads(self) -> int:
+        """The ``TUN_F_*`` offload flags in effect (:data:`OFFLOADS` or :data:`BASE_OFFLOADS`; 0 without)."""
+        return self._offloads
+
+    @property
+    def capture(self) -> PcapWriter | None:
+        """The pcap writer recording this session's packets, if it was started with ``capture``."""
+        return self._capture
+
+    def _negotiate_offloads(self, fd: int) -> int:
+        """Set the device's offloads for this session's ``offload`` choice; returns the flags in effect.
+
+        TUNSETOFFLOAD acts on the whole device, so a session that shares it with queues already attached
+        (multi-queue) must want what they have: otherwise InvalidParameter, and nothing is changed."""
+        adapter = self._adapter
+        if self._multi_queue and adapter._attached_queues() > 1:
+            have = adapter._call(_tx_checksum_offloaded, f"cannot read the offloads of adapter {self._name}",
+                                 self._name)
+            if have != self._offload:
+                raise InvalidParameter(
+                    f"adapter {self._name!r} is shared with queues that use offload={have}; offloads belong "
+                    f"to the device, so start this session with offload={have} too"
+                )
+            if not self._offload:
+                return 0
+        if not self._offload:
+            tun.set_offload(fd, 0)
+            return 0
+        for flags in (OFFLOADS, BASE_OFFLOADS):
+            try:
+                tun.set_offload(fd, flags)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    continue  # this kernel does not know a flag (USO before Linux 6.2): ask for less
+                raise
+            if flags != OFFLOADS:
+                log.info(f"Session on {self._name}: the kernel has no UDP segmentation offload; using "
+                         f"checksum and TCP segmentation offload only")
+            return flags
+        raise InvalidParameter(f"the kernel refuses TUN offloads on adapter {self._name!r} (TUNSETOFFLOAD)")
 
     def __repr__(self) -> str:
         state = "ended" if self._ended else "running"
@@ -242,12 +397,24 @@ class Session:
         with self._rx_lock, self._tx_lock:
             res.close_queue()
             self._tx_track.clear()
+            self._tx_headers.clear()
             self._rx_cons.forget()
             self._rx_iov[1] = None
             self._tx_iov[1] = None
             self._rx_dwords.release()
             self._rx.close()
             self._tx.close()
+            if self._rx_memory is not None:
+                self._rx_data.release()
+                try:
+                    self._rx_memory.close()
+                except BufferError:
+                    pass  # a caller holds a packet view: the mapping goes with the last view
+            if self._capture is not None:
+                try:
+                    self._capture.close()
+                except OSError as exc:
+                    log.warn(f"Session on {self._name}: closing the capture file failed: {exc}")
         self._adapter._unregister_session(self)
 
     def _lost(self, exc: OSError) -> EndOfFile:
@@ -373,6 +540,8 @@ class Session:
             self._read_error(e)
         if views:
             self._publish(d - 4, offsets, views)
+            if self._capture is not None:
+                self._capture.write_many(views)
         return views
 
     def _publish(self, r: int, offsets: list[int], views: list[memoryview]) -> None:
@@ -408,7 +577,109 @@ class Session:
         tail = (r + ((n + 7) & ~3)) & self._mask
         words[TAIL_WORD] = tail
         self._rx_cons.accept_one(r + 4, tail, view)
+        if self._capture is not None:
+            self._capture.write(view)
         return view
+
+    # An offload session's receive ring holds frames: the kernel's read, header and packet, in one record.
+
+    def _frame_slow(self, r: int, free: int) -> int:
+        """:meth:`_pull_slow` for frames: read into scratch, copy into the ring at ``r`` if it fits.
+        Returns the frame's size, -1 when the queue is empty, -2 when it was dropped."""
+        scratch = self._rx_scratch_frame
+        n = self._rx_readinto(scratch)
+        if n is None:
+            self._rx_idle = True
+            return -1
+        if n <= _HDR or n > _FRAME_MAX or (n + 7) & ~3 > free:
+            self.receive_dropped += 1  # no room (too many packets held), or not a frame we can keep
+            return -2
+        self._rx_data[r + 4 : r + 4 + n] = scratch[:n]
+        return n
+
+    def _pull_frames(self, max_count: int, headers: list[Any] | None) -> list[memoryview]:
+        """:meth:`_pull` for an offload session: each read lands whole (header + packet) in the ring.
+
+        One ``readinto`` per packet (no iovec to build; None instead of an exception when the queue is
+        empty); the view handed out starts after the header.
+        """
+        words = self._rx_words
+        data = self._rx_data
+        dwords = self._rx_dwords
+        readinto = self._rx_readinto
+        cap = self._capacity
+        r = words[TAIL_WORD]
+        head = words[HEAD_WORD]
+        end = head - 4 if head > r else head - 4 + cap  # free space is [r, end) in linear offsets
+        views: list[memoryview] = []
+        offsets: list[int] = []
+        if self._rx_idle:
+            if not self._rx_poll.poll(0):
+                return views
+            self._rx_idle = False
+        add_view = views.append
+        add_offset = offsets.append
+        add_header = None if headers is None else headers.append
+        span, hdr, frame_max = _FRAME_SPAN, _HDR, _FRAME_MAX
+        d = r + 4  # data offset of the frame being read
+        try:
+            for _ in range(max_count):
+                if d - 4 >= cap:  # wrapped past the end: back to the start of Data
+                    d -= cap
+                    end -= cap
+                if d - 4 + _FRAME_RECORD <= end:  # room for the largest frame: read straight into the ring
+                    n = readinto(data[d : d + span])
+                    if n is None:
+                        self._rx_idle = True
+                        break
+                    if n <= hdr or n > frame_max:
+                        self.receive_dropped += 1  # cut (longer than any IP packet may be) or headerless
+                        continue
+                else:
+                    n = self._frame_slow(d - 4, end - (d - 4))
+                    if n == -1:
+                        break
+                    if n < 0:
+                        continue
+                dwords[(d >> 2) - 1] = n
+                add_view(data[d + hdr : d + n])
+                add_offset(d)
+                if add_header is not None:
+                    add_header(bytes(data[d : d + hdr]))
+                d += (n + 7) & ~3
+        except OSError as e:
+            if views:
+                self._publish(d - 4, offsets, views)
+            self._read_error(e)
+        if views:
+            self._publish(d - 4, offsets, views)
+            if self._capture is not None:
+                self._capture.write_many(views)
+        return views
+
+    def _pull_frame_one(self) -> memoryview | None:
+        if self._rx_idle and not self._rx_poll.poll(0):
+            return None
+        views = self._pull_frames(1, None)
+        return views[0] if views else None
+
+    def packet_header(self, packet: memoryview) -> VirtioNetHeader:
+        """The virtio-net header that came with a received, not yet released packet.
+
+        On an offload session it describes a super-packet (``gso_type``, ``gso_size``, ``hdr_len``) and a
+        checksum left to finish (``flags & F_NEEDS_CSUM``, ``csum_start``, ``csum_offset``); see
+        :func:`wiretun.offload.split`. Without offloads the kernel finishes every packet and the header is
+        all zero. InvalidParameter for a packet that is not a received, unreleased packet of this session.
+        """
+        with self._rx_lock:
+            if self._torn_down:
+                raise self._eof()
+            cons = self._rx_cons
+            index = cons._index_of_tag(packet)
+            if not self._offload:
+                return VirtioNetHeader()
+            d = cons._taken[index]
+            return VirtioNetHeader.unpack_from(self._rx_data, d)
 
     def receive_packet(self, block: bool | None = None, timeout: float | None = None) -> memoryview | None:
         """The next packet from the kernel, a memoryview into the receive ring (WintunReceivePacket).
@@ -424,7 +695,7 @@ class Session:
                 raise self._eof()
             if self._tx_stalled:
                 self._retry_send()
-            view = self._pull_one()
+            view = self._pull_frame_one() if self._offload else self._pull_one()
         if view is not None:
             return view
         if block is None:
@@ -442,28 +713,39 @@ class Session:
             with self._rx_lock:
                 if self._ended:
                     raise self._eof()
-                view = self._pull_one()
+                view = self._pull_frame_one() if self._offload else self._pull_one()
             if view is not None:
                 return view
             if deadline is not None and _monotonic() >= deadline:
                 return None
 
     def receive_packets(
-        self, max_count: int = DEFAULT_BATCH, *, block: bool = False, timeout: float | None = None
+        self,
+        max_count: int = DEFAULT_BATCH,
+        *,
+        block: bool = False,
+        timeout: float | None = None,
+        headers: list[Any] | None = None,
     ) -> list[memoryview]:
         """Up to ``max_count`` packets at once (an empty list when none is waiting, never NoMoreItems).
 
         With ``block=True`` it first sleeps until at least one packet comes (or ``timeout`` passes).
+        With a list for ``headers``, the 10-byte virtio-net header of each packet is appended to it, in
+        order (all zero without offloads): the pair to hand to ``send_packets(..., headers=...)``.
         """
         if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
             raise InvalidParameter(f"max_count {max_count!r} must be an int >= 1")
+        if headers is not None and not isinstance(headers, list):
+            raise InvalidParameter(f"headers must be a list to append to, not {type(headers).__name__}")
         with self._rx_lock:
             if self._ended:
                 raise self._eof()
             if self._tx_stalled:
                 self._retry_send()
-            out = self._pull(max_count)
+            out = self._pull_frames(max_count, headers) if self._offload else self._pull(max_count)
         if out or not block:
+            if headers is not None and not self._offload:
+                headers.extend(itertools.repeat(ZERO_HEADER, len(out)))
             return out
         deadline = None if timeout is None else _monotonic() + timeout
         while True:
@@ -472,8 +754,10 @@ class Session:
             with self._rx_lock:
                 if self._ended:
                     raise self._eof()
-                out = self._pull(max_count)
+                out = self._pull_frames(max_count, headers) if self._offload else self._pull(max_count)
             if out or (deadline is not None and _monotonic() >= deadline):
+                if headers is not None and not self._offload:
+                    headers.extend(itertools.repeat(ZERO_HEADER, len(out)))
                 return out
 
     def __iter__(self) -> Iterator[memoryview]:
@@ -527,11 +811,13 @@ class Session:
 
         return await aio.receive(self)
 
-    async def send(self, packet: bytes | bytearray | memoryview) -> None:
-        """Send one packet (copied), awaiting while the send ring is full; EndOfFile once ended."""
+    async def send(self, packet: bytes | bytearray | memoryview, header: Any = None) -> None:
+        """Send one packet (copied), awaiting while the send ring is full; EndOfFile once ended.
+
+        ``header`` as for :meth:`send_packet`."""
         from . import aio
 
-        await aio.send(self, packet)
+        await aio.send(self, packet, header)
 
     def _queue_fileno(self) -> int:
         """The TUN queue's descriptor (for waiting until it accepts writes); EndOfFile once ended."""
@@ -555,12 +841,16 @@ class Session:
         iov = self._tx_iov
         writev = os.writev
         fd = self._fd
+        headers = self._tx_headers
+        capture = self._capture
         try:
             while head != tail:
                 size = words[DATA_WORD + (head >> 2)]
                 if size > MAX_PACKET_SIZE or ((size + 7) & ~3) > ((tail - head) & mask):
                     raise InvalidData(f"send ring packet at {head:#x} claims {size:#x} bytes")
                 iov[1] = data[head + 4 : head + 4 + size]
+                if headers:
+                    iov[0] = headers.get(head + 4, ZERO_HEADER)
                 try:
                     writev(fd, iov)
                 except OSError as e:
@@ -570,10 +860,17 @@ class Session:
                     if e.errno in _GONE_ERRNOS:
                         raise self._lost(e) from e
                     self._send_rejected(e, size)
+                else:
+                    if capture is not None:
+                        capture.write(iov[1])
+                if headers:
+                    headers.pop(head + 4, None)
+                    iov[0] = ZERO_HEADER
                 head = (head + ((size + 7) & ~3)) & mask
             self._tx_stalled = False
         finally:
             iov[1] = None
+            iov[0] = ZERO_HEADER
             words[HEAD_WORD] = head
 
     def _send_rejected(self, exc: OSError, size: int) -> None:
@@ -591,7 +888,7 @@ class Session:
             if not self._ended:
                 self._flush()
 
-    def _send_odd(self, pkt: Any, index: int) -> bool:
+    def _send_odd(self, pkt: Any, index: int, header: Any) -> bool:
         """send_packets for an item that is not a flat byte buffer (e.g. a memoryview of another format)."""
         try:
             flat = memoryview(pkt).cast("B")
@@ -602,6 +899,8 @@ class Session:
         if offset < 0:
             return False
         self._tx_data[offset : offset + n] = flat
+        if header is not ZERO_HEADER:
+            self._tx_headers[offset] = header
         self._tx_prod.send(offset)
         return True
 
@@ -622,11 +921,15 @@ class Session:
             self._tx_track[id(view)] = (view, offset)  # holding the view keeps its id from being reused
         return view
 
-    def send_packet(self, packet: memoryview) -> None:
+    def send_packet(self, packet: memoryview, header: Any = None) -> None:
         """Send an allocated packet (WintunSendPacket); it leaves after every earlier allocation.
 
+        ``header`` is the packet's virtio-net header (a :class:`~wiretun.offload.VirtioNetHeader` or its
+        10 bytes), e.g. to send a TCP/UDP super-packet the kernel segments (GSO) or a packet whose
+        checksum it completes (``F_NEEDS_CSUM``); None sends the all-zero header (a finished packet).
         The view is released. After the session ended this does nothing (the packet is discarded).
         """
+        hdr = ZERO_HEADER if header is None else _header_bytes(header, "header")
         with self._tx_lock:
             if self._ended:
                 return
@@ -638,6 +941,8 @@ class Session:
                     f"{type(packet).__name__} at {id(packet):#x} is not a packet allocated by this session and "
                     f"not yet sent (sent twice, or from another session?)"
                 )
+            if hdr is not ZERO_HEADER:
+                self._tx_headers[entry[1]] = bytes(hdr)
             self._tx_prod.send(entry[1])
             self._flush()
         try:
@@ -645,16 +950,33 @@ class Session:
         except BufferError:
             pass
 
-    def send_packets(self, packets: Iterable[bytes | bytearray | memoryview]) -> int:
+    def send_packets(
+        self, packets: Iterable[bytes | bytearray | memoryview], headers: Sequence[Any] | None = None
+    ) -> int:
         """Send many packets in order, as allocate + copy + send would; returns how many were taken.
 
-        Each item is a bytes-like IP packet of 1..0xFFFF bytes. Packets go out in order after everything
-        allocated before. When nothing is queued ahead of them they are written to the kernel straight
-        from the caller's buffers: copying them into the ring first would only be undone at once. What
-        the kernel cannot take right now (EAGAIN) is copied into the ring; when the ring is full the
-        count stops there and the caller drops the rest (Wintun's BufferOverflow). EndOfFile once the
-        session has ended.
+        Each item is a bytes-like IP packet of 1..0xFFFF bytes. ``headers``, if given, holds one
+        virtio-net header per packet (as :meth:`send_packet` takes them; ``receive_packets(...,
+        headers=list)`` fills such a list), so packets received from one offload session can be passed
+        to another unchanged. Packets go out in order after everything allocated before. When nothing is
+        queued ahead of them they are written to the kernel straight from the caller's buffers: copying
+        them into the ring first would only be undone at once. What the kernel cannot take right now
+        (EAGAIN) is copied into the ring; when the ring is full the count stops there and the caller
+        drops the rest (Wintun's BufferOverflow). EndOfFile once the session has ended.
         """
+        hdr_it: Iterator[Any] | None = None
+        if headers is not None:
+            if not isinstance(packets, (list, tuple)):
+                packets = list(packets)
+            try:
+                n_headers = len(headers)
+            except TypeError:
+                raise InvalidParameter(
+                    f"headers must be a sequence, not {type(headers).__name__}"
+                ) from None
+            if n_headers != len(packets):
+                raise InvalidParameter(f"headers holds {n_headers} item(s) for {len(packets)} packet(s)")
+            hdr_it = iter(headers)
         count = 0
         with self._tx_lock:
             if self._ended:
@@ -665,13 +987,22 @@ class Session:
                 self._flush()
             it = iter(packets)
             if not prod._unsent and words[HEAD_WORD] == words[TAIL_WORD]:
-                count, rest = self._send_direct(it)
+                count, rest, rest_header = self._send_direct(it, hdr_it)
                 if rest is None:
                     return count
                 it = itertools.chain((rest,), it)
+                if hdr_it is not None:
+                    hdr_it = itertools.chain((rest_header,), hdr_it)
             data = self._tx_data
+            tx_headers = self._tx_headers
             try:
                 for pkt in it:
+                    if hdr_it is None:
+                        hdr = ZERO_HEADER
+                    else:
+                        hdr = next(hdr_it)
+                        if type(hdr) is not bytes or len(hdr) != _HDR:
+                            hdr = _header_bytes(hdr, f"header {count}")
                     try:
                         n = len(pkt)
                     except TypeError:
@@ -690,25 +1021,35 @@ class Session:
                         data[offset : offset + n] = pkt
                     except (TypeError, ValueError):
                         prod.unallocate(offset)
-                        if not self._send_odd(pkt, count):
+                        if not self._send_odd(pkt, count, hdr):
                             break
                         count += 1
                         continue
+                    if hdr is not ZERO_HEADER:
+                        tx_headers[offset] = bytes(hdr)  # the caller's buffer may change meanwhile
                     prod.send(offset)
                     count += 1
             finally:
                 self._flush()
         return count
 
-    def _send_direct(self, it: Iterator[Any]) -> tuple[int, Any]:
+    def _send_direct(self, it: Iterator[Any], hdr_it: Iterator[Any] | None) -> tuple[int, Any, Any]:
         """Write packets from the caller's buffers while the send ring is empty. Returns (count taken,
-        the packet the kernel refused with EAGAIN or None); the caller queues that one and the rest."""
+        the packet the kernel refused with EAGAIN or None, that packet's header); the caller queues that
+        one and the rest."""
         iov = self._tx_direct_iov
         writev = os.writev
         fd = self._fd
+        capture = self._capture
         count = 0
+        hdr = ZERO_HEADER
         try:
             for pkt in it:
+                if hdr_it is not None:
+                    hdr = next(hdr_it)
+                    if type(hdr) is not bytes or len(hdr) != _HDR:
+                        hdr = _header_bytes(hdr, f"header {count}")
+                    iov[0] = hdr
                 n = len(pkt)
                 if not 0 < n <= MAX_PACKET_SIZE:
                     check_packet_size(n)
@@ -718,16 +1059,20 @@ class Session:
                 except OSError as e:
                     if e.errno in _RETRY_ERRNOS:
                         self._tx_stalled = True
-                        return count, pkt
+                        return count, pkt, hdr
                     if e.errno in _GONE_ERRNOS:
                         raise self._lost(e) from e
                     self._send_rejected(e, n)
+                else:
+                    if capture is not None:
+                        capture.write(pkt)
                 count += 1
         except TypeError as e:
             raise InvalidParameter(f"packet {count} is not a bytes-like object: {e}") from None
         finally:
             iov[1] = None
-        return count, None
+            iov[0] = ZERO_HEADER
+        return count, None, ZERO_HEADER
 
 
 _monotonic = time.monotonic

@@ -1,0 +1,149 @@
+"""asyncio on a session's read-wait handle: ``async for packet in session.packets()`` and awaitable send.
+
+No threads: a coroutine that finds nothing to receive registers the session's read-wait handle with
+``loop.add_reader`` and sleeps until the kernel has packets (or the session ends); a send that finds the
+send ring full registers the TUN queue with ``loop.add_writer``. Readers are registered only while
+someone waits (the handle is level-triggered, so a reader left registered over a non-empty queue would
+fire on every loop iteration), and several coroutines may wait on one session at once.
+
+The pattern::
+
+    async def forward(a: Session, b: Session) -> None:
+        async for packet in a.packets():      # zero copy: a view into a's receive ring
+            await b.send(packet)              # copied into b's send ring and written to the kernel
+            a.release_receive_packet(packet)  # as with receive_packet: release every packet
+
+The functions here take the session as their first argument; :class:`~wiretun.session.Session` exposes
+them as ``packets()``, ``receive()`` and ``send()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from .errors import EndOfFile, InvalidParameter
+
+if TYPE_CHECKING:
+    from .session import Session
+
+Buffer = bytes | bytearray | memoryview
+
+
+class _Waiters:
+    """Coroutines sleeping until one descriptor is ready, on one loop; the fd is registered meanwhile."""
+
+    __slots__ = ("loop", "fd", "futures", "add", "remove", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, writer: bool) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.futures: list[asyncio.Future[None]] = []
+        self.add: Callable[..., Any] = loop.add_writer if writer else loop.add_reader
+        self.remove: Callable[[int], bool] = loop.remove_writer if writer else loop.remove_reader
+
+    def wait(self) -> asyncio.Future[None]:
+        fut = self.loop.create_future()
+        if not self.futures:
+            self.add(self.fd, self._wake)
+        self.futures.append(fut)
+        fut.add_done_callback(self._forget)
+        return fut
+
+    def _wake(self) -> None:
+        self.remove(self.fd)
+        futures, self.futures = self.futures, []
+        for fut in futures:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _forget(self, fut: asyncio.Future[None]) -> None:
+        # A cancelled waiter must not leave the descriptor registered for nobody.
+        if fut.cancelled() and fut in self.futures:
+            self.futures.remove(fut)
+            if not self.futures:
+                self.remove(self.fd)
+
+    def close(self) -> None:
+        if self.futures:
+            self._wake()
+
+
+# Per session and loop; weak so a forgotten session is not kept alive by asyncio bookkeeping.
+_readers: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]] = weakref.WeakKeyDictionary()
+_writers: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]] = weakref.WeakKeyDictionary()
+
+
+def _waiters(table: weakref.WeakKeyDictionary, session: Any, fd: int, writer: bool) -> _Waiters:
+    loop = asyncio.get_running_loop()
+    per_loop = table.get(session)
+    if per_loop is None:
+        per_loop = table[session] = {}
+    w = per_loop.get(loop)
+    if w is None or w.fd != fd:
+        w = per_loop[loop] = _Waiters(loop, fd, writer)
+    return w
+
+
+async def wait_readable(session: Session) -> None:
+    """Sleep until the session's read-wait handle is readable (packets may be waiting, or it ended)."""
+    if session.ended:
+        return
+    await _waiters(_readers, session, session.get_read_wait_event(), False).wait()
+
+
+async def wait_writable(session: Session) -> None:
+    """Sleep until the session's TUN queue accepts writes again (after EAGAIN/ENOBUFS, or a full ring)."""
+    if session.ended:
+        return
+    await _waiters(_writers, session, session._queue_fileno(), True).wait()
+
+
+async def receive(session: Session) -> memoryview:
+    """The next packet, sleeping (without blocking the loop) until one comes; EndOfFile once ended."""
+    while True:
+        packet = session.receive_packet(block=False)
+        if packet is not None:
+            return packet
+        await wait_readable(session)
+
+
+async def packets(session: Session, batch: int = 64) -> AsyncIterator[memoryview]:
+    """Every packet the session receives until it ends; release each one as usual.
+
+    Packets are taken ``batch`` at a time with one call; those of a batch not yet handed out when the
+    iteration stops (``break``, an exception, cancellation) are released here.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InvalidParameter(f"batch {batch!r} must be an int >= 1")
+    while True:
+        try:
+            got = session.receive_packets(batch)
+        except EndOfFile:
+            return
+        if not got:
+            await wait_readable(session)
+            continue
+        done = 0  # packets handed out so far; the one at a yield that never resumes counts too
+        try:
+            for packet in got:
+                done += 1
+                yield packet
+        finally:
+            if done < len(got):
+                session.release_receive_packets(got[done:])
+
+
+async def send(session: Session, packet: Buffer, header: Any = None) -> None:
+    """Send one packet (copied into the send ring), sleeping while the ring is full.
+
+    ``header`` is the packet's virtio-net header on an offload session (see ``Session.send_packets``).
+    EndOfFile once the session has ended.
+    """
+    packets_ = (packet,)
+    headers = None if header is None else (header,)
+    while True:
+        if (session.send_packets(packets_) if headers is None else session.send_packets(packets_, headers=headers)):
+            return
+        await wait_writable(session)
