@@ -5,9 +5,9 @@
 
     adapter = wiretun.Adapter.create("wg0", "WireGuard")
     device = Device(adapter)                       # session, UDP sockets (random port), MTU 1420
-    device.configure(private_key="yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=", listen_port=51820)
-    device.add_peer("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
-                    endpoint="192.0.2.1:51820", allowed_ips=["10.0.0.2/32"], persistent_keepalive=25)
+    device.configure(private_key=open("private.key").read(), listen_port=51820)   # base64, hex or bytes
+    device.add_peer(peer_public_key, endpoint="192.0.2.1:51820", allowed_ips=["10.0.0.2/32"],
+                    persistent_keepalive=25)
     device.start()                                  # the event-loop thread starts moving packets
     adapter.add_address("10.0.0.1/24"); adapter.up()
     ...
@@ -26,7 +26,7 @@ for the interface's up/down and MTU, and an eventfd that :meth:`apply` and :meth
 Each wake-up drains in batches (TUN packets -> core -> UDP; UDP datagrams -> core -> TUN) and runs the
 core's timers when due. Configuration calls from other threads take the core's lock between batches.
 
-Behaviour follows wireguard-go where it is observable:
+Behaviour follows wireguard-go; where it differs, it says so:
 
 * the device is up while the interface is administratively up, as the kernel's WireGuard is: while it
   is down no handshake or keepalive is sent, and setting it down drops sessions and queued packets.
@@ -283,7 +283,6 @@ class Device:
     def __init__(self, adapter: "Adapter", *, capacity: int = DEFAULT_CAPACITY) -> None:
         self._adapter = adapter
         self._name = adapter.kernel_name
-        self._ns = netlink.Namespace()  # sockets made later (rebinds) go to this namespace
         self._lock = threading.Lock()  # the core, the sockets and the counters
         self._api_mutex = threading.Lock()  # one configuration call at a time
         self._api_waiting = False
@@ -294,13 +293,9 @@ class Device:
         self._thread: threading.Thread | None = None
         self.counters = DeviceCounters()
 
-        mtu = adapter.mtu
-        if mtu == TUN_DEFAULT_MTU:
-            adapter.mtu = DEFAULT_MTU  # wireguard-go creates its TUN with 1420
-            mtu = DEFAULT_MTU
-        self._core = WireGuard(mtu=min(mtu, _messages.MAX_CONTENT_SIZE))
+        self._core = WireGuard(mtu=DEFAULT_MTU)
         self._core.on_event = self._on_core_event
-
+        self._ns: netlink.Namespace | None = None
         self._session: Session | None = None
         self._sock4: socket.socket | None = None
         self._sock6: socket.socket | None = None
@@ -315,10 +310,16 @@ class Device:
         self._rx_view = memoryview(self._rx_buffer)
         self._send_errors_logged: set[int] = set()
         try:
+            self._ns = netlink.Namespace()  # where sockets go, also those made later (rebinds)
+            mtu = adapter.mtu
+            if mtu == TUN_DEFAULT_MTU:
+                adapter.mtu = DEFAULT_MTU  # wireguard-go creates its TUN with 1420
+                mtu = DEFAULT_MTU
+            self._core.mtu = min(mtu, _messages.MAX_CONTENT_SIZE)
             self._session = adapter.start_session(capacity)
-            self._sock4, self._sock6, self._port = self._ns.call(_bind_pair, 0, 0)
+            self._sock4, self._sock6, self._port = self._namespace().call(_bind_pair, 0, 0)
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._netlink = self._ns.call(self._link_monitor)
+            self._netlink = self._namespace().call(self._link_monitor)
             # Subscribed first, then read: a change in between arrives as an event.
             if self._netlink is not None and not adapter.is_up:
                 self._link_up = False
@@ -384,6 +385,12 @@ class Device:
                 log.err(f"Device {self._name}: the event loop did not stop within {JOIN_TIMEOUT:g} s")
         self._teardown()
 
+    def _namespace(self) -> netlink.Namespace:
+        ns = self._ns
+        if ns is None or ns.closed:
+            raise OSError(errno.EBADF, "the device is closed")
+        return ns
+
     def _wake(self) -> None:
         with self._state_lock:
             if self._wake_fd >= 0:
@@ -419,7 +426,8 @@ class Device:
                 log.warn(f"Device {self._name}: ending the session failed: {e}")
         if wake_fd >= 0:
             os.close(wake_fd)
-        self._ns.close()
+        if self._ns is not None:
+            self._ns.close()
         log.info(f"Device {self._name}: closed")
         self._closed.set()
 
@@ -467,7 +475,7 @@ class Device:
             raise UAPIError(EINVAL, f"listen_port {port} is out of range 0..65535")
         if port is not None and (port != self._port or (self._sock4 is None and self._sock6 is None)):
             try:
-                s4, s6, bound = self._ns.call(_bind_pair, port, fwmark)
+                s4, s6, bound = self._namespace().call(_bind_pair, port, fwmark)
             except OSError as e:
                 raise UAPIError(EADDRINUSE, f"cannot listen on UDP port {port}: {e.strerror or e}") from None
             self._retired += [s for s in (self._sock4, self._sock6) if s is not None]
