@@ -8,8 +8,8 @@ payloads (packets/s received) from A to B. Forwarders, all in one run:
 * ``python-pytun``   python-pytun, one thread per direction, one packet per read/write (installed
                      into the running interpreter's environment with pip when missing)
 * ``wiretun plain``  wiretun sessions without offloads, one poll loop, batch receive/send
-* ``wiretun offload``wiretun sessions with ``offload=True`` (virtio-net header, TSO/USO): super-packets
-                     of up to 64 KiB pass with their header unchanged
+* ``wiretun offload`` the same with ``offload=True`` (virtio-net header, TSO/USO): super-packets of
+                     up to 64 KiB pass from one adapter to the other with their header unchanged
 * ``C plain``        bench/c/forward.c compiled with gcc into bench/out/: thread per direction
 * ``C offload``      the same with IFF_VNET_HDR + TUNSETOFFLOAD, headers passed through
 
@@ -20,7 +20,9 @@ packets/s from the packets the forwarder wrote into B's device during the UDP ru
 receiver count is printed too: on a small machine the iperf3 processes compete with the forwarder for
 CPU). Namespaces, forwarders and iperf3 processes are removed even on failure or Ctrl-C.
 
-Usage: ``python bench/forward.py [--seconds 5] [--only KIND,...] [--no-udp]``. Not a test.
+Usage: ``python bench/forward.py [--seconds 5] [--rounds 3] [--only KIND,...] [--no-udp]``; every
+forwarder is measured ``--rounds`` times, interleaved, and the table shows medians (the machine may be
+busy with other work). Not a test.
 """
 
 from __future__ import annotations
@@ -122,11 +124,14 @@ def serve_pytun(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
 
 
 def serve_wiretun(ns_a: str, dev_a: str, ns_b: str, dev_b: str, offload: bool) -> None:
-    """wiretun: one session per adapter, a thread per direction, batch receive and send.
+    """wiretun: one session per adapter, batch receive and send, one poll loop for both directions.
 
-    Each thread sleeps until its session has packets, receives a batch (zero copy, views into the
-    receive ring), sends the batch on the other session (copied into its send ring and written, with
-    each packet's virtio-net header when offloaded), then releases the batch.
+    Each turn receives a batch from each session (zero copy: views into the receive ring, and with
+    offloads each packet's virtio-net header), sends it on the other session (written straight from
+    those views when nothing is queued), releases it, and sleeps on both read-wait handles only when
+    neither had anything. With ``WIRETUN_BENCH_THREADS=1`` it runs a thread per direction instead
+    (blocking receives); on CPython the two threads contend for the GIL at every system call, which
+    costs more CPU per packet than the overlap gains on this 2-core machine.
     """
     from wiretun import Adapter
     from wiretun.errors import EndOfFile
@@ -137,28 +142,21 @@ def serve_wiretun(ns_a: str, dev_a: str, ns_b: str, dev_b: str, offload: bool) -
     with netns.entered(ns_b):
         b = Adapter.create(dev_b, "Bench")
     capacity = 0x2000000 if offload else 0x800000
-    options = {"offload": True} if offload else {}
-    sa = a.start_session(capacity, **options)
-    sb = b.start_session(capacity, **options)
+    sa = a.start_session(capacity, offload=offload)
+    sb = b.start_session(capacity, offload=offload)
     batch = int(os.environ.get("WIRETUN_BENCH_BATCH", "64"))
 
     def pump(src, dst) -> None:  # type: ignore[no-untyped-def]
         receive, send, release = src.receive_packets, dst.send_packets, src.release_receive_packets
-        headers: list[bytes] = []
+        headers: list[bytes] | None = [] if offload else None
         try:
-            if offload:  # each packet passes with its virtio-net header, super-packets whole
-                while True:
-                    packets = receive(batch, block=True, headers=headers)
-                    if packets:
-                        send(packets, headers)
-                        release(packets)
+            while True:
+                packets = receive(batch, block=True, headers=headers)
+                if packets:
+                    send(packets, headers)
+                    release(packets)
+                    if headers is not None:
                         headers.clear()
-            else:
-                while True:
-                    packets = receive(batch, block=True)
-                    if packets:
-                        send(packets)
-                        release(packets)
         except EndOfFile as exc:
             print(f"forwarder {src.adapter.kernel_name}: {exc}", file=sys.stderr, flush=True)
 
@@ -166,31 +164,39 @@ def serve_wiretun(ns_a: str, dev_a: str, ns_b: str, dev_b: str, offload: bool) -
         ep = select.epoll()
         ep.register(sa.get_read_wait_event(), select.EPOLLIN)
         ep.register(sb.get_read_wait_event(), select.EPOLLIN)
-        ra, rb = sa.receive_packets, sb.receive_packets
+        receive_a, receive_b = sa.receive_packets, sb.receive_packets
+        send_a, send_b = sa.send_packets, sb.send_packets
+        release_a, release_b = sa.release_receive_packets, sb.release_receive_packets
+        # With offloads each packet's header travels beside it: a TSO/USO super-packet read from one
+        # adapter is written whole to the other, which accepts the same offloads.
+        ha: list[bytes] | None = [] if offload else None
+        hb: list[bytes] | None = [] if offload else None
+        wait = ep.poll
         try:
             while True:
-                moved = False
-                p = ra(batch)
+                p = receive_a(batch, headers=ha)
+                q = receive_b(batch, headers=hb)
                 if p:
-                    sb.send_packets(p)
-                    sa.release_receive_packets(p)
-                    moved = True
-                p = rb(batch)
-                if p:
-                    sa.send_packets(p)
-                    sb.release_receive_packets(p)
-                    moved = True
-                if not moved:
-                    ep.poll(1.0)
+                    send_b(p, ha)
+                    release_a(p)
+                    if ha is not None:
+                        ha.clear()
+                if q:
+                    send_a(q, hb)
+                    release_b(q)
+                    if hb is not None:
+                        hb.clear()
+                if not p and not q:
+                    wait(1.0)
         except EndOfFile as exc:
             print(f"forwarder: {exc}", file=sys.stderr, flush=True)
 
-    if os.environ.get("WIRETUN_BENCH_MODE") == "poll":
-        threading.Thread(target=poll_loop, daemon=True).start()
-    else:
+    if os.environ.get("WIRETUN_BENCH_THREADS") == "1":
         for args in ((sa, sb), (sb, sa)):
             threading.Thread(target=pump, args=args, daemon=True).start()
-    print(f"ready {getattr(sa, 'offloads', 0):#x}", flush=True)
+    else:
+        threading.Thread(target=poll_loop, daemon=True).start()
+    print(f"ready {sa.offloads:#x}", flush=True)
     _wait_for_stdin_eof()
     os._exit(0)
 

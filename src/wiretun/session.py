@@ -742,7 +742,11 @@ class Session:
                 raise self._eof()
             if self._tx_stalled:
                 self._retry_send()
-            out = self._pull_frames(max_count, headers) if self._offload else self._pull(max_count)
+            if block and self._rx_idle:
+                out = []  # the last read found the queue empty: sleep on the handle at once (it returns
+                # at once too if packets came meanwhile) instead of polling the queue first
+            else:
+                out = self._pull_frames(max_count, headers) if self._offload else self._pull(max_count)
         if out or not block:
             if headers is not None and not self._offload:
                 headers.extend(itertools.repeat(ZERO_HEADER, len(out)))
@@ -750,10 +754,12 @@ class Session:
         deadline = None if timeout is None else _monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - _monotonic())
-            self.wait(remaining)
+            woke = self.wait(remaining)
             with self._rx_lock:
                 if self._ended:
                     raise self._eof()
+                if woke:
+                    self._rx_idle = False  # the queue is readable (the end was checked above): no poll
                 out = self._pull_frames(max_count, headers) if self._offload else self._pull(max_count)
             if out or (deadline is not None and _monotonic() >= deadline):
                 if headers is not None and not self._offload:
