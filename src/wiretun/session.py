@@ -835,7 +835,10 @@ class Session:
     # ------------------------------------------------------------------ send (caller -> kernel)
 
     def _flush(self) -> None:
-        """The kernel side of the send ring, inline: write every published packet to the queue in order."""
+        """The kernel side of the send ring, inline: write every published packet to the queue in order.
+
+        A packet queued with a header (offloads) takes it from ``_tx_headers`` (keyed by data offset);
+        with a capture file each packet written is recorded. A faster loop for this must keep both."""
         words = self._tx_words
         head = words[HEAD_WORD]
         tail = words[TAIL_WORD]
@@ -1042,7 +1045,8 @@ class Session:
     def _send_direct(self, it: Iterator[Any], hdr_it: Iterator[Any] | None) -> tuple[int, Any, Any]:
         """Write packets from the caller's buffers while the send ring is empty. Returns (count taken,
         the packet the kernel refused with EAGAIN or None, that packet's header); the caller queues that
-        one and the rest."""
+        one and the rest. ``hdr_it`` gives one header per packet (offloads), else the zero header goes
+        with each; a capture file records each packet written."""
         iov = self._tx_direct_iov
         writev = os.writev
         fd = self._fd
