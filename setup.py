@@ -1,0 +1,50 @@
+"""Build hook for the optional C accelerator ``wiretun._speedups`` (all metadata is in pyproject.toml).
+
+The extension is optional: wiretun.session has the same loops in pure Python. If it cannot be built (no
+compiler, no Python headers, a big-endian host) the install goes on without it and says so.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that warns instead of failing when the C accelerator cannot be compiled."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # distutils raises several unrelated error classes here
+            self._skip("the C extensions", exc)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            self._skip(ext.name, exc)
+
+    @staticmethod
+    def _skip(name: str, exc: BaseException) -> None:
+        print(
+            f"WARNING: could not build {name} ({exc}); wiretun works without it, on its slower "
+            f"pure-Python path (install a C compiler and the Python headers, e.g. Debian's gcc, "
+            f"libc6-dev and python3-dev, then reinstall to get it)",
+            file=sys.stderr,
+        )
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "wiretun._speedups",
+            sources=["src/wiretun/_speedups.c"],
+            extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        )
+    ],
+    cmdclass={"build_ext": OptionalBuildExt},
+)

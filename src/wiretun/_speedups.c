@@ -1,0 +1,831 @@
+/* wiretun._speedups: the session's per-packet loops in C (optional; wiretun.session has the same loops
+ * in pure Python and uses them when this module is not built or WIRETUN_NO_SPEEDUPS=1 is set).
+ *
+ * Every function works on a Wintun ring given as two memoryviews of the same memory, exactly as
+ * wiretun.ring.Ring exposes it: ``words`` (the ring from its first byte: Head, Tail, Alertable, ...) and
+ * ``data`` (the ring's Data array, 12 bytes further on, capacity + 0x10000 bytes long). The capacity
+ * follows from the length of ``data``. Offsets are offsets into Data, as in wiretun.ring.
+ *
+ * The semantics are those of the pure-Python loops in wiretun.session, step for step (which packet goes
+ * where, when a packet is dropped, when the loop stops, which errno ends it); the unit tests compare the
+ * two on the same input. The GIL is released around the system calls (for a whole run of them, not per
+ * packet: no Python object is touched meanwhile, and the buffers stay exported so the memory cannot go
+ * away). Errors from the kernel are returned as errno values, so that the caller can bookkeep what was
+ * done before raising the exception the Python path raises; EINTR is retried after running the signal
+ * handlers, as os.readv/os.writev do (an exception from a handler propagates, as it does there).
+ *
+ * Packet views are memoryviews of ``data`` sharing its managed buffer, as ``data[a:b]`` would be: they
+ * keep the ring memory alive on their own.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+/* The ring is little-endian; so is the memory layout these loops assume. Big-endian hosts use the
+ * pure-Python path (wiretun.ring handles byte order there). */
+#error "wiretun._speedups supports little-endian hosts only"
+#endif
+
+#define RING_HEADER 12u
+#define HEAD_WORD 0
+#define TAIL_WORD 1
+#define MIN_CAPACITY 0x20000u
+#define MAX_CAPACITY 0x4000000u
+#define TRAILING_SIZE 0x10000u
+#define MAX_PACKET_SIZE 0xFFFFu
+#define MAX_RECORD_SIZE 0x10004u
+#define READ_SPAN MAX_PACKET_SIZE
+#define VNET_HDR_SIZE 10
+#define CHUNK 64 /* packets per GIL release (views are made with the GIL held, between runs) */
+
+/* Status codes besides errno values (which are positive). */
+#define ST_SHORT_READ (-1) /* rx: the kernel returned fewer bytes than the virtio-net header */
+#define ST_BAD_RECORD (-1) /* tx: a Size in the send ring is impossible */
+#define ST_NOT_SIMPLE (-1) /* tx_direct: this item needs the Python path (not a flat byte buffer, bad size) */
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Argument helpers                                                                                  */
+
+static int
+get_long(PyObject *obj, const char *what, long lo, long hi, long *out)
+{
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, not %.100s", what, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    long v = PyLong_AsLong(obj);
+    if (v == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s %R is out of range: must be %ld..%ld", what, obj, lo, hi);
+        }
+        return -1;
+    }
+    if (v < lo || v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s %ld is out of range: must be %ld..%ld", what, v, lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int
+get_fd(PyObject *obj, int *fd)
+{
+    long v;
+    if (get_long(obj, "fd", 0, INT32_MAX, &v) < 0)
+        return -1;
+    *fd = (int)v;
+    return 0;
+}
+
+static int
+get_list_or_none(PyObject *obj, const char *what, PyObject **out)
+{
+    if (obj == Py_None) {
+        *out = NULL;
+        return 0;
+    }
+    if (!PyList_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a list or None, not %.100s", what, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = obj;
+    return 0;
+}
+
+/* A writable buffer of at least ``min`` bytes. */
+static int
+get_writable(PyObject *obj, const char *what, Py_ssize_t min, Py_buffer *b)
+{
+    if (PyObject_GetBuffer(obj, b, PyBUF_WRITABLE) < 0) {
+        /* Say which argument it was; keep the type of the original error (TypeError / BufferError). */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        /* A read-only buffer says BufferError; for the caller it is the wrong type of argument. */
+        PyObject *kind = (type == NULL || PyErr_GivenExceptionMatches(type, PyExc_BufferError)) ? PyExc_TypeError
+                                                                                              : type;
+        PyErr_Format(kind, "%s must be a writable contiguous buffer: %S", what, value ? value : Py_None);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    if (b->len < min) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd bytes, needs at least %zd", what, b->len, min);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+get_readable(PyObject *obj, const char *what, Py_ssize_t min, Py_buffer *b)
+{
+    if (PyObject_GetBuffer(obj, b, PyBUF_SIMPLE) < 0) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_Format(type ? type : PyExc_TypeError, "%s must be a contiguous buffer: %S", what,
+                     value ? value : Py_None);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    if (b->len < min) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd bytes, needs at least %zd", what, b->len, min);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+/* The ring: ``words`` and ``data`` must be views of one ring (data 12 bytes into words, to its end), with
+ * ``data`` a 1-D unsigned-byte memoryview (packet views are slices of it). */
+typedef struct {
+    Py_buffer wb, db;
+    volatile uint32_t *words;
+    unsigned char *data;
+    uint32_t cap, mask;
+} Ring;
+
+static int
+get_ring(PyObject *words_obj, PyObject *data_obj, Ring *ring)
+{
+    if (!PyMemoryView_Check(data_obj)) {
+        PyErr_Format(PyExc_TypeError, "data must be a memoryview (the ring's Data array), not %.100s",
+                     Py_TYPE(data_obj)->tp_name);
+        return -1;
+    }
+    Py_buffer *mv = PyMemoryView_GET_BUFFER(data_obj);
+    if (mv->ndim != 1 || mv->itemsize != 1 || (mv->format && strcmp(mv->format, "B") != 0)) {
+        PyErr_SetString(PyExc_ValueError, "data must be a 1-D memoryview of unsigned bytes (format 'B')");
+        return -1;
+    }
+    if (get_writable(words_obj, "words", RING_HEADER, &ring->wb) < 0)
+        return -1;
+    if (get_writable(data_obj, "data", 0, &ring->db) < 0) {
+        PyBuffer_Release(&ring->wb);
+        return -1;
+    }
+    Py_ssize_t dlen = ring->db.len;
+    Py_ssize_t cap = dlen - TRAILING_SIZE;
+    const char *problem = NULL;
+    if ((char *)ring->wb.buf + RING_HEADER != (char *)ring->db.buf || ring->wb.len != dlen + RING_HEADER)
+        problem = "words and data are not views of one ring (data must start 12 bytes into words and "
+                  "both must run to the ring's end)";
+    else if (((uintptr_t)ring->wb.buf & 3) != 0)
+        problem = "the ring is not 4-byte aligned";
+    else if (cap < MIN_CAPACITY || cap > MAX_CAPACITY || (cap & (cap - 1)) != 0)
+        problem = "data is not capacity + 0x10000 bytes with a power-of-two capacity from 0x20000 to "
+                  "0x4000000";
+    if (problem) {
+        PyErr_Format(PyExc_ValueError, "%s (data has %zd bytes)", problem, dlen);
+        PyBuffer_Release(&ring->db);
+        PyBuffer_Release(&ring->wb);
+        return -1;
+    }
+    ring->words = (volatile uint32_t *)ring->wb.buf;
+    ring->data = (unsigned char *)ring->db.buf;
+    ring->cap = (uint32_t)cap;
+    ring->mask = (uint32_t)cap - 1;
+    return 0;
+}
+
+static void
+release_ring(Ring *ring)
+{
+    PyBuffer_Release(&ring->db);
+    PyBuffer_Release(&ring->wb);
+}
+
+static inline uint32_t
+load_word(Ring *ring, int index)
+{
+    return __atomic_load_n(&ring->words[index], __ATOMIC_ACQUIRE);
+}
+
+static inline void
+store_word(Ring *ring, int index, uint32_t value)
+{
+    /* Release: the packet bytes and Size words written before are visible before the index moves. */
+    __atomic_store_n(&ring->words[index], value, __ATOMIC_RELEASE);
+}
+
+static inline void
+store_size(Ring *ring, uint32_t record, uint32_t size)
+{
+    *(volatile uint32_t *)(ring->data + record) = size;
+}
+
+static inline uint32_t
+load_size(Ring *ring, uint32_t record)
+{
+    return *(volatile uint32_t *)(ring->data + record);
+}
+
+static int
+check_index(Ring *ring, const char *what, uint32_t value)
+{
+    if (value >= ring->cap || (value & 3)) {
+        PyErr_Format(PyExc_ValueError, "ring %s 0x%x is not a 4-aligned offset below capacity 0x%x", what,
+                     (unsigned)value, (unsigned)ring->cap);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Packet views                                                                                      */
+
+/* data[offset:offset + size] as a memoryview sharing data's managed buffer. On the CPython versions whose
+ * memoryview slicing is known (3.11 to 3.13) the new view is made by copying data's view and narrowing it,
+ * which is what slicing does inside, minus the slice and int objects; elsewhere it is a real slice. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
+#define FAST_VIEWS 1
+#else
+#define FAST_VIEWS 0
+#endif
+
+static PyObject *
+make_view(PyObject *data_obj, Py_ssize_t offset, Py_ssize_t size)
+{
+#if FAST_VIEWS
+    PyObject *view = PyMemoryView_FromObject(data_obj); /* shares data's managed buffer */
+    if (view == NULL)
+        return NULL;
+    Py_buffer *b = PyMemoryView_GET_BUFFER(view);
+    /* data is 1-D, itemsize 1, stride 1 (checked in get_ring): a narrower window of it stays contiguous,
+     * so the view's flags (C and Fortran contiguous) stay right. */
+    b->buf = (char *)b->buf + offset;
+    b->len = size;
+    b->shape[0] = size;
+    return view;
+#else
+    return PySequence_GetSlice(data_obj, offset, offset + size);
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Receive                                                                                           */
+
+typedef struct {
+    uint32_t offset[CHUNK]; /* data offset of each packet read since the last flush */
+    uint32_t size[CHUNK];
+    int n;
+} Pending;
+
+/* Make views (and offset ints) for the pending packets and append them. Needs the GIL. */
+static int
+flush_pending(Pending *p, PyObject *data_obj, PyObject *views, PyObject *offsets)
+{
+    for (int i = 0; i < p->n; i++) {
+        PyObject *view = make_view(data_obj, p->offset[i], p->size[i]);
+        if (view == NULL)
+            return -1;
+        int rc = PyList_Append(views, view);
+        Py_DECREF(view);
+        if (rc < 0)
+            return -1;
+        if (offsets) {
+            PyObject *o = PyLong_FromUnsignedLong(p->offset[i]);
+            if (o == NULL)
+                return -1;
+            rc = PyList_Append(offsets, o);
+            Py_DECREF(o);
+            if (rc < 0)
+                return -1;
+        }
+    }
+    p->n = 0;
+    return 0;
+}
+
+/* readv with the GIL released (``*ts`` is the saved thread state); on EINTR the signal handlers run with
+ * the GIL and the read is retried. Returns bytes read, -1 with errno set, or -2 if a handler raised. */
+static Py_ssize_t
+readv_nogil(int fd, struct iovec *iov, PyThreadState **ts)
+{
+    for (;;) {
+        Py_ssize_t n = readv(fd, iov, 2);
+        if (n >= 0 || errno != EINTR)
+            return n;
+        PyEval_RestoreThread(*ts);
+        int rc = PyErr_CheckSignals();
+        *ts = PyEval_SaveThread();
+        if (rc < 0)
+            return -2;
+    }
+}
+
+static Py_ssize_t
+writev_nogil(int fd, struct iovec *iov, PyThreadState **ts)
+{
+    for (;;) {
+        Py_ssize_t n = writev(fd, iov, 2);
+        if (n >= 0 || errno != EINTR)
+            return n;
+        PyEval_RestoreThread(*ts);
+        int rc = PyErr_CheckSignals();
+        *ts = PyEval_SaveThread();
+        if (rc < 0)
+            return -2;
+    }
+}
+
+PyDoc_STRVAR(rx_pull_doc,
+"rx_pull(fd, words, data, max_count, hdr, hdr_stride, scratch, views, offsets)\n"
+"    -> (count, tail, status, dropped)\n\n"
+"Read up to max_count packets from the TUN queue fd into the ring at its Tail (Session._pull).\n\n"
+"Each read puts the 10-byte virtio-net header at hdr[k * hdr_stride:] (k = the packet's index in this\n"
+"call; stride 0 reuses one scratch header) and the packet at Tail + 4 when 0xFFFF bytes of room are\n"
+"there, else into scratch (>= 0xFFFF bytes) and then into the ring if it fits, or drops it. Writes each\n"
+"Size, appends each packet's view to views and its data offset to offsets (a list, or None), and, if\n"
+"any packet was read, publishes Tail. Returns the packets read, the new Tail, the status that ended\n"
+"the loop (0: max_count reached, EAGAIN: queue empty, another errno, or -1: a read shorter than the\n"
+"header) and the packets dropped for lack of room.");
+
+static PyObject *
+rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "rx_pull takes 9 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int fd;
+    long max_count, stride;
+    PyObject *views, *offsets;
+    if (get_fd(args[0], &fd) < 0 || get_long(args[3], "max_count", 0, PY_SSIZE_T_MAX / 2, &max_count) < 0 ||
+        get_long(args[5], "hdr_stride", 0, 0x10000, &stride) < 0 ||
+        get_list_or_none(args[8], "offsets", &offsets) < 0)
+        return NULL;
+    if (!PyList_Check(args[7])) {
+        PyErr_Format(PyExc_TypeError, "views must be a list, not %.100s", Py_TYPE(args[7])->tp_name);
+        return NULL;
+    }
+    views = args[7];
+    if (stride != 0 && stride < VNET_HDR_SIZE) {
+        PyErr_Format(PyExc_ValueError, "hdr_stride %ld must be 0 or at least %d", stride, VNET_HDR_SIZE);
+        return NULL;
+    }
+    Ring ring;
+    Py_buffer hb, sb;
+    if (get_ring(args[1], args[2], &ring) < 0)
+        return NULL;
+    Py_ssize_t hdr_need = VNET_HDR_SIZE;
+    if (stride && max_count > 0) {
+        if (max_count - 1 > (PY_SSIZE_T_MAX - VNET_HDR_SIZE) / stride) {
+            PyErr_Format(PyExc_ValueError, "max_count %ld is too large for hdr_stride %ld", max_count, stride);
+            release_ring(&ring);
+            return NULL;
+        }
+        hdr_need = (Py_ssize_t)(max_count - 1) * stride + VNET_HDR_SIZE;
+    }
+    if (get_writable(args[4], "hdr", hdr_need, &hb) < 0) {
+        release_ring(&ring);
+        return NULL;
+    }
+    if (get_writable(args[6], "scratch", READ_SPAN, &sb) < 0) {
+        PyBuffer_Release(&hb);
+        release_ring(&ring);
+        return NULL;
+    }
+
+    PyObject *result = NULL;
+    const uint32_t cap = ring.cap;
+    uint32_t r = load_word(&ring, TAIL_WORD);
+    uint32_t head = load_word(&ring, HEAD_WORD);
+    if (check_index(&ring, "Tail", r) < 0 || check_index(&ring, "Head", head) < 0)
+        goto done;
+
+    {
+        /* Linear offsets, as in Session._pull: free space is [d - 4, end); stop is the last data offset
+         * from which a blind read of 0xFFFF bytes can neither overrun Head nor need wrapping. */
+        int64_t end = head > r ? (int64_t)head - 4 : (int64_t)head - 4 + cap;
+        int64_t d = (int64_t)r + 4;
+        Py_ssize_t left = max_count, count = 0, dropped = 0;
+        int status = 0, failed = 0;
+        unsigned char *hdr = (unsigned char *)hb.buf;
+        unsigned char *scratch = (unsigned char *)sb.buf;
+        Pending pending;
+        pending.n = 0;
+        struct iovec iov[2];
+        iov[0].iov_len = VNET_HDR_SIZE;
+
+        PyThreadState *ts = PyEval_SaveThread();
+        while (left > 0) {
+            if (d - 4 >= cap) { /* wrapped past the end: back to the start of Data */
+                d -= cap;
+                end -= cap;
+            }
+            int64_t stop = end - MAX_RECORD_SIZE;
+            if (stop > (int64_t)cap - 1)
+                stop = (int64_t)cap - 1;
+            stop += 4;
+            if (d <= stop) {
+                Py_ssize_t todo = left;
+                for (Py_ssize_t i = 0; i < todo; i++) {
+                    iov[0].iov_base = hdr + count * stride;
+                    iov[1].iov_base = ring.data + d;
+                    iov[1].iov_len = READ_SPAN;
+                    Py_ssize_t n = readv_nogil(fd, iov, &ts);
+                    if (n < 0) {
+                        if (n == -2)
+                            failed = 1;
+                        else
+                            status = errno;
+                        goto stopped;
+                    }
+                    n -= VNET_HDR_SIZE;
+                    if (n < 0) {
+                        status = ST_SHORT_READ;
+                        goto stopped;
+                    }
+                    store_size(&ring, (uint32_t)(d - 4), (uint32_t)n);
+                    pending.offset[pending.n] = (uint32_t)d;
+                    pending.size[pending.n] = (uint32_t)n;
+                    count++;
+                    if (++pending.n == CHUNK) {
+                        PyEval_RestoreThread(ts);
+                        int rc = flush_pending(&pending, args[2], views, offsets);
+                        ts = PyEval_SaveThread();
+                        if (rc < 0) {
+                            failed = 1;
+                            goto stopped;
+                        }
+                    }
+                    d += (n + 7) & ~3;
+                    if (d > stop)
+                        break;
+                }
+                left = max_count - count;
+            }
+            else {
+                left -= 1;
+                iov[0].iov_base = hdr + count * stride;
+                iov[1].iov_base = scratch;
+                iov[1].iov_len = READ_SPAN;
+                Py_ssize_t n = readv_nogil(fd, iov, &ts);
+                if (n < 0) {
+                    if (n == -2)
+                        failed = 1;
+                    else
+                        status = errno;
+                    goto stopped;
+                }
+                n -= VNET_HDR_SIZE;
+                if (n < 0) {
+                    status = ST_SHORT_READ;
+                    goto stopped;
+                }
+                if (((n + 7) & ~3) > end - (d - 4)) {
+                    dropped++; /* as Wintun's driver drops when the ring is full */
+                    continue;
+                }
+                memcpy(ring.data + d, scratch, (size_t)n);
+                store_size(&ring, (uint32_t)(d - 4), (uint32_t)n);
+                pending.offset[pending.n] = (uint32_t)d;
+                pending.size[pending.n] = (uint32_t)n;
+                count++;
+                if (++pending.n == CHUNK) {
+                    PyEval_RestoreThread(ts);
+                    int rc = flush_pending(&pending, args[2], views, offsets);
+                    ts = PyEval_SaveThread();
+                    if (rc < 0) {
+                        failed = 1;
+                        goto stopped;
+                    }
+                }
+                d += (n + 7) & ~3;
+            }
+        }
+    stopped:
+        PyEval_RestoreThread(ts);
+        if (failed || flush_pending(&pending, args[2], views, offsets) < 0)
+            goto done; /* an exception (signal handler, memory): nothing is published, as in Python */
+        int64_t tail = d - 4;
+        if (tail >= cap)
+            tail -= cap;
+        if (count > 0)
+            store_word(&ring, TAIL_WORD, (uint32_t)tail);
+        else
+            tail = r;
+        result = Py_BuildValue("(nkin)", count, (unsigned long)tail, status, dropped);
+    }
+done:
+    PyBuffer_Release(&sb);
+    PyBuffer_Release(&hb);
+    release_ring(&ring);
+    return result;
+}
+
+PyDoc_STRVAR(rx_one_doc,
+"rx_one(fd, words, data, hdr, scratch) -> memoryview | int\n\n"
+"Read one packet from the TUN queue fd into the ring at Tail (Session._pull_one): the header into\n"
+"hdr[:10], the packet at Tail + 4 (or through scratch when there are less than 0x10004 bytes free; a\n"
+"packet that does not fit is dropped). Writes its Size, publishes Tail and returns its view. Returns\n"
+"-1 when the queue is empty (EAGAIN) and -2 when the packet was dropped; raises OSError for any other\n"
+"error of the read (the ring is then unchanged) and InvalidData-like ValueError for a short read.");
+
+static PyObject *
+rx_one(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "rx_one takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int fd;
+    if (get_fd(args[0], &fd) < 0)
+        return NULL;
+    Ring ring;
+    Py_buffer hb, sb;
+    if (get_ring(args[1], args[2], &ring) < 0)
+        return NULL;
+    if (get_writable(args[3], "hdr", VNET_HDR_SIZE, &hb) < 0) {
+        release_ring(&ring);
+        return NULL;
+    }
+    if (get_writable(args[4], "scratch", READ_SPAN, &sb) < 0) {
+        PyBuffer_Release(&hb);
+        release_ring(&ring);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint32_t r = load_word(&ring, TAIL_WORD);
+    uint32_t head = load_word(&ring, HEAD_WORD);
+    if (check_index(&ring, "Tail", r) < 0 || check_index(&ring, "Head", head) < 0)
+        goto done;
+    {
+        uint32_t free_bytes = (head - r - 4) & ring.mask;
+        int direct = free_bytes >= MAX_RECORD_SIZE;
+        struct iovec iov[2];
+        iov[0].iov_base = hb.buf;
+        iov[0].iov_len = VNET_HDR_SIZE;
+        iov[1].iov_base = direct ? ring.data + r + 4 : (unsigned char *)sb.buf;
+        iov[1].iov_len = READ_SPAN;
+        PyThreadState *ts = PyEval_SaveThread();
+        Py_ssize_t n = readv_nogil(fd, iov, &ts);
+        int err = errno;
+        PyEval_RestoreThread(ts);
+        if (n == -2)
+            goto done;
+        if (n < 0) {
+            if (err == EAGAIN || err == EWOULDBLOCK) {
+                result = PyLong_FromLong(-1);
+                goto done;
+            }
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        n -= VNET_HDR_SIZE;
+        if (n < 0) {
+            PyErr_Format(PyExc_ValueError, "the TUN queue returned %zd bytes, less than the %d-byte "
+                         "virtio-net header", n + VNET_HDR_SIZE, VNET_HDR_SIZE);
+            goto done;
+        }
+        if (!direct) {
+            if ((uint32_t)((n + 7) & ~3) > free_bytes) {
+                result = PyLong_FromLong(-2);
+                goto done;
+            }
+            memcpy(ring.data + r + 4, sb.buf, (size_t)n);
+        }
+        store_size(&ring, r, (uint32_t)n);
+        PyObject *view = make_view(args[2], (Py_ssize_t)r + 4, n);
+        if (view == NULL)
+            goto done;
+        store_word(&ring, TAIL_WORD, (r + (uint32_t)((n + 7) & ~3)) & ring.mask);
+        result = view;
+    }
+done:
+    PyBuffer_Release(&sb);
+    PyBuffer_Release(&hb);
+    release_ring(&ring);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Send                                                                                              */
+
+PyDoc_STRVAR(tx_flush_doc,
+"tx_flush(fd, words, data, hdr) -> status\n\n"
+"Write every packet between the ring's Head and Tail to the TUN queue fd, in order, each as one\n"
+"writev of hdr (10 bytes) and the packet (Session._flush), and store Head past the packets written.\n"
+"Returns 0 when Head reached Tail; an errno when a write failed (Head is then the record of that\n"
+"packet, not written); -1 when the Size at Head is impossible (over 0xFFFF or running past Tail).");
+
+static PyObject *
+tx_flush(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "tx_flush takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int fd;
+    if (get_fd(args[0], &fd) < 0)
+        return NULL;
+    Ring ring;
+    Py_buffer hb;
+    if (get_ring(args[1], args[2], &ring) < 0)
+        return NULL;
+    if (get_readable(args[3], "hdr", VNET_HDR_SIZE, &hb) < 0) {
+        release_ring(&ring);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint32_t head = load_word(&ring, HEAD_WORD);
+    uint32_t tail = load_word(&ring, TAIL_WORD);
+    if (check_index(&ring, "Head", head) < 0 || check_index(&ring, "Tail", tail) < 0)
+        goto done;
+    if (head == tail) {
+        result = PyLong_FromLong(0);
+        goto done;
+    }
+    {
+        int status = 0, failed = 0;
+        struct iovec iov[2];
+        iov[0].iov_base = hb.buf;
+        iov[0].iov_len = VNET_HDR_SIZE;
+        PyThreadState *ts = PyEval_SaveThread();
+        while (head != tail) {
+            uint32_t size = load_size(&ring, head);
+            uint32_t rec = (size + 7) & ~3u;
+            if (size > MAX_PACKET_SIZE || rec > ((tail - head) & ring.mask)) {
+                status = ST_BAD_RECORD;
+                break;
+            }
+            iov[1].iov_base = ring.data + head + 4;
+            iov[1].iov_len = size;
+            Py_ssize_t n = writev_nogil(fd, iov, &ts);
+            if (n < 0) {
+                if (n == -2)
+                    failed = 1;
+                else
+                    status = errno;
+                break;
+            }
+            head = (head + rec) & ring.mask;
+        }
+        PyEval_RestoreThread(ts);
+        store_word(&ring, HEAD_WORD, head); /* also when a handler raised: what was written is gone */
+        if (!failed)
+            result = PyLong_FromLong(status);
+    }
+done:
+    PyBuffer_Release(&hb);
+    release_ring(&ring);
+    return result;
+}
+
+PyDoc_STRVAR(tx_direct_doc,
+"tx_direct(fd, hdr, packets, start) -> (index, status)\n\n"
+"Write packets[start:] (a list or tuple) to the TUN queue fd, each as one writev of hdr (10 bytes) and\n"
+"the packet, straight from the caller's buffers (Session._send_direct). Stops at the first item that\n"
+"fails. Returns (len(packets), 0) when all were written, else the index of the item that stopped it\n"
+"(not written) and why: its errno, or -1 for an item left to the Python path (not bytes, bytearray or\n"
+"a 1-D byte memoryview, or not 1..0xFFFF bytes long).");
+
+static PyObject *
+tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "tx_direct takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int fd;
+    long start;
+    if (get_fd(args[0], &fd) < 0 || get_long(args[3], "start", 0, PY_SSIZE_T_MAX / 2, &start) < 0)
+        return NULL;
+    PyObject *seq = args[2];
+    if (!PyList_Check(seq) && !PyTuple_Check(seq)) {
+        PyErr_Format(PyExc_TypeError, "packets must be a list or tuple, not %.100s", Py_TYPE(seq)->tp_name);
+        return NULL;
+    }
+    Py_buffer hb;
+    if (get_readable(args[1], "hdr", VNET_HDR_SIZE, &hb) < 0)
+        return NULL;
+
+    Py_ssize_t index = start;
+    int status = 0, failed = 0;
+    PyObject *held[CHUNK];
+    Py_buffer bufs[CHUNK];
+    char has_buf[CHUNK];
+    struct iovec iov[2];
+    iov[0].iov_base = hb.buf;
+    iov[0].iov_len = VNET_HDR_SIZE;
+
+    /* The list may change between chunks (the GIL is released while writing), so its length is read
+     * again each time; within a chunk the items and their buffers are held. */
+    while (status == 0 && !failed) {
+        Py_ssize_t total = PySequence_Fast_GET_SIZE(seq);
+        if (index >= total)
+            break;
+        int n = 0;
+        while (n < CHUNK && index + n < total) {
+            PyObject *item = PySequence_Fast_GET_ITEM(seq, index + n);
+            Py_buffer *b = &bufs[n];
+            if (PyBytes_CheckExact(item)) {
+                b->buf = PyBytes_AS_STRING(item);
+                b->len = PyBytes_GET_SIZE(item);
+                has_buf[n] = 0;
+            }
+            else if (PyByteArray_CheckExact(item) ||
+                     (PyMemoryView_Check(item) && PyMemoryView_GET_BUFFER(item)->ndim == 1 &&
+                      PyMemoryView_GET_BUFFER(item)->itemsize == 1)) {
+                if (PyObject_GetBuffer(item, b, PyBUF_SIMPLE) < 0) {
+                    PyErr_Clear(); /* e.g. a released view: the Python path raises its own error */
+                    break;
+                }
+                has_buf[n] = 1;
+            }
+            else
+                break;
+            if (b->len < 1 || b->len > (Py_ssize_t)MAX_PACKET_SIZE) {
+                if (has_buf[n])
+                    PyBuffer_Release(b);
+                break;
+            }
+            Py_INCREF(item);
+            held[n++] = item;
+        }
+        int stopped_early = (n < CHUNK && index + n < total); /* the next item is not simple */
+        int written = 0;
+        if (n) {
+            PyThreadState *ts = PyEval_SaveThread();
+            for (; written < n; written++) {
+                iov[1].iov_base = bufs[written].buf;
+                iov[1].iov_len = (size_t)bufs[written].len;
+                Py_ssize_t w = writev_nogil(fd, iov, &ts);
+                if (w < 0) {
+                    if (w == -2)
+                        failed = 1;
+                    else
+                        status = errno;
+                    break;
+                }
+            }
+            PyEval_RestoreThread(ts);
+        }
+        for (int i = 0; i < n; i++) {
+            if (has_buf[i])
+                PyBuffer_Release(&bufs[i]);
+            Py_DECREF(held[i]);
+        }
+        index += written;
+        if (!status && !failed && stopped_early)
+            status = ST_NOT_SIMPLE;
+    }
+    PyBuffer_Release(&hb);
+    if (failed)
+        return NULL;
+    return Py_BuildValue("(ni)", index, status);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+
+static PyMethodDef methods[] = {
+    {"rx_pull", (PyCFunction)(void (*)(void))rx_pull, METH_FASTCALL, rx_pull_doc},
+    {"rx_one", (PyCFunction)(void (*)(void))rx_one, METH_FASTCALL, rx_one_doc},
+    {"tx_flush", (PyCFunction)(void (*)(void))tx_flush, METH_FASTCALL, tx_flush_doc},
+    {"tx_direct", (PyCFunction)(void (*)(void))tx_direct, METH_FASTCALL, tx_direct_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+exec_module(PyObject *module)
+{
+    if (PyModule_AddIntConstant(module, "CHUNK", CHUNK) < 0 ||
+        PyModule_AddIntConstant(module, "FAST_VIEWS", FAST_VIEWS) < 0 ||
+        PyModule_AddIntConstant(module, "SHORT_READ", ST_SHORT_READ) < 0 ||
+        PyModule_AddIntConstant(module, "BAD_RECORD", ST_BAD_RECORD) < 0 ||
+        PyModule_AddIntConstant(module, "NOT_SIMPLE", ST_NOT_SIMPLE) < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, exec_module},
+    {0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "wiretun._speedups",
+    .m_doc = "C versions of wiretun.session's per-packet loops (optional; see the module source).",
+    .m_size = 0,
+    .m_methods = methods,
+    .m_slots = slots,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModuleDef_Init(&moduledef);
+}
