@@ -167,6 +167,31 @@ def test_packet_header_for_single_receive(adapter):
             pytest.fail("no packet")
 
 
+def test_offload_ring_full_drops_and_recovers(adapter):
+    """Super-packets held unreleased fill a small ring: later ones are dropped whole and counted, the
+    ones kept stay intact, and releasing makes room again."""
+    if not _kernel_at_least(6, 2):
+        pytest.skip("USO needs Linux 6.2")
+    with adapter.start_session(0x20000, offload=True) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 1000)
+        for i in range(8):
+            sock.sendto(bytes([65 + i]) * 30000, (PEER4, 6400))
+        held: list[memoryview] = []
+        hdrs: list[bytes] = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and len(held) + s.receive_dropped < 8:
+            held += s.receive_packets(64, block=True, timeout=0.2, headers=hdrs)
+        udp = [(v, h) for v, h in zip(held, hdrs) if not _is_noise(bytes(v[:8]))]
+        assert 0 < len(udp) < 8 and s.receive_dropped >= 8 - len(udp)  # 30 KB each, 128 KiB ring
+        for i, (view, header) in enumerate(udp):
+            assert len(view) == 30028 and bytes(view[28:]) == bytes([65 + i]) * 30000
+            assert O.VirtioNetHeader.unpack_from(header).gso_size == 1000
+        s.release_receive_packets(held)
+        sock.sendto(b"Z" * 30000, (PEER4, 6400))
+        (again,) = [p for p in drain(s, lambda g: len(g) >= 1) if len(p) == 30028]
+        assert again[28:] == b"Z" * 30000
+
+
 def test_sessions_sharing_an_adapter_must_agree_on_offload(adapter):
     """TUNSETOFFLOAD acts on the device: a queue that disagrees with those attached is refused, cleanly."""
     with adapter.start_session(CAP, multi_queue=True, offload=True) as off:
