@@ -417,6 +417,21 @@ def test_traffic_with_wireguard_go(lab, left_kind, outer, initiator):
     if left.device is not None:
         stats = left.stats()
         assert stats["rx_bad_tag"] == stats["rx_replay"] == stats["rx_disallowed_source"] == 0, stats
+        assert stats["udp_tx_trains"] > 0  # bulk sends went out as UDP GSO trains
+        assert stats["udp_tx_errors"] == stats["tun_tx_dropped"] == 0, stats
+
+
+def test_small_outer_mtu_falls_back_from_udp_gso(lab):
+    left, right, wire = pair(lab, "inproc", "wggo")
+    # 1452-byte datagrams no longer fit the wire: the kernel fragments single sends but refuses
+    # GSO trains (EMSGSIZE); the device notices and sends one by one.
+    nsx(left.ns, "ip", "link", "set", wire.a_if, "mtu", "1280")
+    nsx(right.ns, "ip", "link", "set", wire.b_if, "mtu", "1280")
+    assert ping(left.ns, right.inner4, 2, size=1300) == 2
+    assert iperf(right, left, right.inner4) > 1_000_000
+    stats = left.stats()
+    assert not left.device._gso  # (trains of small datagrams may have gone out before)
+    assert stats["udp_tx_errors"] == 0, stats
 
 
 def test_private_key_changes_on_either_side(lab):
