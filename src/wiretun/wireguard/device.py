@@ -41,7 +41,8 @@ Behaviour follows wireguard-go; where it differs, it says so:
 * fwmark sets SO_MARK on both sockets; a peer whose public key is the device's own is ignored;
 * replies leave from the address the kernel's routing picks (no "sticky" source address);
 * runs of equal-sized datagrams to one endpoint leave in one UDP GSO send (``UDP_SEGMENT``) when the
-  kernel and the path allow it, one by one otherwise (newer wireguard-go does the same).
+  kernel and the path allow it, one by one otherwise; the sockets take UDP GRO, so such trains from
+  the peer arrive in one read too (newer wireguard-go does both).
 
 Bad datagrams of any kind are dropped and counted (:attr:`Device.stats`), never raised.
 """
@@ -116,6 +117,17 @@ _GSO_MAX_BYTES = 65000  # the whole train is one UDP datagram to the stack (IPv4
 # ENOPROTOOPT/EOPNOTSUPP (no UDP GSO). Then datagrams go one by one, and GSO is tried again later.
 _GSO_REFUSED = frozenset({errno.EIO, errno.EMSGSIZE, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 GSO_RETRY_AFTER = 60.0  # seconds
+# UDP GRO (Linux 5.0): the kernel may hand over several datagrams of one flow in one read.
+_UDP_GRO = 104
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_GRO_INT = struct.Struct("=i")
+
+
+def _gro_size(ancillary: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_UDP and kind == _UDP_GRO and len(data) >= 4:
+            return _GRO_INT.unpack_from(data)[0]
+    return 0
 
 
 class DeviceCounters:
@@ -123,6 +135,7 @@ class DeviceCounters:
 
     __slots__ = (
         "udp_rx",  # datagrams received
+        "udp_rx_trains",  # reads that carried several datagrams at once (UDP GRO)
         "udp_rx_errors",  # receive calls that failed (other than "nothing waiting")
         "udp_tx",  # datagrams sent
         "udp_tx_trains",  # sends that carried several datagrams at once (UDP GSO)
@@ -249,6 +262,10 @@ def _udp_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
                 sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_SIZE)
         if fwmark:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+        try:
+            sock.setsockopt(socket.SOL_UDP, _UDP_GRO, 1)
+        except OSError:
+            pass  # older kernel: one datagram per read
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     except OSError as e:
         sock.close()
@@ -322,6 +339,7 @@ class Device:
         self._link_up = True  # the interface's administrative state, followed through rtnetlink
         self._rx_buffer = bytearray(_RECV_SIZE)
         self._rx_view = memoryview(self._rx_buffer)
+        self._rx_buffers = [self._rx_buffer]
         self._send_errors_logged: set[int] = set()
         self._gso = True  # False for a while after the kernel refused UDP_SEGMENT
         self._gso_retry_at = 0.0
@@ -822,16 +840,27 @@ class Device:
         self._flush()
 
     def _from_udp(self, sock: socket.socket) -> None:
-        """One batch of datagrams through the core to the session. Called with the lock held."""
-        recv = sock.recvfrom_into
-        buf = self._rx_buffer
+        """One batch of datagrams through the core to the session. Called with the lock held.
+
+        With UDP GRO on the socket, a train the sender sent with UDP GSO arrives in one read, with
+        its segment size in a control message; it is cut back into its datagrams here."""
+        recv = sock.recvmsg_into
+        buffers = self._rx_buffers
         view = self._rx_view
         receive = self._core.receive_datagram
         now = time.monotonic()
         count = 0
         try:
             for _ in range(BATCH):
-                n, source = recv(buf)
+                n, ancillary, _, source = recv(buffers, _GRO_CMSG_SPACE)
+                if ancillary:
+                    size = _gro_size(ancillary)
+                    if 0 < size < n:
+                        self.counters.udp_rx_trains += 1
+                        for offset in range(0, n, size):
+                            receive(view[offset:min(n, offset + size)], source, now)
+                            count += 1
+                        continue
                 receive(view[:n], source, now)
                 count += 1
         except BlockingIOError:
