@@ -20,7 +20,7 @@ packets/s from the packets the forwarder wrote into B's device during the UDP ru
 receiver count is printed too: on a small machine the iperf3 processes compete with the forwarder for
 CPU). Namespaces, forwarders and iperf3 processes are removed even on failure or Ctrl-C.
 
-Usage: ``python bench/forward.py [--seconds 5] [--rounds 3] [--only KIND,...] [--no-udp]``; every
+Usage: ``python bench/forward.py [--seconds 4] [--rounds 3] [--only KIND,...] [--no-udp]``; every
 forwarder is measured ``--rounds`` times, interleaved, and the table shows medians (the machine may be
 busy with other work). Not a test.
 """
@@ -523,7 +523,7 @@ def table(results: list[Result], seconds: float, rounds: int = 1) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run (default 5)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each iperf3 run (default 4)")
     parser.add_argument("--only", default="", help="comma-separated forwarder kinds, e.g. 'C plain,C offload'")
     parser.add_argument("--rounds", type=int, default=3,
                         help="measure every forwarder this many times, interleaved; the table shows medians "
@@ -551,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         if kind not in KINDS:
             parser.error(f"unknown forwarder {kind!r}; choose from {', '.join(KINDS)}")
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM/SIGHUP clean up like Ctrl-C: namespaces, forwarders, iperf3
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
     notes: list[str] = []
     available = set(kinds)
     if any(k.startswith("C ") for k in kinds) and build_c(notes) is None:
