@@ -226,7 +226,7 @@ class Session:
                 raise InvalidParameter("capture takes a path or a binary file object, not a PcapWriter")
             try:
                 self._capture = PcapWriter(capture)
-            except InvalidParameter as exc:
+            except (InvalidParameter, OSError) as exc:
                 raise InvalidParameter(f"capture: {exc}") from None
         res = self._res = _Resources()
         self._name = "?"
@@ -334,6 +334,22 @@ class Session:
     def capture(self) -> PcapWriter | None:
         """The pcap writer recording this session's packets, if it was started with ``capture``."""
         return self._capture
+
+    def _record(self, packets: Sequence[Any]) -> None:
+        """Write packets to the capture file. A failing file (disk full ...) must not stop the packets:
+        it is closed, capture stops, and the reason is logged once."""
+        capture = self._capture
+        if capture is None:
+            return
+        try:
+            capture.write_many(packets)
+        except (OSError, InvalidParameter) as exc:
+            self._capture = None
+            log.warn(f"Session on {self._name}: capture stopped: {exc}")
+            try:
+                capture.close()
+            except OSError:
+                pass
 
     def _negotiate_offloads(self, fd: int) -> int:
         """Set the device's offloads for this session's ``offload`` choice; returns the flags in effect.
@@ -541,7 +557,7 @@ class Session:
         if views:
             self._publish(d - 4, offsets, views)
             if self._capture is not None:
-                self._capture.write_many(views)
+                self._record(views)
         return views
 
     def _publish(self, r: int, offsets: list[int], views: list[memoryview]) -> None:
@@ -578,7 +594,7 @@ class Session:
         words[TAIL_WORD] = tail
         self._rx_cons.accept_one(r + 4, tail, view)
         if self._capture is not None:
-            self._capture.write(view)
+            self._record((view,))
         return view
 
     # An offload session's receive ring holds frames: the kernel's read, header and packet, in one record.
@@ -654,7 +670,7 @@ class Session:
         if views:
             self._publish(d - 4, offsets, views)
             if self._capture is not None:
-                self._capture.write_many(views)
+                self._record(views)
         return views
 
     def _pull_frame_one(self) -> memoryview | None:
@@ -871,7 +887,7 @@ class Session:
                     self._send_rejected(e, size)
                 else:
                     if capture is not None:
-                        capture.write(iov[1])
+                        self._record((iov[1],))
                 if headers:
                     headers.pop(head + 4, None)
                     iov[0] = ZERO_HEADER
@@ -1075,7 +1091,7 @@ class Session:
                     self._send_rejected(e, n)
                 else:
                     if capture is not None:
-                        capture.write(pkt)
+                        self._record((pkt,))
                 count += 1
         except TypeError as e:
             raise InvalidParameter(f"packet {count} is not a bytes-like object: {e}") from None

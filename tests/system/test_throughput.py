@@ -9,7 +9,9 @@ is on exact bytes, header fields, addresses or counts, and every loop is bounded
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import io
 import os
 import platform
 import shutil
@@ -632,6 +634,31 @@ def test_capture_keeps_super_packets_whole(adapter, tmp_path):
         s.send_packets([frame.packet], headers=[frame.header])
     rows = [r for r in _tshark(path, "frame.len", "frame.cap_len", "ip.src") if r[2]]
     assert rows == [["30028", "30028", LOCAL4], ["5028", "5028", PEER4]]
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes the pcap file header and then fails like a full disk."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.writes += 1
+        if self.writes > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+
+def test_failing_capture_file_stops_capture_not_packets(adapter):
+    with adapter.start_session(CAP, capture=_FullDisk()) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(3):
+            sock.sendto(b"c%d" % i, (PEER4, 6500))
+        got = drain(s, lambda g: len(udp_payloads(g)) >= 3)
+        assert udp_payloads(got) == [b"c0", b"c1", b"c2"]
+        assert s.capture is None  # stopped (and logged) at the first failed write
 
 
 def test_capture_argument_is_checked(adapter, tmp_path):
