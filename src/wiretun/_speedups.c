@@ -146,8 +146,10 @@ get_readable(PyObject *obj, const char *what, Py_ssize_t min, Py_buffer *b)
     return 0;
 }
 
-/* The ring: ``words`` and ``data`` must be views of one ring (data 12 bytes into words, to its end), with
- * ``data`` a 1-D unsigned-byte memoryview (packet views are slices of it). */
+/* The ring: ``words`` is the ring itself (Head, Tail, Alertable, Data[capacity + 0x10000]), its length
+ * gives the capacity; ``data`` is a 1-D unsigned-byte memoryview starting at Data[0] (12 bytes into words;
+ * packet views are slices of it) and at least as long as Data; it may run on further (an offload
+ * session's receive ring has a little slack after the trailing area for frames). */
 typedef struct {
     Py_buffer wb, db;
     volatile uint32_t *words;
@@ -174,19 +176,20 @@ get_ring(PyObject *words_obj, PyObject *data_obj, Ring *ring)
         PyBuffer_Release(&ring->wb);
         return -1;
     }
-    Py_ssize_t dlen = ring->db.len;
-    Py_ssize_t cap = dlen - TRAILING_SIZE;
+    Py_ssize_t cap = ring->wb.len - RING_HEADER - TRAILING_SIZE;
     const char *problem = NULL;
-    if ((char *)ring->wb.buf + RING_HEADER != (char *)ring->db.buf || ring->wb.len != dlen + RING_HEADER)
-        problem = "words and data are not views of one ring (data must start 12 bytes into words and "
-                  "both must run to the ring's end)";
+    if (cap < MIN_CAPACITY || cap > MAX_CAPACITY || (cap & (cap - 1)) != 0)
+        problem = "words is not a ring: it must be 12 + capacity + 0x10000 bytes with a power-of-two "
+                  "capacity from 0x20000 to 0x4000000";
+    else if ((char *)ring->wb.buf + RING_HEADER != (char *)ring->db.buf ||
+             ring->db.len < ring->wb.len - (Py_ssize_t)RING_HEADER)
+        problem = "words and data are not views of one ring (data must start 12 bytes into words and run "
+                  "at least to the ring's end)";
     else if (((uintptr_t)ring->wb.buf & 3) != 0)
         problem = "the ring is not 4-byte aligned";
-    else if (cap < MIN_CAPACITY || cap > MAX_CAPACITY || (cap & (cap - 1)) != 0)
-        problem = "data is not capacity + 0x10000 bytes with a power-of-two capacity from 0x20000 to "
-                  "0x4000000";
     if (problem) {
-        PyErr_Format(PyExc_ValueError, "%s (data has %zd bytes)", problem, dlen);
+        PyErr_Format(PyExc_ValueError, "%s (words has %zd bytes, data %zd)", problem, ring->wb.len,
+                     ring->db.len);
         PyBuffer_Release(&ring->db);
         PyBuffer_Release(&ring->wb);
         return -1;
@@ -275,18 +278,22 @@ make_view(PyObject *data_obj, Py_ssize_t offset, Py_ssize_t size)
 /* ------------------------------------------------------------------------------------------------ */
 /* Receive                                                                                           */
 
+/* Packets read while the GIL was released, waiting for their views (made with the GIL held). */
 typedef struct {
-    uint32_t offset[CHUNK]; /* data offset of each packet read since the last flush */
-    uint32_t size[CHUNK];
+    uint32_t offset[CHUNK]; /* data offset of each record's contents (record offset + 4) */
+    uint32_t size[CHUNK];   /* its stored Size */
     int n;
 } Pending;
 
-/* Make views (and offset ints) for the pending packets and append them. Needs the GIL. */
+/* Make views (and offset ints, and for frames header bytes) for the pending packets and append them.
+ * ``frames``: a record holds the 10-byte header, then the packet; the view covers the packet only. */
 static int
-flush_pending(Pending *p, PyObject *data_obj, PyObject *views, PyObject *offsets)
+flush_pending(Pending *p, PyObject *data_obj, const unsigned char *data, int frames, PyObject *views,
+              PyObject *offsets, PyObject *headers)
 {
     for (int i = 0; i < p->n; i++) {
-        PyObject *view = make_view(data_obj, p->offset[i], p->size[i]);
+        Py_ssize_t skip = frames ? VNET_HDR_SIZE : 0;
+        PyObject *view = make_view(data_obj, (Py_ssize_t)p->offset[i] + skip, (Py_ssize_t)p->size[i] - skip);
         if (view == NULL)
             return -1;
         int rc = PyList_Append(views, view);
@@ -302,41 +309,89 @@ flush_pending(Pending *p, PyObject *data_obj, PyObject *views, PyObject *offsets
             if (rc < 0)
                 return -1;
         }
+        if (headers) {
+            PyObject *h = PyBytes_FromStringAndSize((const char *)data + p->offset[i], VNET_HDR_SIZE);
+            if (h == NULL)
+                return -1;
+            rc = PyList_Append(headers, h);
+            Py_DECREF(h);
+            if (rc < 0)
+                return -1;
+        }
     }
     p->n = 0;
     return 0;
 }
 
-/* readv with the GIL released (``*ts`` is the saved thread state); on EINTR the signal handlers run with
- * the GIL and the read is retried. Returns bytes read, -1 with errno set, or -2 if a handler raised. */
+/* The system calls with the GIL released (``*ts`` is the saved thread state). On EINTR the signal
+ * handlers run with the GIL and the call is retried, as os.readv / FileIO.readinto / os.writev do.
+ * Returns what the call returned, -1 with errno set, or -2 if a handler raised. */
+#define RETRYING(call)                                                                                   \
+    for (;;) {                                                                                           \
+        Py_ssize_t n_ = (call);                                                                          \
+        if (n_ >= 0 || errno != EINTR)                                                                   \
+            return n_;                                                                                   \
+        PyEval_RestoreThread(*ts);                                                                       \
+        int rc_ = PyErr_CheckSignals();                                                                  \
+        *ts = PyEval_SaveThread();                                                                       \
+        if (rc_ < 0)                                                                                     \
+            return -2;                                                                                   \
+    }
+
 static Py_ssize_t
 readv_nogil(int fd, struct iovec *iov, PyThreadState **ts)
 {
-    for (;;) {
-        Py_ssize_t n = readv(fd, iov, 2);
-        if (n >= 0 || errno != EINTR)
-            return n;
-        PyEval_RestoreThread(*ts);
-        int rc = PyErr_CheckSignals();
-        *ts = PyEval_SaveThread();
-        if (rc < 0)
-            return -2;
-    }
+    RETRYING(readv(fd, iov, 2))
+}
+
+static Py_ssize_t
+read_nogil(int fd, void *buf, size_t len, PyThreadState **ts)
+{
+    RETRYING(read(fd, buf, len))
 }
 
 static Py_ssize_t
 writev_nogil(int fd, struct iovec *iov, PyThreadState **ts)
 {
-    for (;;) {
-        Py_ssize_t n = writev(fd, iov, 2);
-        if (n >= 0 || errno != EINTR)
-            return n;
-        PyEval_RestoreThread(*ts);
-        int rc = PyErr_CheckSignals();
-        *ts = PyEval_SaveThread();
-        if (rc < 0)
-            return -2;
+    RETRYING(writev(fd, iov, 2))
+}
+
+/* One packet read for rx_pull: the header into ``hdr`` (10 bytes), the packet at ``dst``. When the 6
+ * bytes before the Size word (dst - 10 .. dst - 4) belong to records this very call wrote (not published,
+ * no view of them handed out yet: nobody may look at them), one plain read() lands header and packet in
+ * one piece at dst - 10; the header is copied out and those 6 bytes put back. A read() into one buffer
+ * costs the kernel noticeably less than a readv() of two. Elsewhere it is readv(header, packet). */
+static Py_ssize_t
+read_packet(int fd, unsigned char *hdr, unsigned char *dst, int in_place, PyThreadState **ts)
+{
+    if (in_place) {
+        unsigned char saved[6];
+        memcpy(saved, dst - VNET_HDR_SIZE, sizeof saved);
+        Py_ssize_t n = read_nogil(fd, dst - VNET_HDR_SIZE, VNET_HDR_SIZE + READ_SPAN, ts);
+        int err = errno;
+        if (n > 0)
+            memcpy(hdr, dst - VNET_HDR_SIZE, n < VNET_HDR_SIZE ? (size_t)n : VNET_HDR_SIZE);
+        memcpy(dst - VNET_HDR_SIZE, saved, sizeof saved);
+        errno = err;
+        return n;
     }
+    struct iovec iov[2];
+    iov[0].iov_base = hdr;
+    iov[0].iov_len = VNET_HDR_SIZE;
+    iov[1].iov_base = dst;
+    iov[1].iov_len = READ_SPAN;
+    return readv_nogil(fd, iov, ts);
+}
+
+/* Shared argument checks of rx_pull and rx_frames. */
+static int
+get_rx_lists(PyObject *views_obj, PyObject *offsets_obj, PyObject **offsets)
+{
+    if (!PyList_Check(views_obj)) {
+        PyErr_Format(PyExc_TypeError, "views must be a list, not %.100s", Py_TYPE(views_obj)->tp_name);
+        return -1;
+    }
+    return get_list_or_none(offsets_obj, "offsets", offsets);
 }
 
 PyDoc_STRVAR(rx_pull_doc,
@@ -349,7 +404,7 @@ PyDoc_STRVAR(rx_pull_doc,
 "Size, appends each packet's view to views and its data offset to offsets (a list, or None), and, if\n"
 "any packet was read, publishes Tail. Returns the packets read, the new Tail, the status that ended\n"
 "the loop (0: max_count reached, EAGAIN: queue empty, another errno, or -1: a read shorter than the\n"
-"header) and the packets dropped for lack of room.");
+"header) and the packets dropped for lack of room. Bytes past Tail may be used as scratch meanwhile.");
 
 static PyObject *
 rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -360,33 +415,26 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     int fd;
     long max_count, stride;
-    PyObject *views, *offsets;
+    PyObject *views = args[7], *offsets;
     if (get_fd(args[0], &fd) < 0 || get_long(args[3], "max_count", 0, PY_SSIZE_T_MAX / 2, &max_count) < 0 ||
-        get_long(args[5], "hdr_stride", 0, 0x10000, &stride) < 0 ||
-        get_list_or_none(args[8], "offsets", &offsets) < 0)
+        get_long(args[5], "hdr_stride", 0, 0x10000, &stride) < 0 || get_rx_lists(args[7], args[8], &offsets) < 0)
         return NULL;
-    if (!PyList_Check(args[7])) {
-        PyErr_Format(PyExc_TypeError, "views must be a list, not %.100s", Py_TYPE(args[7])->tp_name);
-        return NULL;
-    }
-    views = args[7];
     if (stride != 0 && stride < VNET_HDR_SIZE) {
         PyErr_Format(PyExc_ValueError, "hdr_stride %ld must be 0 or at least %d", stride, VNET_HDR_SIZE);
         return NULL;
+    }
+    Py_ssize_t hdr_need = VNET_HDR_SIZE;
+    if (stride && max_count > 0) {
+        if (max_count - 1 > (PY_SSIZE_T_MAX - VNET_HDR_SIZE) / stride) {
+            PyErr_Format(PyExc_ValueError, "max_count %ld is too large for hdr_stride %ld", max_count, stride);
+            return NULL;
+        }
+        hdr_need = (Py_ssize_t)(max_count - 1) * stride + VNET_HDR_SIZE;
     }
     Ring ring;
     Py_buffer hb, sb;
     if (get_ring(args[1], args[2], &ring) < 0)
         return NULL;
-    Py_ssize_t hdr_need = VNET_HDR_SIZE;
-    if (stride && max_count > 0) {
-        if (max_count - 1 > (PY_SSIZE_T_MAX - VNET_HDR_SIZE) / stride) {
-            PyErr_Format(PyExc_ValueError, "max_count %ld is too large for hdr_stride %ld", max_count, stride);
-            release_ring(&ring);
-            return NULL;
-        }
-        hdr_need = (Py_ssize_t)(max_count - 1) * stride + VNET_HDR_SIZE;
-    }
     if (get_writable(args[4], "hdr", hdr_need, &hb) < 0) {
         release_ring(&ring);
         return NULL;
@@ -398,7 +446,7 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
 
     PyObject *result = NULL;
-    const uint32_t cap = ring.cap;
+    const int64_t cap = ring.cap;
     uint32_t r = load_word(&ring, TAIL_WORD);
     uint32_t head = load_word(&ring, HEAD_WORD);
     if (check_index(&ring, "Tail", r) < 0 || check_index(&ring, "Head", head) < 0)
@@ -409,32 +457,31 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
          * from which a blind read of 0xFFFF bytes can neither overrun Head nor need wrapping. */
         int64_t end = head > r ? (int64_t)head - 4 : (int64_t)head - 4 + cap;
         int64_t d = (int64_t)r + 4;
+        int64_t mine = -1; /* first record this call wrote since the last wrap (contiguous up to d - 4) */
         Py_ssize_t left = max_count, count = 0, dropped = 0;
         int status = 0, failed = 0;
         unsigned char *hdr = (unsigned char *)hb.buf;
         unsigned char *scratch = (unsigned char *)sb.buf;
         Pending pending;
         pending.n = 0;
-        struct iovec iov[2];
-        iov[0].iov_len = VNET_HDR_SIZE;
 
         PyThreadState *ts = PyEval_SaveThread();
         while (left > 0) {
             if (d - 4 >= cap) { /* wrapped past the end: back to the start of Data */
                 d -= cap;
                 end -= cap;
+                mine = -1;
             }
             int64_t stop = end - MAX_RECORD_SIZE;
-            if (stop > (int64_t)cap - 1)
-                stop = (int64_t)cap - 1;
+            if (stop > cap - 1)
+                stop = cap - 1;
             stop += 4;
+            Py_ssize_t n;
             if (d <= stop) {
                 Py_ssize_t todo = left;
                 for (Py_ssize_t i = 0; i < todo; i++) {
-                    iov[0].iov_base = hdr + count * stride;
-                    iov[1].iov_base = ring.data + d;
-                    iov[1].iov_len = READ_SPAN;
-                    Py_ssize_t n = readv_nogil(fd, iov, &ts);
+                    int in_place = mine >= 0 && d - VNET_HDR_SIZE >= mine;
+                    n = read_packet(fd, hdr + count * stride, ring.data + d, in_place, &ts);
                     if (n < 0) {
                         if (n == -2)
                             failed = 1;
@@ -448,12 +495,14 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         goto stopped;
                     }
                     store_size(&ring, (uint32_t)(d - 4), (uint32_t)n);
+                    if (mine < 0)
+                        mine = d - 4;
                     pending.offset[pending.n] = (uint32_t)d;
                     pending.size[pending.n] = (uint32_t)n;
                     count++;
                     if (++pending.n == CHUNK) {
                         PyEval_RestoreThread(ts);
-                        int rc = flush_pending(&pending, args[2], views, offsets);
+                        int rc = flush_pending(&pending, args[2], ring.data, 0, views, offsets, NULL);
                         ts = PyEval_SaveThread();
                         if (rc < 0) {
                             failed = 1;
@@ -468,10 +517,12 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             else {
                 left -= 1;
+                struct iovec iov[2];
                 iov[0].iov_base = hdr + count * stride;
+                iov[0].iov_len = VNET_HDR_SIZE;
                 iov[1].iov_base = scratch;
                 iov[1].iov_len = READ_SPAN;
-                Py_ssize_t n = readv_nogil(fd, iov, &ts);
+                n = readv_nogil(fd, iov, &ts);
                 if (n < 0) {
                     if (n == -2)
                         failed = 1;
@@ -490,12 +541,14 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 }
                 memcpy(ring.data + d, scratch, (size_t)n);
                 store_size(&ring, (uint32_t)(d - 4), (uint32_t)n);
+                if (mine < 0)
+                    mine = d - 4;
                 pending.offset[pending.n] = (uint32_t)d;
                 pending.size[pending.n] = (uint32_t)n;
                 count++;
                 if (++pending.n == CHUNK) {
                     PyEval_RestoreThread(ts);
-                    int rc = flush_pending(&pending, args[2], views, offsets);
+                    int rc = flush_pending(&pending, args[2], ring.data, 0, views, offsets, NULL);
                     ts = PyEval_SaveThread();
                     if (rc < 0) {
                         failed = 1;
@@ -507,7 +560,7 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     stopped:
         PyEval_RestoreThread(ts);
-        if (failed || flush_pending(&pending, args[2], views, offsets) < 0)
+        if (failed || flush_pending(&pending, args[2], ring.data, 0, views, offsets, NULL) < 0)
             goto done; /* an exception (signal handler, memory): nothing is published, as in Python */
         int64_t tail = d - 4;
         if (tail >= cap)
@@ -521,6 +574,135 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 done:
     PyBuffer_Release(&sb);
     PyBuffer_Release(&hb);
+    release_ring(&ring);
+    return result;
+}
+
+/* An offload session's receive ring stores frames: the kernel's read, header and packet, in one record
+ * (Size counts the header). A read is offered one byte more than the largest frame, so that a longer
+ * one (which the kernel would cut) is seen and dropped; the ring's memory runs on far enough past the
+ * trailing area for a blind read of that size at any record below the capacity. */
+#define FRAME_MAX (VNET_HDR_SIZE + MAX_PACKET_SIZE)
+#define FRAME_SPAN (FRAME_MAX + 1)
+#define FRAME_RECORD ((4 + FRAME_SPAN + 3) & ~3)
+
+PyDoc_STRVAR(rx_frames_doc,
+"rx_frames(fd, words, data, max_count, scratch, views, offsets, headers)\n"
+"    -> (count, tail, status, dropped)\n\n"
+"rx_pull for an offload session (Session._pull_frames): each read lands whole, header and packet, in\n"
+"one record at Tail + 4 when there is room for the largest frame, else in scratch (>= 0x1000A bytes) and\n"
+"then in the ring if it fits. A read of 10 bytes or less, or longer than 10 + 0xFFFF, or that does not\n"
+"fit, is dropped. Each view covers the packet after the header; headers (a list, or None) gets each\n"
+"header as bytes. data must reach at least capacity + 0x1000A bytes. Returns as rx_pull does (status 0,\n"
+"EAGAIN or another errno).");
+
+static PyObject *
+rx_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_Format(PyExc_TypeError, "rx_frames takes 8 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int fd;
+    long max_count;
+    PyObject *views = args[5], *offsets, *headers;
+    if (get_fd(args[0], &fd) < 0 || get_long(args[3], "max_count", 0, PY_SSIZE_T_MAX / 2, &max_count) < 0 ||
+        get_rx_lists(args[5], args[6], &offsets) < 0 || get_list_or_none(args[7], "headers", &headers) < 0)
+        return NULL;
+    Ring ring;
+    Py_buffer sb;
+    if (get_ring(args[1], args[2], &ring) < 0)
+        return NULL;
+    if (ring.db.len < (Py_ssize_t)ring.cap + FRAME_SPAN) {
+        PyErr_Format(PyExc_ValueError, "data has %zd bytes; frames need capacity + 0x%x = %zd", ring.db.len,
+                     (unsigned)FRAME_SPAN, (Py_ssize_t)ring.cap + FRAME_SPAN);
+        release_ring(&ring);
+        return NULL;
+    }
+    if (get_writable(args[4], "scratch", FRAME_SPAN, &sb) < 0) {
+        release_ring(&ring);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    const int64_t cap = ring.cap;
+    uint32_t r = load_word(&ring, TAIL_WORD);
+    uint32_t head = load_word(&ring, HEAD_WORD);
+    if (check_index(&ring, "Tail", r) < 0 || check_index(&ring, "Head", head) < 0)
+        goto done;
+    {
+        int64_t end = head > r ? (int64_t)head - 4 : (int64_t)head - 4 + cap;
+        int64_t d = (int64_t)r + 4;
+        Py_ssize_t count = 0, dropped = 0;
+        int status = 0, failed = 0;
+        unsigned char *scratch = (unsigned char *)sb.buf;
+        Pending pending;
+        pending.n = 0;
+
+        PyThreadState *ts = PyEval_SaveThread();
+        for (long i = 0; i < max_count; i++) {
+            if (d - 4 >= cap) {
+                d -= cap;
+                end -= cap;
+            }
+            Py_ssize_t n;
+            if (d - 4 + FRAME_RECORD <= end) { /* room for the largest frame: straight into the ring */
+                n = read_nogil(fd, ring.data + d, FRAME_SPAN, &ts);
+                if (n < 0) {
+                    if (n == -2)
+                        failed = 1;
+                    else
+                        status = errno;
+                    break;
+                }
+                if (n <= VNET_HDR_SIZE || n > FRAME_MAX) {
+                    dropped++; /* cut (longer than any IP packet may be) or headerless */
+                    continue;
+                }
+            }
+            else {
+                n = read_nogil(fd, scratch, FRAME_SPAN, &ts);
+                if (n < 0) {
+                    if (n == -2)
+                        failed = 1;
+                    else
+                        status = errno;
+                    break;
+                }
+                if (n <= VNET_HDR_SIZE || n > FRAME_MAX || ((n + 7) & ~3) > end - (d - 4)) {
+                    dropped++;
+                    continue;
+                }
+                memcpy(ring.data + d, scratch, (size_t)n);
+            }
+            store_size(&ring, (uint32_t)(d - 4), (uint32_t)n);
+            pending.offset[pending.n] = (uint32_t)d;
+            pending.size[pending.n] = (uint32_t)n;
+            count++;
+            if (++pending.n == CHUNK) {
+                PyEval_RestoreThread(ts);
+                int rc = flush_pending(&pending, args[2], ring.data, 1, views, offsets, headers);
+                ts = PyEval_SaveThread();
+                if (rc < 0) {
+                    failed = 1;
+                    break;
+                }
+            }
+            d += (n + 7) & ~3;
+        }
+        PyEval_RestoreThread(ts);
+        if (failed || flush_pending(&pending, args[2], ring.data, 1, views, offsets, headers) < 0)
+            goto done;
+        int64_t tail = d - 4;
+        if (tail >= cap)
+            tail -= cap;
+        if (count > 0)
+            store_word(&ring, TAIL_WORD, (uint32_t)tail);
+        else
+            tail = r;
+        result = Py_BuildValue("(nkin)", count, (unsigned long)tail, status, dropped);
+    }
+done:
+    PyBuffer_Release(&sb);
     release_ring(&ring);
     return result;
 }
@@ -685,27 +867,35 @@ done:
 }
 
 PyDoc_STRVAR(tx_direct_doc,
-"tx_direct(fd, hdr, packets, start) -> (index, status)\n\n"
-"Write packets[start:] (a list or tuple) to the TUN queue fd, each as one writev of hdr (10 bytes) and\n"
-"the packet, straight from the caller's buffers (Session._send_direct). Stops at the first item that\n"
-"fails. Returns (len(packets), 0) when all were written, else the index of the item that stopped it\n"
-"(not written) and why: its errno, or -1 for an item left to the Python path (not bytes, bytearray or\n"
-"a 1-D byte memoryview, or not 1..0xFFFF bytes long).");
+"tx_direct(fd, hdr, packets, start, headers) -> (index, status)\n\n"
+"Write packets[start:] (a list or tuple) to the TUN queue fd, each as one writev of a header and the\n"
+"packet, straight from the caller's buffers (Session._send_direct). The header is hdr (10 bytes), or\n"
+"with headers (a list or tuple, or None) headers[i]. Stops at the first item that fails. Returns\n"
+"(len(packets), 0) when all were written, else the index of the item that stopped it (not written) and\n"
+"why: its errno, or -1 for an item left to the Python path (not bytes, bytearray or a 1-D byte\n"
+"memoryview, not 1..0xFFFF bytes long, or its header not 10 bytes of type bytes).");
 
 static PyObject *
 tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_Format(PyExc_TypeError, "tx_direct takes 4 arguments (%zd given)", nargs);
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "tx_direct takes 5 arguments (%zd given)", nargs);
         return NULL;
     }
     int fd;
     long start;
     if (get_fd(args[0], &fd) < 0 || get_long(args[3], "start", 0, PY_SSIZE_T_MAX / 2, &start) < 0)
         return NULL;
-    PyObject *seq = args[2];
+    PyObject *seq = args[2], *hseq = args[4];
     if (!PyList_Check(seq) && !PyTuple_Check(seq)) {
         PyErr_Format(PyExc_TypeError, "packets must be a list or tuple, not %.100s", Py_TYPE(seq)->tp_name);
+        return NULL;
+    }
+    if (hseq == Py_None)
+        hseq = NULL;
+    else if (!PyList_Check(hseq) && !PyTuple_Check(hseq)) {
+        PyErr_Format(PyExc_TypeError, "headers must be a list, a tuple or None, not %.100s",
+                     Py_TYPE(hseq)->tp_name);
         return NULL;
     }
     Py_buffer hb;
@@ -714,22 +904,34 @@ tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     Py_ssize_t index = start;
     int status = 0, failed = 0;
-    PyObject *held[CHUNK];
+    PyObject *held[CHUNK], *held_hdr[CHUNK];
     Py_buffer bufs[CHUNK];
     char has_buf[CHUNK];
     struct iovec iov[2];
-    iov[0].iov_base = hb.buf;
     iov[0].iov_len = VNET_HDR_SIZE;
 
-    /* The list may change between chunks (the GIL is released while writing), so its length is read
-     * again each time; within a chunk the items and their buffers are held. */
+    /* The lists may change between chunks (the GIL is released while writing), so their lengths are
+     * read again each time; within a chunk the items, their buffers and headers are held. */
     while (status == 0 && !failed) {
         Py_ssize_t total = PySequence_Fast_GET_SIZE(seq);
         if (index >= total)
             break;
-        int n = 0;
+        Py_ssize_t htotal = hseq ? PySequence_Fast_GET_SIZE(hseq) : 0;
+        int n = 0, odd = 0;
         while (n < CHUNK && index + n < total) {
             PyObject *item = PySequence_Fast_GET_ITEM(seq, index + n);
+            PyObject *h = NULL;
+            if (hseq) {
+                if (index + n >= htotal) {
+                    odd = 1;
+                    break;
+                }
+                h = PySequence_Fast_GET_ITEM(hseq, index + n);
+                if (!PyBytes_CheckExact(h) || PyBytes_GET_SIZE(h) != VNET_HDR_SIZE) {
+                    odd = 1;
+                    break;
+                }
+            }
             Py_buffer *b = &bufs[n];
             if (PyBytes_CheckExact(item)) {
                 b->buf = PyBytes_AS_STRING(item);
@@ -741,25 +943,32 @@ tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                       PyMemoryView_GET_BUFFER(item)->itemsize == 1)) {
                 if (PyObject_GetBuffer(item, b, PyBUF_SIMPLE) < 0) {
                     PyErr_Clear(); /* e.g. a released view: the Python path raises its own error */
+                    odd = 1;
                     break;
                 }
                 has_buf[n] = 1;
             }
-            else
+            else {
+                odd = 1;
                 break;
+            }
             if (b->len < 1 || b->len > (Py_ssize_t)MAX_PACKET_SIZE) {
                 if (has_buf[n])
                     PyBuffer_Release(b);
+                odd = 1;
                 break;
             }
             Py_INCREF(item);
-            held[n++] = item;
+            held[n] = item;
+            Py_XINCREF(h);
+            held_hdr[n] = h;
+            n++;
         }
-        int stopped_early = (n < CHUNK && index + n < total); /* the next item is not simple */
         int written = 0;
         if (n) {
             PyThreadState *ts = PyEval_SaveThread();
             for (; written < n; written++) {
+                iov[0].iov_base = held_hdr[written] ? PyBytes_AS_STRING(held_hdr[written]) : hb.buf;
                 iov[1].iov_base = bufs[written].buf;
                 iov[1].iov_len = (size_t)bufs[written].len;
                 Py_ssize_t w = writev_nogil(fd, iov, &ts);
@@ -777,9 +986,10 @@ tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (has_buf[i])
                 PyBuffer_Release(&bufs[i]);
             Py_DECREF(held[i]);
+            Py_XDECREF(held_hdr[i]);
         }
         index += written;
-        if (!status && !failed && stopped_early)
+        if (!status && !failed && odd)
             status = ST_NOT_SIMPLE;
     }
     PyBuffer_Release(&hb);
@@ -792,6 +1002,7 @@ tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef methods[] = {
     {"rx_pull", (PyCFunction)(void (*)(void))rx_pull, METH_FASTCALL, rx_pull_doc},
+    {"rx_frames", (PyCFunction)(void (*)(void))rx_frames, METH_FASTCALL, rx_frames_doc},
     {"rx_one", (PyCFunction)(void (*)(void))rx_one, METH_FASTCALL, rx_one_doc},
     {"tx_flush", (PyCFunction)(void (*)(void))tx_flush, METH_FASTCALL, tx_flush_doc},
     {"tx_direct", (PyCFunction)(void (*)(void))tx_direct, METH_FASTCALL, tx_direct_doc},
@@ -803,6 +1014,7 @@ exec_module(PyObject *module)
 {
     if (PyModule_AddIntConstant(module, "CHUNK", CHUNK) < 0 ||
         PyModule_AddIntConstant(module, "FAST_VIEWS", FAST_VIEWS) < 0 ||
+        PyModule_AddIntConstant(module, "FRAME_SPAN", FRAME_SPAN) < 0 ||
         PyModule_AddIntConstant(module, "SHORT_READ", ST_SHORT_READ) < 0 ||
         PyModule_AddIntConstant(module, "BAD_RECORD", ST_BAD_RECORD) < 0 ||
         PyModule_AddIntConstant(module, "NOT_SIMPLE", ST_NOT_SIMPLE) < 0)

@@ -169,10 +169,17 @@ def py_tx_flush(fd, words, data, hdr):
     return status
 
 
-def py_tx_direct(fd, hdr, packets, start):
+def py_tx_direct(fd, hdr, packets, start, headers):
     iov = [memoryview(hdr)[:HDR], None]
     i = start
     while i < len(packets):
+        if headers is not None:
+            if i >= len(headers):
+                return i, -1
+            h = headers[i]
+            if h.__class__ is not bytes or len(h) != HDR:
+                return i, -1
+            iov[0] = h
         pkt = packets[i]
         cls = pkt.__class__
         if cls is bytes or cls is bytearray:
@@ -195,6 +202,60 @@ def py_tx_direct(fd, hdr, packets, start):
             return i, e.errno
         i += 1
     return i, 0
+
+
+FRAME_MAX = HDR + MAX_PACKET_SIZE
+FRAME_SPAN = FRAME_MAX + 1
+FRAME_RECORD = (4 + FRAME_SPAN + 3) & ~3
+
+
+def py_rx_frames(fd, words, data, max_count, scratch, views, offsets, headers):
+    cap = words.nbytes - 12 - TRAILING_SIZE
+    r = words[TAIL_WORD]
+    head = words[HEAD_WORD]
+    end = head - 4 if head > r else head - 4 + cap
+    scratch_mv = memoryview(scratch)[:FRAME_SPAN]
+    readv = os.readv
+    if offsets is None:
+        offsets = []
+    add_view = views.append
+    add_offset = offsets.append
+    add_header = None if headers is None else headers.append
+    count = dropped = status = 0
+    d = r + 4
+    try:
+        for _ in range(max_count):
+            if d - 4 >= cap:
+                d -= cap
+                end -= cap
+            if d - 4 + FRAME_RECORD <= end:
+                n = readv(fd, [data[d : d + FRAME_SPAN]])
+                if n <= HDR or n > FRAME_MAX:
+                    dropped += 1
+                    continue
+            else:
+                n = readv(fd, [scratch_mv])
+                if n <= HDR or n > FRAME_MAX or (n + 7) & ~3 > end - (d - 4):
+                    dropped += 1
+                    continue
+                data[d : d + n] = scratch_mv[:n]
+            words[DATA_WORD + ((d - 4) >> 2)] = n
+            add_view(data[d + HDR : d + n])
+            add_offset(d)
+            if add_header is not None:
+                add_header(bytes(data[d : d + HDR]))
+            count += 1
+            d += (n + 7) & ~3
+    except OSError as e:
+        status = e.errno
+    tail = d - 4
+    if tail >= cap:
+        tail -= cap
+    if count:
+        words[TAIL_WORD] = tail
+    else:
+        tail = r
+    return count, tail, status, dropped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,6 +288,19 @@ def new_ring(capacity: int = MIN_CAPACITY, *, head: int = 0, tail: int = 0, fill
     ring.words[TAIL_WORD] = tail
     ring.words[2] = 0
     return buf, ring
+
+
+FRAME_SLACK = FRAME_RECORD - MAX_RECORD_SIZE + 16  # as an offload session allocates it
+
+
+def new_frame_ring(capacity: int = MIN_CAPACITY, *, head: int = 0, tail: int = 0, fill: int = 0xA5):
+    """A ring with room for frames past the trailing area: (buffer, Ring, data view to the buffer's end)."""
+    buf = bytearray([fill]) * (ring_size(capacity) + FRAME_SLACK)
+    ring = Ring(buf, capacity)
+    ring.words[HEAD_WORD] = head
+    ring.words[TAIL_WORD] = tail
+    ring.words[2] = 0
+    return buf, ring, memoryview(buf)[12:]
 
 
 def drain(sock: socket.socket) -> list[bytes]:
@@ -417,6 +491,97 @@ def test_rx_pull_matches_python(sizes, head, gap, max_count, stride, offsets):
 
 
 # ------------------------------------------------------------------------------------------------
+# rx_frames (offload sessions: header and packet in one record)
+
+
+def run_rx_frames(datagrams, *, max_count, head=0, tail=0, offsets=True, headers=True):
+    runs = []
+    for fn in (C.rx_frames, py_rx_frames):
+        buf, ring, data = new_frame_ring(head=head, tail=tail)
+        reader, writer = queue_pair()
+        try:
+            for dg in datagrams:
+                writer.send(dg)
+            views, offs, hdrs = [], [] if offsets else None, [] if headers else None
+            result = fn(reader.fileno(), ring.words, data, max_count, bytearray(FRAME_SPAN), views, offs, hdrs)
+            for view in views:
+                assert view.obj is data.obj and view.format == "B" and not view.readonly
+            runs.append((result, bytes(buf), [bytes(v) for v in views], offs, hdrs, drain(reader)))
+        finally:
+            reader.close()
+            writer.close()
+    assert runs[0] == runs[1]
+    return runs[0]
+
+
+def test_rx_frames_keeps_header_and_packet_in_one_record():
+    pkts = [pattern(i, s) for i, s in enumerate([20, 1, 1500, 0xFFFF, 3])]
+    (count, tail, status, dropped), buf, views, offs, hdrs, rest = run_rx_frames(
+        [header(i) + p for i, p in enumerate(pkts)], max_count=64
+    )
+    assert (count, status, dropped) == (5, errno.EAGAIN, 0)
+    assert views == pkts
+    assert hdrs == [header(i) for i in range(5)]
+    d = 4
+    for i, p in enumerate(pkts):
+        assert offs[i] == d
+        assert struct.unpack_from("<I", buf, 12 + d - 4)[0] == HDR + len(p)  # Size counts the header
+        assert buf[12 + d : 12 + d + HDR] == header(i)
+        d += (HDR + len(p) + 7) & ~3
+    assert tail == d - 4
+
+
+def test_rx_frames_drops_headerless_and_overlong_reads_and_counts_them_in_max_count():
+    dgs = [header(0) + b"a", header(1), b"\x01" * 5, header(3) + pattern(3, 0x10000), header(4) + b"e", b""]
+    (count, tail, status, dropped), _, views, _, hdrs, rest = run_rx_frames(dgs, max_count=5)
+    assert (count, status, dropped) == (2, 0, 3)
+    assert views == [b"a", b"e"] and hdrs == [header(0), header(4)]
+    assert rest == [b""]
+
+
+def test_rx_frames_slow_path_and_wrap():
+    # little room: through scratch, the frame that does not fit is dropped
+    (count, _, status, dropped), _, views, _, _, _ = run_rx_frames(
+        [header(0) + pattern(0, 100), header(1) + pattern(1, 0x900), header(2) + pattern(2, 8)],
+        max_count=8, tail=0x1000, head=0x1800,
+    )
+    assert (count, status, dropped) == (2, errno.EAGAIN, 1)
+    # near the end of Data: into the trailing area and its slack, then wrapped
+    start = MIN_CAPACITY - 0x20
+    (count, tail, status, dropped), _, views, _, _, _ = run_rx_frames(
+        [header(i) + pattern(i, s) for i, s in enumerate([0xFFFF, 30])], max_count=8, head=start, tail=start
+    )
+    assert (count, status, dropped) == (2, errno.EAGAIN, 0)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(
+        st.one_of(st.integers(-10, 200), st.integers(1000, 3000), st.sampled_from([0xFFFF, 0xFFFE, 0x10000])),
+        max_size=40,
+    ).filter(lambda s: sum(map(abs, s)) <= 150_000),
+    head=st.integers(0, MIN_CAPACITY // 4 - 1).map(lambda x: x * 4),
+    gap=st.one_of(st.integers(0, MIN_CAPACITY // 4 - 1).map(lambda x: x * 4), st.sampled_from([0, 4, 8, 0x10010])),
+    max_count=st.integers(0, 45),
+    offsets=st.booleans(),
+    headers=st.booleans(),
+)
+def test_rx_frames_matches_python(sizes, head, gap, max_count, offsets, headers):
+    tail = (head + gap) % MIN_CAPACITY
+    dgs = [(header(i) + pattern(i, s)) if s >= 0 else header(i)[: HDR + s] for i, s in enumerate(sizes)]
+    run_rx_frames(dgs, max_count=max_count, head=head, tail=tail, offsets=offsets, headers=headers)
+
+
+def test_rx_frames_errno_is_returned():
+    fd = os.open("/dev/null", os.O_WRONLY)
+    try:
+        buf, ring, data = new_frame_ring()
+        assert C.rx_frames(fd, ring.words, data, 4, bytearray(FRAME_SPAN), [], [], []) == (0, 0, errno.EBADF, 0)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------
 # rx_one
 
 
@@ -577,12 +742,12 @@ def test_tx_flush_matches_python(sizes, start, sndbuf):
 # tx_direct
 
 
-def run_tx_direct(packets, start=0, sndbuf=1 << 20, seq=list):
+def run_tx_direct(packets, start=0, sndbuf=1 << 20, seq=list, headers=None):
     results = []
     for fn in (C.tx_direct, py_tx_direct):
         reader, writer = queue_pair(sndbuf)
         try:
-            r = fn(writer.fileno(), b"0123456789", seq(packets), start)
+            r = fn(writer.fileno(), b"0123456789", seq(packets), start, headers)
             results.append((r, drain(reader)))
         finally:
             reader.close()
@@ -712,8 +877,19 @@ def test_bad_arguments_raise_and_touch_nothing():
             C.tx_flush(fd, w, d, b"abc")
         odd = bytearray(12 + 0x30000 + 0x10000)
         mv = memoryview(odd)
-        with pytest.raises(ValueError, match="power-of-two capacity"):
+        with pytest.raises(ValueError, match="words is not a ring: .* power-of-two capacity"):
             C.rx_one(fd, mv, mv[12:], hdr, scratch)
+        with pytest.raises(ValueError, match="run at least to the ring's end"):
+            C.rx_one(fd, w, d[:-1], hdr, scratch)
+        with pytest.raises(ValueError, match="frames need capacity"):
+            C.rx_frames(fd, w, d, 1, bytearray(FRAME_SPAN), [], [], [])
+        _, fring, fdata = new_frame_ring()
+        with pytest.raises(ValueError, match="scratch has 65535 bytes, needs at least 65546"):
+            C.rx_frames(fd, fring.words, fdata, 1, bytearray(SPAN), [], [], [])
+        with pytest.raises(TypeError, match="headers must be a list or None"):
+            C.rx_frames(fd, fring.words, fdata, 1, bytearray(FRAME_SPAN), [], [], ())
+        with pytest.raises(TypeError, match="8 arguments"):
+            C.rx_frames(fd, fring.words, fdata, 1, bytearray(FRAME_SPAN), [], [])
         mv = memoryview(bytearray(4 + ring_size(MIN_CAPACITY)))[1 : 1 + ring_size(MIN_CAPACITY)]
         with pytest.raises(ValueError, match="not 4-byte aligned"):
             C.rx_one(fd, mv, mv[12:], hdr, scratch)
@@ -722,9 +898,13 @@ def test_bad_arguments_raise_and_touch_nothing():
         with pytest.raises(ValueError):
             C.rx_one(fd, w, released, hdr, scratch)
         with pytest.raises(TypeError, match="packets must be a list or tuple"):
-            C.tx_direct(fd, b"0123456789", iter([b"x"]), 0)
+            C.tx_direct(fd, b"0123456789", iter([b"x"]), 0, None)
         with pytest.raises(ValueError, match="start -1"):
-            C.tx_direct(fd, b"0123456789", [b"x"], -1)
+            C.tx_direct(fd, b"0123456789", [b"x"], -1, None)
+        with pytest.raises(TypeError, match="headers must be a list, a tuple or None"):
+            C.tx_direct(fd, b"0123456789", [b"x"], 0, iter([b"0123456789"]))
+        with pytest.raises(TypeError, match="5 arguments"):
+            C.tx_direct(fd, b"0123456789", [b"x"], 0)
         # A Head or Tail the session could not have written
         for word, value in ((TAIL_WORD, 0x3), (TAIL_WORD, MIN_CAPACITY), (HEAD_WORD, 0xFFFFFFFF)):
             saved = w[word]
@@ -739,3 +919,74 @@ def test_bad_arguments_raise_and_touch_nothing():
     finally:
         a.close()
         b.close()
+
+
+def test_tx_direct_per_packet_headers():
+    pkts = [b"p%d" % i for i in range(100)]
+    hdrs = [bytes([i]) * HDR for i in range(100)]
+    (index, status), got = run_tx_direct(pkts, headers=hdrs)
+    assert (index, status) == (100, 0)
+    assert got == [h + p for h, p in zip(hdrs, pkts)]
+    for odd in (bytearray(HDR), b"short", None, "0123456789"):
+        bad = list(hdrs)
+        bad[70] = odd
+        (index, status), got = run_tx_direct(pkts, headers=tuple(bad))
+        assert (index, status, len(got)) == (70, C.NOT_SIMPLE, 70)
+    (index, status), got = run_tx_direct(pkts, headers=hdrs[:10])  # fewer headers than packets
+    assert (index, status, len(got)) == (10, C.NOT_SIMPLE, 10)
+
+
+def test_views_handed_out_never_change_while_later_calls_read():
+    """rx_pull may read a packet in one piece over the 6 bytes before its Size word and put them back,
+    but only over records the same call wrote: a packet handed out by an earlier call (which others may be
+    reading meanwhile) never changes, not even for a moment. A second process spins on the bytes just
+    before the published Tail (the end of the last packet handed out) while this one reads on."""
+    cap = 0x100000
+    memory = mmap.mmap(-1, ring_size(cap), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    flag = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    ring = Ring(memory, cap)
+    payload = b"\x5a" * 64  # a multiple of 4: no padding, the 6 bytes before Tail are payload
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the watcher: looks at the 6 bytes before Tail as fast as it can, until told to stop
+        bad = looks = 0
+        unpack = struct.Struct("<I").unpack_from
+        six = b"\x5a" * 6
+        try:
+            while flag[0] == 0:
+                t = unpack(memory, 4)[0]
+                if t >= 8:
+                    looks += 1
+                    if memory[12 + t - 6 : 12 + t] != six:
+                        bad += 1
+            os.write(wfd, f"{bad} {looks}".encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    reader, writer = queue_pair(4 << 20)
+    try:
+        hdr, scratch = bytearray(HDR), bytearray(SPAN)
+        total = 0
+        while total + 20 <= (cap - 0x20000) // 68:
+            for i in range(20):
+                writer.send(header(total + i) + payload)
+            total += 20
+            while True:
+                views: list = []
+                count, tail, status, dropped = C.rx_pull(
+                    reader.fileno(), ring.words, ring.data, 5, hdr, 0, scratch, views, None
+                )
+                assert all(bytes(v) == payload for v in views)
+                if status:
+                    break
+        assert ring.words[TAIL_WORD] == total * 68
+    finally:
+        flag[0] = 1
+        _, wait_status = os.waitpid(pid, 0)
+        result = os.read(rfd, 100).decode()
+        os.close(rfd)
+        reader.close()
+        writer.close()
+        ring.close()
+    bad, looks = map(int, result.split())
+    assert looks > 1000 and bad == 0, f"the watcher saw a handed-out packet change {bad} times in {looks} looks"
