@@ -712,8 +712,9 @@ PyDoc_STRVAR(rx_one_doc,
 "Read one packet from the TUN queue fd into the ring at Tail (Session._pull_one): the header into\n"
 "hdr[:10], the packet at Tail + 4 (or through scratch when there are less than 0x10004 bytes free; a\n"
 "packet that does not fit is dropped). Writes its Size, publishes Tail and returns its view. Returns\n"
-"-1 when the queue is empty (EAGAIN) and -2 when the packet was dropped; raises OSError for any other\n"
-"error of the read (the ring is then unchanged) and InvalidData-like ValueError for a short read.");
+"-1 when the queue is empty (EAGAIN), -2 when the packet was dropped and -3 for a read shorter than\n"
+"the header; raises OSError for any other error of the read. The ring is unchanged unless a view is\n"
+"returned.");
 
 static PyObject *
 rx_one(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -768,8 +769,7 @@ rx_one(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         n -= VNET_HDR_SIZE;
         if (n < 0) {
-            PyErr_Format(PyExc_ValueError, "the TUN queue returned %zd bytes, less than the %d-byte "
-                         "virtio-net header", n + VNET_HDR_SIZE, VNET_HDR_SIZE);
+            result = PyLong_FromLong(-3);
             goto done;
         }
         if (!direct) {
