@@ -65,7 +65,8 @@ class Result:
     errors: list[str] = field(default_factory=list)
 
 
-def _run(*argv: str, timeout: float = 30, check: bool = True, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+def _run(*argv: str, timeout: float = 30, check: bool = True,  # type: ignore[no-untyped-def]
+         **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -269,8 +270,9 @@ def table(results: list[Result], seconds: float, rounds: int, both_ways: bool) -
         rev = _median(r.reverse_bps)
         cpu = _median(r.cpu)
         retr = _median([float(x) for x in r.retransmits])
-        line = (f"{r.kind:<24} {fwd / 1e9:>8.3f} {ratio(fwd, base_fwd):>8} "
-                f"{(f'{cpu * 100:.0f}%' if cpu is not None else '-'):>5} {(f'{retr:.0f}' if retr is not None else '-'):>6}")
+        cpu_text = f"{cpu * 100:.0f}%" if cpu is not None else "-"
+        retr_text = f"{retr:.0f}" if retr is not None else "-"
+        line = f"{r.kind:<24} {fwd / 1e9:>8.3f} {ratio(fwd, base_fwd):>8} {cpu_text:>5} {retr_text:>6}"
         if both_ways:
             line += f" {(f'{rev / 1e9:.3f}' if rev is not None else '-'):>11} {ratio(rev, base_rev):>8}"
         if r.errors:

@@ -32,7 +32,6 @@ from .test_wireguard import (
     nsx,
     pair,
     ping,
-    sh,
     unique,
     wait_for,
 )

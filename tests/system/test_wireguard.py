@@ -23,7 +23,6 @@ import ipaddress
 import json
 import os
 import random
-import re
 import select
 import shutil
 import signal
