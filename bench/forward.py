@@ -494,7 +494,8 @@ def table(results: list[Result], seconds: float, rounds: int = 1) -> str:
         per = f"{r.tcp_us_per_packet:.1f}" if r.tcp_us_per_packet is not None else "-"
         lines.append(
             f"{kind:<16} {gbit:>10} {_ratio(r.tcp_bps, tcp('python-pytun')):>8} "
-            f"{_ratio(r.tcp_bps, tcp('C plain')):>7} {_ratio(r.tcp_bps, tcp('C offload')):>8} {avg:>7} {cpu:>5} {per:>6}"
+            f"{_ratio(r.tcp_bps, tcp('C plain')):>7} {_ratio(r.tcp_bps, tcp('C offload')):>8} {avg:>7} "
+            f"{cpu:>5} {per:>6}"
             f" {kpps:>11} {_ratio(r.udp_pps, pps('python-pytun')):>8} {_ratio(r.udp_pps, pps('C plain')):>7}"
             f" {rcvd:>9}  {r.offloads}" + (f"  ({r.failed_runs} run(s) failed)" if r.failed_runs else "")
         )

@@ -143,7 +143,8 @@ class PcapWriter:
 
     def __repr__(self) -> str:
         where = self.path or "stream"
-        return f"<PcapWriter {where!r} linktype={self.linktype} packets={self.packets}{' closed' if self._closed else ''}>"
+        state = " closed" if self._closed else ""
+        return f"<PcapWriter {where!r} linktype={self.linktype} packets={self.packets}{state}>"
 
 
 class PcapRecord(NamedTuple):
