@@ -15,7 +15,9 @@
  * handlers, as os.readv/os.writev do (an exception from a handler propagates, as it does there).
  *
  * Packet views are memoryviews of ``data`` sharing its managed buffer, as ``data[a:b]`` would be: they
- * keep the ring memory alive on their own.
+ * keep the ring memory alive on their own. Calls on one ring must not overlap (the session holds the
+ * ring's lock around each); while a call runs, the buffers it was given stay exported, so the memory
+ * cannot be unmapped under it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
