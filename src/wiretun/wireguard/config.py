@@ -42,7 +42,7 @@ class PeerSet:
     public_key: bytes
     remove: bool = False
     update_only: bool = False
-    preshared_key: bytes | None = None  # 32 zero bytes clears it
+    preshared_key: bytes | None = dataclasses.field(default=None, repr=False)  # 32 zero bytes clears it
     endpoint: Endpoint | None = None
     persistent_keepalive_interval: int | None = None  # seconds, 0 disables
     replace_allowed_ips: bool = False
@@ -53,7 +53,7 @@ class PeerSet:
 
 @dataclasses.dataclass
 class DeviceSet:
-    private_key: bytes | None = None  # 32 zero bytes clears it
+    private_key: bytes | None = dataclasses.field(default=None, repr=False)  # 32 zero bytes clears it
     listen_port: int | None = None
     fwmark: int | None = None  # 0 clears it
     replace_peers: bool = False
@@ -63,7 +63,7 @@ class DeviceSet:
 @dataclasses.dataclass
 class PeerState:
     public_key: bytes
-    preshared_key: bytes = bytes(KEY_SIZE)
+    preshared_key: bytes = dataclasses.field(default=bytes(KEY_SIZE), repr=False)
     endpoint: Endpoint | None = None
     persistent_keepalive_interval: int = 0
     last_handshake_time_sec: int = 0
@@ -76,7 +76,7 @@ class PeerState:
 
 @dataclasses.dataclass
 class DeviceState:
-    private_key: bytes | None = None
+    private_key: bytes | None = dataclasses.field(default=None, repr=False)
     listen_port: int = 0
     fwmark: int = 0
     peers: list[PeerState] = dataclasses.field(default_factory=list)

@@ -131,7 +131,8 @@ def default_source_address(endpoint: Any) -> tuple[bytes, bytes]:
         except ValueError:
             ip = host.encode("utf-8", "replace")
         port = endpoint[1] if isinstance(endpoint[1], int) else 0
-        return ip + (port & 0xFFFF).to_bytes(2, "big"), ip
+        # IPv6 sources are rate-limited per /64, as the kernel does: one host owns a whole /64.
+        return ip + (port & 0xFFFF).to_bytes(2, "big"), (ip[:8] if len(ip) == 16 else ip)
     if isinstance(endpoint, (bytes, bytearray)):
         raw = bytes(endpoint)
         return raw, raw

@@ -92,7 +92,7 @@ BATCH = 64  # packets or datagrams handled per batch before the core's lock is l
 SOCKET_BUFFER_SIZE = 7 << 20  # wireguard-go's UDP socket buffer size
 RANDOM_PORT_ATTEMPTS = 100  # wireguard-go's retries when port 0 collides on IPv6
 MAX_WAIT = 1.0  # longest epoll sleep, so a lost wake-up can never stall the loop for long
-SEND_WAIT = 0.1  # how long a datagram send waits for socket buffer space before it is dropped
+SEND_WAIT = 0.1  # how long one flush of datagrams may wait, in all, for socket buffer space; then drops
 JOIN_TIMEOUT = 10.0
 _RECV_SIZE = 65536  # larger than any UDP payload
 
@@ -165,8 +165,8 @@ def _parse_key(value: object, what: str) -> bytes:
         text = value.strip()
         if len(text) == 2 * KEY_SIZE:
             try:
-                return bytes.fromhex(text)
-            except ValueError:
+                return _keys.from_hex(text)  # strict: bytes.fromhex alone would skip whitespace
+            except InvalidParameter:
                 raise InvalidParameter(f"{what} is 64 characters long but not hex") from None
         try:
             return _keys.from_base64(text)
@@ -343,6 +343,7 @@ class Device:
         self._send_errors_logged: set[int] = set()
         self._gso = True  # False for a while after the kernel refused UDP_SEGMENT
         self._gso_retry_at = 0.0
+        self._send_wait_until = 0.0
         try:
             self._ns = netlink.Namespace()  # where sockets go, also those made later (rebinds)
             mtu = adapter.mtu
@@ -905,6 +906,9 @@ class Device:
         n = len(datagrams)
         if not self._gso and n > 1 and time.monotonic() >= self._gso_retry_at:
             self._gso = True  # paths change (MTU, route): try again now and then
+        # One budget for the whole flush: the loop holds the core lock, so a full socket buffer
+        # must not stall it (and UAPI get/set) for SEND_WAIT per datagram.
+        self._send_wait_until = time.monotonic() + SEND_WAIT
         i = 0
         while i < n:
             data, endpoint = datagrams[i]
@@ -940,7 +944,7 @@ class Device:
             except BlockingIOError:
                 # The socket buffer is full: wait briefly for room (as a blocking send would), once.
                 try:
-                    select.select((), (sock,), (), SEND_WAIT)
+                    self._wait_writable(sock)
                     sock.sendto(data, endpoint)
                     sent += 1
                 except OSError as e:
@@ -949,6 +953,15 @@ class Device:
                 self._send_failed(e, endpoint)
             i += 1
         counters.udp_tx += sent
+
+    def _wait_writable(self, sock: socket.socket) -> None:
+        """Wait for room in ``sock``'s buffer, within what is left of this flush's budget.
+        ``poll``, not ``select``: select fails on descriptors >= 1024 in a process with many files."""
+        left = self._send_wait_until - time.monotonic()
+        if left > 0:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            poller.poll(left * 1000)
 
     def _send_train(self, sock: socket.socket, datagrams: list[tuple[bytes, Any]], i: int, j: int, size: int,
                     endpoint: Any) -> int:
@@ -964,7 +977,7 @@ class Device:
             except BlockingIOError:
                 if attempt:
                     break
-                select.select((), (sock,), (), SEND_WAIT)
+                self._wait_writable(sock)
             except OSError as e:
                 if e.errno in _GSO_REFUSED:
                     self._gso = False

@@ -117,9 +117,10 @@ def from_base64(text: str | bytes) -> bytes:
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidParameter(f"key {text!r} is not valid base64") from None
+        # Never echo the text: it may be a private key with a typo.
+        raise InvalidParameter(f"key of {len(text)} characters is not valid base64") from None
     if len(raw) != KEY_SIZE:
-        raise InvalidParameter(f"key {text!r} decodes to {len(raw)} bytes, expected {KEY_SIZE}")
+        raise InvalidParameter(f"key decodes to {len(raw)} bytes, expected {KEY_SIZE}")
     return raw
 
 
@@ -128,14 +129,17 @@ def to_base64(key: bytes) -> str:
     return base64.b64encode(check_key(key)).decode("ascii")
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def from_hex(text: str) -> bytes:
     """Decode a 64-digit hex key, the form the UAPI protocol uses."""
     if not isinstance(text, str) or len(text) != 2 * KEY_SIZE:
-        raise InvalidParameter(f"hex key must be {2 * KEY_SIZE} hex digits, got {text!r}")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise InvalidParameter(f"hex key {text!r} has a non-hex digit") from None
+        got = f"{len(text)} characters" if isinstance(text, str) else type(text).__name__
+        raise InvalidParameter(f"hex key must be {2 * KEY_SIZE} hex digits, got {got}")
+    if not all(c in _HEX_DIGITS for c in text):  # bytes.fromhex would skip whitespace
+        raise InvalidParameter("hex key has a non-hex character")
+    return bytes.fromhex(text)
 
 
 def to_hex(key: bytes) -> str:

@@ -150,6 +150,9 @@ class PeerTimers:
         self.active = False
         for index in range(len(self.deadlines)):
             self.deadlines[index] = None
+        # Forget the scheduled wake-up too: otherwise a later set() sees an old (past) wake and
+        # schedules nothing, and the peer's timers stay dead after a down/up cycle.
+        self.wake = None
 
     # -- event hooks, named after wireguard-go's timers* functions
 

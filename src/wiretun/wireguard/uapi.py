@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import os
 import selectors
+import re
 import socket
 import stat
 import threading
@@ -62,6 +63,7 @@ __all__ = [
 DEFAULT_SOCKET_DIRECTORY = "/var/run/wireguard"
 # wireguard-go reads set lines with a bufio.Scanner whose buffer is 64 KiB, newline included.
 MAX_LINE_LENGTH = 64 * 1024 - 1
+MAX_SET_LINES = 1 << 20  # lines in one set request (a million allowed IPs is plenty)
 # ipc.IpcErrorUnknown: an error that is not a UAPI error ("shouldn't happen").
 ENOANO = _errno.ENOANO
 
@@ -84,8 +86,14 @@ class DeviceLike(Protocol):
 # ---------------------------------------------------------------------------------------------
 
 
+# A run that could be a key (hex or base64) is never echoed: a mistyped private_key line must not
+# end up in an error reply's log.
+_KEYLIKE = re.compile(r"[0-9A-Za-z+/=]{16,}")
+
+
 def _show(value: str, limit: int = 64) -> str:
-    """``value`` quoted for an error message; very long values are shortened (and say so)."""
+    """``value`` quoted for an error message, key-like runs redacted, long values shortened."""
+    value = _KEYLIKE.sub(lambda m: f"<{len(m.group())} characters>", value)
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}... ({len(value)} characters)"
@@ -205,6 +213,7 @@ class SetParser:
     def __init__(self) -> None:
         self._request = DeviceSet()
         self._peer: PeerSet | None = None
+        self._lines = 0
 
     @property
     def request(self) -> DeviceSet:
@@ -212,6 +221,10 @@ class SetParser:
 
     def feed(self, line: str) -> None:
         """One ``key=value`` line (no newline). The blank end-of-request line is not fed."""
+        self._lines += 1
+        if self._lines > MAX_SET_LINES:
+            # The whole request is held until its blank line: bound what one client can make us hold.
+            raise UAPIError(EINVAL, f"set: request longer than {MAX_SET_LINES} lines")
         key, sep, value = line.partition("=")
         if not sep:
             raise UAPIError(EPROTO, f"set: line {_show(line)} is not key=value")

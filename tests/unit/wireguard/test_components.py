@@ -423,6 +423,18 @@ def test_key_encodings() -> None:
     assert keys.is_zero(bytes(32)) and not keys.is_zero(key)
 
 
+def test_key_errors_never_echo_the_key_and_hex_is_strict() -> None:
+    key = keys.generate_private_key()
+    b64 = keys.to_base64(key)
+    with pytest.raises(InvalidParameter) as info:
+        keys.from_base64(b64[:-2] + "!=")  # a typo in a private key
+    assert b64[:20] not in str(info.value)
+    spaced = keys.to_hex(key)[:62] + " 0"  # 64 characters, but bytes.fromhex would skip the space
+    with pytest.raises(InvalidParameter, match="non-hex") as info:
+        keys.from_hex(spaced)
+    assert keys.to_hex(key)[:20] not in str(info.value)
+
+
 # ----------------------------------------------------------------------------- properties
 
 from hypothesis import given, settings  # noqa: E402

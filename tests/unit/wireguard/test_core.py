@@ -714,6 +714,21 @@ def test_down_and_up(pair) -> None:
     assert a.peer_of(b).has_session
 
 
+def test_timers_keep_running_after_down_and_up(pair) -> None:
+    # Regression: stop() left the old wake-up time behind; after a down/up cycle a timer armed later
+    # than it was never scheduled, so the peer never retransmitted (nor kept alive, nor zeroed keys).
+    net, a, b = pair
+    a.wg.send_packet(ipv4("10.0.0.1", "10.0.0.2"), T0)  # initiation; retransmit armed at ~T0+5
+    a.wg.down()
+    a.wg.up(T0 + 20)
+    a.wg.send_packet(ipv4("10.0.0.1", "10.0.0.2"), T0 + 20)  # retransmit due at ~T0+25
+    sent = 0
+    for second in range(21, 120):
+        a.wg.tick(T0 + second)
+        sent += sum(1 for d, _ in a.wg.take_datagrams() if len(d) == 148)
+    assert sent >= 15, sent  # one retransmission every REKEY_TIMEOUT (5 s + jitter)
+
+
 def test_next_deadline_is_exact(pair) -> None:
     net, a, b = pair
     handshake(net, a, b)
