@@ -121,6 +121,7 @@ def is_kernel_name(name: str) -> bool:
         and 0 < len(name) <= MAX_KERNEL_NAME_BYTES
         and name not in (".", "..")
         and ":" not in name  # the kernel reserves ':' (old-style address labels)
+        and "%" not in name  # the kernel would expand "%d" into a number of its choosing
         and all(ch.isprintable() and not ch.isspace() and ch != "/" for ch in name)
     )
 
@@ -236,6 +237,9 @@ def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 def _gateway(value: object, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if value is None:
         return None
+    if not isinstance(value, (str, ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        # ip_address() would take an int (5 -> 0.0.0.5): accept only what reads as an address.
+        raise InvalidParameter(f"invalid gateway {value!r}: give an address string such as '10.0.0.1'")
     try:
         gw = ipaddress.ip_address(value)  # type: ignore[arg-type]
     except ValueError as exc:

@@ -126,17 +126,17 @@ def run(seconds: float | None = None, *, ipv6: bool = True) -> dict:
             ]
             for w in workers:
                 w.start()
-            previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-            if previous is not None:
-                signal.signal(signal.SIGINT, lambda *_: quit_event.set())
-                signal.signal(signal.SIGTERM, lambda *_: quit_event.set())
+            on_main = threading.current_thread() is threading.main_thread()
+            previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
+            for sig in previous:
+                signal.signal(sig, lambda *_: quit_event.set())
             try:
                 quit_event.wait(seconds)
             finally:
                 log.info("Cleaning up and shutting down...")
                 quit_event.set()
-                if previous is not None:
-                    signal.signal(signal.SIGINT, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
                 for w in workers:
                     w.join(timeout=2)
     finally:

@@ -624,3 +624,19 @@ def test_attached_queues_and_vanished_adapter(netns):
             a.mtu
     finally:
         a.close()
+
+
+def test_percent_name_is_kept_verbatim(netns):
+    # The kernel expands "%d" in a requested name; wiretun must give the adapter the name asked for.
+    with Adapter.create("wt%d", "Pct") as adapter:
+        assert adapter.name == "wt%d"
+        assert adapter.kernel_name != "wt%d" and "%" not in adapter.kernel_name
+        with Adapter.open("wt%d") as again:
+            assert again.luid == adapter.luid
+
+
+def test_gateway_must_be_an_address(netns):
+    with Adapter.create("gwtype", "Gw") as adapter:
+        adapter.up()
+        with pytest.raises(InvalidParameter, match="gateway"):
+            adapter.add_route("10.99.0.0/16", gateway=5)

@@ -69,6 +69,7 @@ def test_invalid_name_is_also_value_error():
         ("x" * 16, False),  # too long for IFNAMSIZ
         ("é", False),  # non-ASCII: kernels treat some UTF-8 bytes (0xA0) as whitespace
         ("a:b", False),  # ':' is reserved by the kernel
+        ("wt%d", False),  # the kernel would expand %d into a number
         (".", False),
         ("..", False),
         ("...", True),

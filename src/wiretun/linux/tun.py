@@ -63,7 +63,10 @@ _DRVINFO_SIZE = 196  # struct ethtool_drvinfo
 
 
 def _ifreq(name: str, flags: int = 0) -> bytes:
-    return _IFREQ.pack(name.encode(), flags)
+    raw = name.encode()
+    if len(raw) >= IFNAMSIZ:  # struct.pack would cut it and we would attach to another device
+        raise ValueError(f"interface name {name!r} is {len(raw)} bytes; the kernel allows {IFNAMSIZ - 1}")
+    return _IFREQ.pack(raw, flags)
 
 
 def open_queue(kernel_name: str, *, create: bool = False, nonblock: bool = True) -> int:
