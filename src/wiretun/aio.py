@@ -23,7 +23,7 @@ import asyncio
 import weakref
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
-from .errors import EndOfFile, InvalidParameter
+from .errors import BufferOverflow, EndOfFile, InvalidParameter
 
 if TYPE_CHECKING:
     from .session import Session
@@ -73,6 +73,7 @@ class _Waiters:
 # Per session and loop; weak so a forgotten session is not kept alive by asyncio bookkeeping.
 _readers: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]] = weakref.WeakKeyDictionary()
 _writers: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]] = weakref.WeakKeyDictionary()
+_enders: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]] = weakref.WeakKeyDictionary()
 
 
 def _waiters(table: weakref.WeakKeyDictionary, session: Any, fd: int, writer: bool) -> _Waiters:
@@ -94,10 +95,17 @@ async def wait_readable(session: Session) -> None:
 
 
 async def wait_writable(session: Session) -> None:
-    """Sleep until the session's TUN queue accepts writes again (after EAGAIN/ENOBUFS, or a full ring)."""
+    """Sleep until the session's TUN queue accepts writes again (after EAGAIN/ENOBUFS) or it ends."""
     if session.ended:
         return
-    await _waiters(_writers, session, session._queue_fileno(), True).wait()
+    writable = _waiters(_writers, session, session._queue_fileno(), True).wait()
+    ended = _waiters(_enders, session, session._end_fileno(), False).wait()
+    try:
+        await asyncio.wait((writable, ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for fut in (writable, ended):
+            if not fut.done():
+                fut.cancel()  # unregisters its descriptor when nobody else waits on it
 
 
 async def receive(session: Session) -> memoryview:
@@ -136,14 +144,22 @@ async def packets(session: Session, batch: int = 64) -> AsyncIterator[memoryview
 
 
 async def send(session: Session, packet: Buffer, header: Any = None) -> None:
-    """Send one packet (copied into the send ring), sleeping while the ring is full.
+    """Send one packet (copied into the send ring when the kernel cannot take it at once).
 
-    ``header`` is the packet's virtio-net header on an offload session (see ``Session.send_packets``).
-    EndOfFile once the session has ended.
+    Sleeps while the kernel refuses writes (EAGAIN/ENOBUFS) and the send ring is full.
+    BufferOverflow when the ring is full of packets allocated and not yet sent (nothing to wait for:
+    they leave only when their owner sends them); EndOfFile once the session has ended. ``header``
+    is the packet's virtio-net header on an offload session (see ``Session.send_packet``).
     """
     packets_ = (packet,)
     headers = None if header is None else (header,)
+    waits = 0
     while True:
-        if (session.send_packets(packets_) if headers is None else session.send_packets(packets_, headers=headers)):
+        if session.send_packets(packets_, headers):
             return
+        if not session._tx_stalled:
+            raise BufferOverflow("the send ring is full of allocated packets not yet sent")
+        if waits:
+            await asyncio.sleep(0.001)  # writable yet refused again (ENOBUFS/ENOMEM): do not spin
         await wait_writable(session)
+        waits += 1

@@ -75,12 +75,19 @@ class PcapWriter:
         else:
             if not hasattr(file, "write"):
                 raise InvalidParameter(f"capture target must be a path or a binary file object, not {file!r}")
+            if isinstance(file, io.TextIOBase):
+                raise InvalidParameter("the capture file object must be opened in binary mode ('wb'), not text mode")
             self._file = file
             self._close_file = bool(close_file)
             self.path = getattr(file, "name", None) if isinstance(getattr(file, "name", None), str) else None
         self._closed = False
         magic = MAGIC_NANOSECONDS if self.nanoseconds else MAGIC_MICROSECONDS
-        self._file.write(_FILE_HEADER.pack(magic, VERSION[0], VERSION[1], 0, 0, snaplen, linktype))
+        try:
+            self._file.write(_FILE_HEADER.pack(magic, VERSION[0], VERSION[1], 0, 0, snaplen, linktype))
+        except (TypeError, ValueError) as exc:  # a text-mode or closed file object
+            if self._close_file:
+                self._file.close()
+            raise InvalidParameter(f"cannot write to the capture file: {exc}") from None
         self._header = bytearray(RECORD_HEADER_SIZE)
 
     @property
@@ -90,8 +97,14 @@ class PcapWriter:
     def write(self, packet: Buffer, timestamp_ns: int | None = None) -> None:
         """Record one packet; ``timestamp_ns`` is nanoseconds since the epoch (default: now).
 
-        Raises InvalidParameter for an empty packet or after :meth:`close`.
+        Raises InvalidParameter for an empty or non-bytes-like packet, after :meth:`close`, or when the
+        file object refuses bytes (closed under us); OSError from the file (disk full, ...) as it comes.
         """
+        if type(packet) is not bytes and type(packet) is not bytearray:
+            try:
+                packet = memoryview(packet).cast("B")  # the length in bytes, whatever the item size
+            except (TypeError, ValueError) as exc:
+                raise InvalidParameter(f"cannot capture {type(packet).__name__}: {exc}") from None
         size = len(packet)
         if size == 0:
             raise InvalidParameter("cannot capture an empty packet")
@@ -107,8 +120,11 @@ class PcapWriter:
             header = self._header
             _RECORD_HEADER.pack_into(header, 0, seconds & 0xFFFFFFFF, fraction, kept, size)
             write = self._file.write
-            write(header)
-            write(packet if kept == size else memoryview(packet)[:kept])
+            try:
+                write(header)
+                write(packet if kept == size else memoryview(packet)[:kept])
+            except (TypeError, ValueError) as exc:  # the file object was closed or swapped under us
+                raise InvalidParameter(f"cannot write to the capture file: {exc}") from None
             self.packets += 1
 
     def write_many(self, packets: list[Buffer] | tuple[Buffer, ...], timestamp_ns: int | None = None) -> None:
@@ -131,6 +147,8 @@ class PcapWriter:
             self._closed = True
             try:
                 self._file.flush()
+            except ValueError:
+                pass  # closed already by its owner: nothing left to flush
             finally:
                 if self._close_file:
                     self._file.close()

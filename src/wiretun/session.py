@@ -118,6 +118,8 @@ _FRAME_MAX = _HDR + MAX_PACKET_SIZE
 _FRAME_SPAN = _FRAME_MAX + 1
 _FRAME_RECORD = (4 + _FRAME_SPAN + 3) & ~3
 _FRAME_SLACK = _FRAME_RECORD - MAX_RECORD_SIZE + 16  # beyond Wintun's trailing area, for the longer records
+_HEADER_LIMITS = (0xFF, 0xFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF)  # flags, gso_type, hdr_len, gso_size, csum_*
+_DROP = object()  # in _tx_headers: a queued packet that must not be written (sent with a bad header)
 _SIOCETHTOOL = 0x8946
 _ETHTOOL_GTXCSUM = 0x00000016
 
@@ -137,6 +139,9 @@ def _header_bytes(header: Any, where: str) -> Any:
     if header is None:
         return ZERO_HEADER
     if isinstance(header, VirtioNetHeader):
+        for name, value, limit in zip(header._fields, header, _HEADER_LIMITS):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+                raise InvalidParameter(f"{where}: {name} {value!r} is out of range 0..{limit}")
         return header.pack()
     try:
         size = memoryview(header).nbytes
@@ -343,7 +348,7 @@ class Session:
             return
         try:
             capture.write_many(packets)
-        except (OSError, InvalidParameter) as exc:
+        except Exception as exc:  # whatever the file object does, packets keep flowing
             self._capture = None
             log.warn(f"Session on {self._name}: capture stopped: {exc}")
             try:
@@ -429,7 +434,7 @@ class Session:
             if self._capture is not None:
                 try:
                     self._capture.close()
-                except OSError as exc:
+                except Exception as exc:  # ending must go on (and unregister the session) regardless
                     log.warn(f"Session on {self._name}: closing the capture file failed: {exc}")
         self._adapter._unregister_session(self)
 
@@ -461,6 +466,7 @@ class Session:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep until packets may be waiting or the session has ended; False after ``timeout`` seconds."""
+        _check_timeout(timeout)
         epoll = self._res.epoll
         if epoll is None or self._ended:
             return True
@@ -706,6 +712,8 @@ class Session:
         seconds). EndOfFile once the session or adapter has ended. Release every packet with
         :meth:`release_receive_packet`.
         """
+        if timeout is not None:
+            _check_timeout(timeout)
         with self._rx_lock:
             if self._ended:
                 raise self._eof()
@@ -753,6 +761,8 @@ class Session:
             raise InvalidParameter(f"max_count {max_count!r} must be an int >= 1")
         if headers is not None and not isinstance(headers, list):
             raise InvalidParameter(f"headers must be a list to append to, not {type(headers).__name__}")
+        if timeout is not None:
+            _check_timeout(timeout)
         with self._rx_lock:
             if self._ended:
                 raise self._eof()
@@ -810,6 +820,13 @@ class Session:
     def release_receive_packets(self, packets: list[memoryview]) -> None:
         """Release several received packets; fastest when they are the oldest ones, in order (as
         :meth:`receive_packets` returned them). All or nothing: one bad packet releases none."""
+        if type(packets) is not list:
+            try:
+                packets = list(packets)
+            except TypeError:
+                raise InvalidParameter(
+                    f"packets must be a list of received packets, not {type(packets).__name__}"
+                ) from None
         with self._rx_lock:
             if self._torn_down:
                 return
@@ -840,6 +857,13 @@ class Session:
         from . import aio
 
         await aio.send(self, packet, header)
+
+    def _end_fileno(self) -> int:
+        """An eventfd that becomes readable (and stays so) when the session ends."""
+        fd = self._res.event_fd
+        if fd < 0:
+            raise self._eof()
+        return fd
 
     def _queue_fileno(self) -> int:
         """The TUN queue's descriptor (for waiting until it accepts writes); EndOfFile once ended."""
@@ -876,6 +900,12 @@ class Session:
                 iov[1] = data[head + 4 : head + 4 + size]
                 if headers:
                     iov[0] = headers.get(head + 4, ZERO_HEADER)
+                    if iov[0] is _DROP:
+                        self.send_dropped += 1
+                        headers.pop(head + 4, None)
+                        iov[0] = ZERO_HEADER
+                        head = (head + ((size + 7) & ~3)) & mask
+                        continue
                 try:
                     writev(fd, iov)
                 except OSError as e:
@@ -913,22 +943,6 @@ class Session:
             if not self._ended:
                 self._flush()
 
-    def _send_odd(self, pkt: Any, index: int, header: Any) -> bool:
-        """send_packets for an item that is not a flat byte buffer (e.g. a memoryview of another format)."""
-        try:
-            flat = memoryview(pkt).cast("B")
-        except TypeError as e:
-            raise InvalidParameter(f"packet {index} is not a bytes-like object ({type(pkt).__name__})") from e
-        n = check_packet_size(flat.nbytes)
-        offset = self._tx_prod.try_allocate(n)
-        if offset < 0:
-            return False
-        self._tx_data[offset : offset + n] = flat
-        if header is not ZERO_HEADER:
-            self._tx_headers[offset] = header
-        self._tx_prod.send(offset)
-        return True
-
     def allocate_send_packet(self, size: int) -> memoryview:
         """A writable memoryview of ``size`` bytes in the send ring (WintunAllocateSendPacket).
 
@@ -954,7 +968,11 @@ class Session:
         checksum it completes (``F_NEEDS_CSUM``); None sends the all-zero header (a finished packet).
         The view is released. After the session ended this does nothing (the packet is discarded).
         """
-        hdr = ZERO_HEADER if header is None else _header_bytes(header, "header")
+        bad: InvalidParameter | None = None
+        try:
+            hdr = ZERO_HEADER if header is None else _header_bytes(header, "header")
+        except InvalidParameter as exc:
+            hdr, bad = _DROP, exc
         with self._tx_lock:
             if self._ended:
                 return
@@ -967,13 +985,17 @@ class Session:
                     f"not yet sent (sent twice, or from another session?)"
                 )
             if hdr is not ZERO_HEADER:
-                self._tx_headers[entry[1]] = bytes(hdr)
+                # A bad header drops the packet rather than leave it unsent at the front of the ring,
+                # where every later packet would wait behind it.
+                self._tx_headers[entry[1]] = hdr if hdr is _DROP else bytes(hdr)
             self._tx_prod.send(entry[1])
             self._flush()
         try:
             packet.release()
         except BufferError:
             pass
+        if bad is not None:
+            raise InvalidParameter(f"{bad} (the packet was dropped)") from None
 
     def send_packets(
         self, packets: Iterable[bytes | bytearray | memoryview], headers: Sequence[Any] | None = None
@@ -981,27 +1003,17 @@ class Session:
         """Send many packets in order, as allocate + copy + send would; returns how many were taken.
 
         Each item is a bytes-like IP packet of 1..0xFFFF bytes. ``headers``, if given, holds one
-        virtio-net header per packet (as :meth:`send_packet` takes them; ``receive_packets(...,
-        headers=list)`` fills such a list), so packets received from one offload session can be passed
-        to another unchanged. Packets go out in order after everything allocated before. When nothing is
-        queued ahead of them they are written to the kernel straight from the caller's buffers: copying
-        them into the ring first would only be undone at once. What the kernel cannot take right now
-        (EAGAIN) is copied into the ring; when the ring is full the count stops there and the caller
-        drops the rest (Wintun's BufferOverflow). EndOfFile once the session has ended.
+        virtio-net header per packet (as :meth:`send_packet` takes them, None for none;
+        ``receive_packets(..., headers=list)`` fills such a list), so packets received from one offload
+        session can be passed to another unchanged. Every item and header is checked before anything is
+        sent: a bad one raises InvalidParameter and nothing of the batch goes out. Packets go out in order
+        after everything allocated before. When nothing is queued ahead of them they are written to the
+        kernel straight from the caller's buffers: copying them into the ring first would only be undone
+        at once. What the kernel cannot take right now (EAGAIN) is copied into the ring; when the ring is
+        full the count stops there and the caller drops the rest (Wintun's BufferOverflow). EndOfFile
+        once the session has ended.
         """
-        hdr_it: Iterator[Any] | None = None
-        if headers is not None:
-            if not isinstance(packets, (list, tuple)):
-                packets = list(packets)
-            try:
-                n_headers = len(headers)
-            except TypeError:
-                raise InvalidParameter(
-                    f"headers must be a sequence, not {type(headers).__name__}"
-                ) from None
-            if n_headers != len(packets):
-                raise InvalidParameter(f"headers holds {n_headers} item(s) for {len(packets)} packet(s)")
-            hdr_it = iter(headers)
+        items, sizes, hdrs = _check_batch(packets, headers)
         count = 0
         with self._tx_lock:
             if self._ended:
@@ -1010,32 +1022,15 @@ class Session:
             words = self._tx_words
             if self._tx_stalled:
                 self._flush()
-            it = iter(packets)
             if not prod._unsent and words[HEAD_WORD] == words[TAIL_WORD]:
-                count, rest, rest_header = self._send_direct(it, hdr_it)
-                if rest is None:
+                count = self._send_direct(items, sizes, hdrs)
+                if count == len(items):
                     return count
-                it = itertools.chain((rest,), it)
-                if hdr_it is not None:
-                    hdr_it = itertools.chain((rest_header,), hdr_it)
             data = self._tx_data
             tx_headers = self._tx_headers
             try:
-                for pkt in it:
-                    if hdr_it is None:
-                        hdr = ZERO_HEADER
-                    else:
-                        hdr = next(hdr_it)
-                        if type(hdr) is not bytes or len(hdr) != _HDR:
-                            hdr = _header_bytes(hdr, f"header {count}")
-                    try:
-                        n = len(pkt)
-                    except TypeError:
-                        raise InvalidParameter(
-                            f"packet {count} is not a bytes-like object ({type(pkt).__name__})"
-                        ) from None
-                    if not 0 < n <= MAX_PACKET_SIZE:
-                        check_packet_size(n)
+                for i in range(count, len(items)):
+                    pkt, n = items[i], sizes[i]
                     offset = prod.try_allocate(n)
                     if offset < 0:
                         self._flush()  # make room: everything allocated so far is sent already
@@ -1044,61 +1039,99 @@ class Session:
                             break
                     try:
                         data[offset : offset + n] = pkt
-                    except (TypeError, ValueError):
-                        prod.unallocate(offset)
-                        if not self._send_odd(pkt, count, hdr):
-                            break
-                        count += 1
-                        continue
-                    if hdr is not ZERO_HEADER:
-                        tx_headers[offset] = bytes(hdr)  # the caller's buffer may change meanwhile
+                    except (TypeError, ValueError):  # not a flat byte buffer (a view of 'H' items, say)
+                        data[offset : offset + n] = memoryview(pkt).cast("B")
+                    if hdrs is not None and hdrs[i] is not ZERO_HEADER:
+                        tx_headers[offset] = bytes(hdrs[i])  # the caller's buffer may change meanwhile
                     prod.send(offset)
                     count += 1
             finally:
                 self._flush()
         return count
 
-    def _send_direct(self, it: Iterator[Any], hdr_it: Iterator[Any] | None) -> tuple[int, Any, Any]:
-        """Write packets from the caller's buffers while the send ring is empty. Returns (count taken,
-        the packet the kernel refused with EAGAIN or None, that packet's header); the caller queues that
-        one and the rest. ``hdr_it`` gives one header per packet (offloads), else the zero header goes
-        with each; a capture file records each packet written."""
+    def _send_direct(self, items: Sequence[Any], sizes: list[int], hdrs: list[Any] | None) -> int:
+        """Write checked packets from the caller's buffers while the send ring is empty; returns how
+        many were taken (written, or dropped because the kernel rejected them). The first one the
+        kernel refused with EAGAIN, and the rest, are left for the caller to queue. ``hdrs`` gives one
+        header per packet (offloads), else the zero header goes with each; a capture file records each
+        packet written."""
         iov = self._tx_direct_iov
         writev = os.writev
         fd = self._fd
         capture = self._capture
         count = 0
-        hdr = ZERO_HEADER
         try:
-            for pkt in it:
-                if hdr_it is not None:
-                    hdr = next(hdr_it)
-                    if type(hdr) is not bytes or len(hdr) != _HDR:
-                        hdr = _header_bytes(hdr, f"header {count}")
-                    iov[0] = hdr
-                n = len(pkt)
-                if not 0 < n <= MAX_PACKET_SIZE:
-                    check_packet_size(n)
+            for pkt in items:
+                if hdrs is not None:
+                    iov[0] = hdrs[count]
                 iov[1] = pkt
                 try:
                     writev(fd, iov)
                 except OSError as e:
                     if e.errno in _RETRY_ERRNOS:
                         self._tx_stalled = True
-                        return count, pkt, hdr
+                        return count
                     if e.errno in _GONE_ERRNOS:
                         raise self._lost(e) from e
-                    self._send_rejected(e, n)
+                    self._send_rejected(e, sizes[count])
                 else:
                     if capture is not None:
                         self._record((pkt,))
                 count += 1
-        except TypeError as e:
-            raise InvalidParameter(f"packet {count} is not a bytes-like object: {e}") from None
         finally:
             iov[1] = None
             iov[0] = ZERO_HEADER
-        return count, None, ZERO_HEADER
+        return count
+
+
+def _check_timeout(timeout: object) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise InvalidParameter(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+
+
+def _check_batch(packets: Any, headers: Any) -> tuple[Sequence[Any], list[int], list[Any] | None]:
+    """Check a send batch before any of it goes out: (packets as a sequence, their sizes in bytes, their
+    headers as 10-byte buffers or None). InvalidParameter names the first bad item and why."""
+    if type(packets) is list or type(packets) is tuple:
+        items: Sequence[Any] = packets
+    else:
+        try:
+            items = list(packets)
+        except TypeError:
+            raise InvalidParameter(
+                f"packets must be an iterable of bytes-like objects, not {type(packets).__name__}"
+            ) from None
+    sizes: list[int] = []
+    add = sizes.append
+    limit = MAX_PACKET_SIZE
+    for i, pkt in enumerate(items):
+        kind = type(pkt)
+        if kind is bytes or kind is bytearray:
+            n = len(pkt)
+        else:
+            try:
+                view = pkt if kind is memoryview else memoryview(pkt)
+            except TypeError:
+                raise InvalidParameter(f"packet {i} is not a bytes-like object ({kind.__name__})") from None
+            if not view.c_contiguous:
+                raise InvalidParameter(f"packet {i} is not a contiguous buffer")
+            n = view.nbytes  # bytes, whatever the item size (len() of an array('H') counts items)
+        if not 0 < n <= limit:
+            raise InvalidParameter(f"packet {i} is {n} bytes; a packet must be 1..{limit} (0xFFFF) bytes")
+        add(n)
+    if headers is None:
+        return items, sizes, None
+    try:
+        n_headers = len(headers)
+    except TypeError:
+        raise InvalidParameter(f"headers must be a sequence, not {type(headers).__name__}") from None
+    if n_headers != len(items):
+        raise InvalidParameter(f"headers holds {n_headers} item(s) for {len(items)} packet(s)")
+    hdrs = [h if type(h) is bytes and len(h) == _HDR else _header_bytes(h, f"header {i}")
+            for i, h in enumerate(headers)]
+    return items, sizes, hdrs
 
 
 _monotonic = time.monotonic

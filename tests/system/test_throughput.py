@@ -28,7 +28,7 @@ from wiretun import offload as O
 from wiretun import packet as P
 from wiretun.adapter import Adapter
 from wiretun.capture import LINKTYPE_RAW, read_pcap
-from wiretun.errors import EndOfFile, InvalidParameter
+from wiretun.errors import BufferOverflow, EndOfFile, InvalidParameter
 from wiretun.linux import netns as _netns
 from wiretun.linux import tun
 from wiretun.session import Session
@@ -260,19 +260,71 @@ def test_queued_packets_keep_their_headers(adapter, tmp_path):
 
 
 def test_header_arguments_are_checked(adapter):
-    with adapter.start_session(CAP, offload=True) as s:
-        pkt = P.ipv4_udp(PEER4, LOCAL4, 1, 2, b"x")
+    with adapter.start_session(CAP, offload=True) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((LOCAL4, 6003))
+        sock.settimeout(3)
+        pkt = P.ipv4_udp(PEER4, LOCAL4, 1, 6003, b"x")
         with pytest.raises(InvalidParameter, match="10"):
             s.send_packets([pkt], headers=[b"\0" * 9])
         with pytest.raises(InvalidParameter, match="headers"):
             s.send_packets([pkt, pkt], headers=[bytes(10)])
+        with pytest.raises(InvalidParameter, match="gso_size 70000 is out of range 0..65535"):
+            s.send_packets([pkt], headers=[O.VirtioNetHeader(gso_size=70000)])
+        # A bad header on an allocated packet drops that packet: nothing waits behind it for ever.
         view = s.allocate_send_packet(len(pkt))
         view[:] = pkt
-        with pytest.raises(InvalidParameter, match="10"):
+        with pytest.raises(InvalidParameter, match="dropped"):
             s.send_packet(view, header=b"short")
-        s.send_packet(view)  # the packet is still allocated and can go without a header
+        assert s.send_dropped == 1
+        s.send_packets([P.ipv4_udp(PEER4, LOCAL4, 1, 6003, b"after")])
+        assert sock.recv(100) == b"after"
     with pytest.raises(InvalidParameter, match="offload"):
         adapter.start_session(CAP, offload="yes")
+
+
+def test_timeouts_and_release_arguments_are_checked(adapter):
+    with adapter.start_session(CAP) as s:
+        for bad in ("1", -1, float("nan"), True):
+            with pytest.raises(InvalidParameter, match="timeout"):
+                s.wait(bad)  # type: ignore[arg-type]
+            with pytest.raises(InvalidParameter, match="timeout"):
+                s.receive_packet(block=True, timeout=bad)  # type: ignore[arg-type]
+            with pytest.raises(InvalidParameter, match="timeout"):
+                s.receive_packets(block=True, timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidParameter, match="list of received packets"):
+            s.release_receive_packets(42)  # type: ignore[arg-type]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"r", (PEER4, 9))
+        got: list[memoryview] = []
+        deadline = time.monotonic() + 3
+        while not got and time.monotonic() < deadline:
+            got = s.receive_packets(8, block=True, timeout=0.2)
+        s.release_receive_packets(iter(got))  # any iterable of them
+        assert s._rx.head == s._rx.tail
+
+
+def test_a_bad_item_stops_the_whole_batch(adapter):
+    """send_packets checks every item first: nothing of a batch with a bad item goes out."""
+    import array
+
+    with adapter.start_session(CAP) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((LOCAL4, 6004))
+        sock.settimeout(0.3)
+        good = [P.ipv4_udp(PEER4, LOCAL4, 1, 6004, b"p%d" % i) for i in range(3)]  # 30 bytes each
+        with pytest.raises(InvalidParameter, match="packet 2 is 0 bytes"):
+            s.send_packets([good[0], good[1], b"", good[2]])
+        with pytest.raises(InvalidParameter, match="packet 1 is 80000 bytes"):
+            s.send_packets([good[0], array.array("H", bytes(80000))])  # 40000 items, 80000 bytes
+        with pytest.raises(InvalidParameter, match="packet 0 is not a bytes-like object"):
+            s.send_packets([42])
+        with pytest.raises(InvalidParameter, match="iterable"):
+            s.send_packets(None)  # type: ignore[arg-type]
+        with pytest.raises(TimeoutError):
+            sock.recv(100)  # none of those batches sent anything
+        wide = memoryview(bytearray(good[1])).cast("H")  # 15 items of 2 bytes
+        assert s.send_packets(iter([good[0], wide])) == 2  # any iterable; wider items counted in bytes
+        sock.settimeout(3)
+        assert [sock.recv(100), sock.recv(100)] == [b"p0", b"p1"]
 
 
 def _forward(src: Session, dst: Session, stop: threading.Event, seen: list[int]) -> None:
@@ -553,6 +605,24 @@ def test_async_for_break_releases_the_rest_of_the_batch(adapter):
         # Everything taken in that batch was released: the ring is empty again.
         assert s._rx.head == s._rx.tail
         s.end()
+
+    asyncio.run(main())
+
+
+def test_async_send_on_a_ring_full_of_allocations_is_buffer_overflow(adapter):
+    """Nothing to wait for when the ring holds only packets their owner has not sent: fail, do not spin."""
+    async def main() -> None:
+        s = adapter.start_session(0x20000)
+        held = []
+        with pytest.raises(BufferOverflow):
+            for _ in range(200):
+                held.append(s.allocate_send_packet(1400))
+        pkt = P.ipv4_udp(PEER4, LOCAL4, 1, 9, bytes(1372))  # 1400 bytes: no room left for it
+        with pytest.raises(BufferOverflow, match="allocated"):
+            await asyncio.wait_for(s.send(pkt), 1)
+        s.end()
+        with pytest.raises(EndOfFile):
+            await s.send(pkt)
 
     asyncio.run(main())
 

@@ -126,6 +126,30 @@ def test_bad_inputs(tmp_path):
         PcapWriter(42)  # type: ignore[arg-type]
 
 
+def test_packets_are_counted_in_bytes_whatever_their_item_size():
+    import array
+
+    stream = io.BytesIO()
+    with PcapWriter(stream) as w:
+        w.write(array.array("H", UDP4[:32]), TS)  # 16 items of 2 bytes
+        w.write(memoryview(bytearray(UDP4[:32])).cast("I"), TS)
+    records = read_pcap(stream.getvalue()).records
+    assert [(r.original_length, r.data) for r in records] == [(32, UDP4[:32])] * 2
+
+
+def test_text_mode_and_closed_files_are_clear_errors(tmp_path):
+    with open(tmp_path / "t.pcap", "w") as text, pytest.raises(InvalidParameter, match="binary mode"):
+        PcapWriter(text)  # type: ignore[arg-type]
+    raw = open(tmp_path / "c.pcap", "wb")
+    w = PcapWriter(raw)
+    raw.close()
+    with pytest.raises(InvalidParameter, match="cannot write"):
+        w.write(UDP4)
+    w.close()  # nothing left to flush: no error
+    with pytest.raises(InvalidParameter, match="cannot capture int"):
+        PcapWriter(io.BytesIO()).write(7)  # type: ignore[arg-type]
+
+
 def test_reader_rejects_garbage():
     with pytest.raises(InvalidData, match="empty"):
         read_pcap(b"")
