@@ -140,6 +140,8 @@ def _layout(header: VirtioNetHeader, pkt: memoryview) -> _Layout:
     elif version == 6:
         if gso == GSO_TCPV4:
             raise InvalidData("gso_type TCPV4 on an IPv6 packet")
+        if n < 40:
+            raise InvalidData(f"IPv6 super-packet of {n} bytes is shorter than its header")
         if cs < 40:
             raise InvalidData(f"csum_start {cs} is inside the 40-byte IPv6 header")
         proto = pkt[6] if cs == 40 else -1  # after extension headers we trust csum_start

@@ -391,6 +391,8 @@ class Consumer:
 
     def size(self, offset: int) -> int:
         """The size of the received packet at data ``offset``."""
+        if not isinstance(offset, int) or not 4 <= offset <= self.ring.capacity:
+            raise InvalidParameter(f"offset {offset!r} is outside this ring's data (4..{self.ring.capacity})")
         return self.ring.words[DATA_WORD + ((offset - 4) >> 2)] & ~RELEASE_BIT
 
     def available(self) -> bool:
@@ -514,6 +516,8 @@ class Consumer:
 
     def _move_head(self) -> None:
         """Head = the record of the oldest unreleased packet, or the read position when none is left."""
+        if self._ended:
+            return  # Head stays 0xFFFFFFFF: a release after end() must not revive the ring
         first = self._first
         taken = self._taken
         if first >= len(taken):
@@ -536,6 +540,8 @@ class Consumer:
         self._taken.clear()
         self._tags.clear()
         self._first = 0
+        if self._ended:
+            return
         words = self.ring.words
         if self._rewinds and words[TAIL_WORD] == self._head:
             self._head = 0
@@ -637,9 +643,13 @@ class Producer:
         """Mark an allocated packet sent; Tail moves over every sent packet at its front."""
         if not isinstance(offset, int):
             raise InvalidParameter(f"a packet offset is an int, not {type(offset).__name__}")
+        if self._ended:
+            raise EndOfFile("the ring has ended")
         ring = self.ring
         words = ring.words
         mask = ring.mask
+        if not 4 <= offset <= ring.capacity:  # the checks below work modulo the capacity
+            raise InvalidParameter(f"offset {offset!r} is outside this ring's data (4..{ring.capacity})")
         rec = offset - 4
         tr = self._tail_release
         if (

@@ -568,3 +568,10 @@ def test_coalesce_out_list_and_frame_bytes():
     fb = O.frame_bytes(out[1])
     assert fb[:10] == out[1].header and fb[10:] == bytes(out[1].packet)
     assert O.coalesce([]) == []
+
+
+def test_split_short_ipv6_super_packet_is_invalid_data():
+    header = O.VirtioNetHeader(O.F_NEEDS_CSUM, O.GSO_TCPV6, 60, 1400, 40, 16)
+    for n in (1, 6, 39):
+        with pytest.raises(InvalidData, match="shorter than its header"):
+            O.split_packets(header, b"\x60" + bytes(n - 1))

@@ -317,6 +317,33 @@ def test_consumer_end_gives_producer_end_of_file():
         cons.poll()
 
 
+def test_end_cannot_be_undone_by_release_or_send():
+    buf, ring, prod, cons = new_pair()
+    send(prod, ring, b"one")
+    off = cons.receive()
+    held = prod.allocate(8)
+    cons.end()
+    cons.release(off)  # releasing after the end must leave Head terminated
+    assert raw(buf, 0) == TERMINATED
+    with pytest.raises(EndOfFile):
+        prod.allocate(8)
+    prod.end()
+    with pytest.raises(EndOfFile):
+        prod.send(held)
+    assert raw(buf, 4) == TERMINATED
+
+
+@pytest.mark.parametrize("offset", [0, 2, CAP + 4, CAP + 0x14, 0x30004, 2**40, -4])
+def test_offsets_outside_the_ring_are_invalid_parameter(offset):
+    buf, ring, prod, cons = new_pair()
+    before = bytes(buf)
+    with pytest.raises(InvalidParameter):
+        prod.send(offset)
+    with pytest.raises(InvalidParameter):
+        cons.size(offset)
+    assert bytes(buf) == before
+
+
 # ----------------------------------------------------------------------------- bogus indices and sizes
 
 
