@@ -59,6 +59,21 @@ class _Family(Generic[P]):
         )
 
 
+def _resolve(fam: _Family[P], cache: dict[bytes, object], address: bytes) -> object:
+    """Cache miss: probe ``fam`` longest prefix first and remember the answer (``_MISS`` for none)."""
+    peer: object = _MISS
+    value = int.from_bytes(address, "big")
+    for shift, table in fam.levels:
+        found = table.get(value >> shift)
+        if found is not None:
+            peer = found
+            break
+    if len(cache) >= CACHE_SIZE:
+        cache.clear()
+    cache[address] = peer
+    return peer
+
+
 class AllowedIPs(Generic[P]):
     """Longest-prefix-match table from addresses to peers (any hashable object)."""
 
@@ -167,38 +182,18 @@ class AllowedIPs(Generic[P]):
         """Longest-prefix match for 4 raw IPv4 address bytes (the per-packet path)."""
         if type(address) is not bytes:
             address = bytes(address)
-        cache = self._cache4
-        peer = cache.get(address)
+        peer = self._cache4.get(address)
         if peer is None:
-            peer = _MISS
-            value = int.from_bytes(address, "big")
-            for shift, table in self._v4.levels:
-                found = table.get(value >> shift)
-                if found is not None:
-                    peer = found
-                    break
-            if len(cache) >= CACHE_SIZE:
-                cache.clear()
-            cache[address] = peer
+            peer = _resolve(self._v4, self._cache4, address)
         return None if peer is _MISS else peer  # type: ignore[return-value]
 
     def lookup6(self, address: bytes | bytearray | memoryview) -> P | None:
         """Longest-prefix match for 16 raw IPv6 address bytes (the per-packet path)."""
         if type(address) is not bytes:
             address = bytes(address)
-        cache = self._cache6
-        peer = cache.get(address)
+        peer = self._cache6.get(address)
         if peer is None:
-            peer = _MISS
-            value = int.from_bytes(address, "big")
-            for shift, table in self._v6.levels:
-                found = table.get(value >> shift)
-                if found is not None:
-                    peer = found
-                    break
-            if len(cache) >= CACHE_SIZE:
-                cache.clear()
-            cache[address] = peer
+            peer = _resolve(self._v6, self._cache6, address)
         return None if peer is _MISS else peer  # type: ignore[return-value]
 
     def peers(self) -> Iterator[P]:
