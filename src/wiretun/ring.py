@@ -148,6 +148,9 @@ class _LittleEndianWords:
     def __setitem__(self, index: int, value: int) -> None:
         self._U32.pack_into(self._mv, index * 4, value)
 
+    def __len__(self) -> int:  # words in the ring, as len() of the native cast gives
+        return self._mv.nbytes // 4
+
     def release(self) -> None:
         self._mv.release()
 

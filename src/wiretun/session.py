@@ -60,7 +60,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import io
 import itertools
 import mmap
 import os
@@ -85,6 +84,7 @@ from .ring import (
     MAX_PACKET_SIZE,
     MAX_RECORD_SIZE,
     TAIL_WORD,
+    TRAILING_SIZE,
     Consumer,
     Producer,
     Ring,
@@ -152,6 +152,280 @@ def _header_bytes(header: Any, where: str) -> Any:
     if size != _HDR:
         raise InvalidParameter(f"{where} is {size} bytes; a virtio-net header is {_HDR} bytes")
     return header
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The per-packet loops. They run in C (wiretun._speedups, built by setup.py when a compiler is there) unless
+# the module is missing or WIRETUN_NO_SPEEDUPS=1 is set; otherwise in the pure-Python twins below, which
+# take the same arguments and give the same results, byte for byte (tests/unit/test_speedups.py runs both
+# on the same input). Each works on a ring as ``words`` (Ring.words: the whole ring) and ``data`` (its Data
+# array on, as a byte memoryview that packet views are slices of), returns what the session needs to
+# bookkeep and reports a failed system call as its errno, so that the session does the rest (consumer,
+# counters, capture, exceptions) in one place for both.
+
+
+def _py_rx_pull(fd: int, words: Any, data: memoryview, max_count: int, hdr: Any, hdr_stride: int,
+                scratch: Any, views: list[memoryview], offsets: list[int] | None) -> tuple[int, int, int, int]:
+    """Read up to ``max_count`` packets from ``fd`` into the ring at Tail; returns (count, tail, status,
+    dropped). Each packet goes to Tail + 4 with a blind read of 0xFFFF bytes where that can neither overrun
+    Head nor need wrapping (the trailing area takes what runs past the end), its 10-byte virtio-net header
+    to ``hdr[k * hdr_stride:]`` (k counts this call's packets; 0: one scratch header); elsewhere through
+    ``scratch`` and copied in if it fits, else dropped (as Wintun's driver drops when the ring is full).
+    Writes each Size, appends views and data offsets, publishes Tail if a packet came. ``status``: 0 when
+    ``max_count`` was reached, the errno that ended the loop (EAGAIN: queue empty), -1 for a read shorter
+    than the header. Works in linear offsets with one bound check per packet: ``stop`` is the last data
+    offset from which a blind read fits."""
+    cap = len(words) * 4 - HEADER_SIZE - TRAILING_SIZE
+    r = words[TAIL_WORD]
+    head = words[HEAD_WORD]
+    end = head - 4 if head > r else head - 4 + cap  # free space is [r, end) in linear offsets
+    hdr_mv = memoryview(hdr)
+    iov: list[Any] = [hdr_mv[:_HDR], None]
+    scratch_mv = memoryview(scratch)[:_READ_SPAN]
+    scratch_iov: list[Any] = [iov[0], scratch_mv]
+    readv = os.readv
+    if offsets is None:
+        offsets = []
+    add_view = views.append
+    add_offset = offsets.append
+    span, hdr_size = _READ_SPAN, _HDR
+    left = max_count
+    count = dropped = status = 0
+    d = r + 4  # data offset of the packet being read
+    try:
+        while left > 0 and not status:
+            if d - 4 >= cap:  # wrapped past the end: back to the start of Data
+                d -= cap
+                end -= cap
+            stop = min(end - MAX_RECORD_SIZE, cap - 1) + 4
+            if d <= stop:
+                for _ in range(left):
+                    if hdr_stride:
+                        iov[0] = hdr_mv[count * hdr_stride : count * hdr_stride + hdr_size]
+                    iov[1] = data[d : d + span]
+                    n = readv(fd, iov) - hdr_size
+                    if n < 0:
+                        status = -1
+                        break
+                    words[DATA_WORD + ((d - 4) >> 2)] = n
+                    add_view(data[d : d + n])
+                    add_offset(d)
+                    count += 1
+                    d += (n + 7) & ~3
+                    if d > stop:
+                        break
+                left = max_count - count
+            else:
+                left -= 1
+                if hdr_stride:
+                    scratch_iov[0] = hdr_mv[count * hdr_stride : count * hdr_stride + hdr_size]
+                n = readv(fd, scratch_iov) - hdr_size
+                if n < 0:
+                    status = -1
+                    break
+                if (n + 7) & ~3 > end - (d - 4):
+                    dropped += 1
+                    continue
+                data[d : d + n] = scratch_mv[:n]
+                words[DATA_WORD + ((d - 4) >> 2)] = n
+                add_view(data[d : d + n])
+                add_offset(d)
+                count += 1
+                d += (n + 7) & ~3
+    except OSError as e:
+        status = e.errno or errno.EIO
+    tail = d - 4
+    if tail >= cap:
+        tail -= cap
+    if count:
+        words[TAIL_WORD] = tail
+    else:
+        tail = r
+    return count, tail, status, dropped
+
+
+def _py_rx_frames(fd: int, words: Any, data: memoryview, max_count: int, scratch: Any,
+                  views: list[memoryview], offsets: list[int] | None,
+                  headers: list[Any] | None) -> tuple[int, int, int, int]:
+    """:func:`_py_rx_pull` for an offload session, whose ring stores frames: each read lands whole, header
+    and packet, in one record (Size counts the header) when there is room for the largest frame, else in
+    ``scratch`` and then in the ring if it fits. A read of 10 bytes or less (no packet), longer than the
+    largest frame (cut by the kernel) or without room is dropped. Views cover the packet after the
+    header; ``headers`` gets each header as bytes. ``data`` runs at least _FRAME_SPAN bytes past the
+    capacity. Returns (count, tail, status, dropped) as :func:`_py_rx_pull` does."""
+    cap = len(words) * 4 - HEADER_SIZE - TRAILING_SIZE
+    r = words[TAIL_WORD]
+    head = words[HEAD_WORD]
+    end = head - 4 if head > r else head - 4 + cap
+    scratch_mv = memoryview(scratch)[:_FRAME_SPAN]
+    readv = os.readv
+    if offsets is None:
+        offsets = []
+    add_view = views.append
+    add_offset = offsets.append
+    add_header = None if headers is None else headers.append
+    span, hdr_size, frame_max, frame_record = _FRAME_SPAN, _HDR, _FRAME_MAX, _FRAME_RECORD
+    count = dropped = status = 0
+    d = r + 4  # data offset of the frame being read
+    try:
+        for _ in range(max_count):
+            if d - 4 >= cap:  # wrapped past the end: back to the start of Data
+                d -= cap
+                end -= cap
+            if d - 4 + frame_record <= end:  # room for the largest frame: read straight into the ring
+                n = readv(fd, [data[d : d + span]])
+                if n <= hdr_size or n > frame_max:
+                    dropped += 1  # cut (longer than any IP packet may be) or headerless
+                    continue
+            else:
+                n = readv(fd, [scratch_mv])
+                if n <= hdr_size or n > frame_max or (n + 7) & ~3 > end - (d - 4):
+                    dropped += 1  # no room (too many packets held), or not a frame we can keep
+                    continue
+                data[d : d + n] = scratch_mv[:n]
+            words[DATA_WORD + ((d - 4) >> 2)] = n
+            add_view(data[d + hdr_size : d + n])
+            add_offset(d)
+            if add_header is not None:
+                add_header(bytes(data[d : d + hdr_size]))
+            count += 1
+            d += (n + 7) & ~3
+    except OSError as e:
+        status = e.errno or errno.EIO
+    tail = d - 4
+    if tail >= cap:
+        tail -= cap
+    if count:
+        words[TAIL_WORD] = tail
+    else:
+        tail = r
+    return count, tail, status, dropped
+
+
+def _py_rx_one(fd: int, words: Any, data: memoryview, hdr: Any, scratch: Any) -> memoryview | int:
+    """One packet into the ring at Tail, as :func:`_py_rx_pull` reads them: its view (Size written, Tail
+    published), or -1 when the queue is empty, -2 when the packet was dropped for lack of room, -3 for a
+    read shorter than the header. Raises OSError for any other failed read; then the ring is unchanged."""
+    mask = len(words) * 4 - HEADER_SIZE - TRAILING_SIZE - 1
+    r = words[TAIL_WORD]
+    free = (words[HEAD_WORD] - r - 4) & mask
+    hdr10 = hdr if len(hdr) == _HDR else memoryview(hdr)[:_HDR]
+    try:
+        if free >= MAX_RECORD_SIZE:
+            n = os.readv(fd, [hdr10, data[r + 4 : r + 4 + _READ_SPAN]]) - _HDR
+        else:
+            n = os.readv(fd, [hdr10, memoryview(scratch)[:_READ_SPAN]]) - _HDR
+    except BlockingIOError:
+        return -1
+    if n < 0:
+        return -3
+    if free < MAX_RECORD_SIZE:
+        if (n + 7) & ~3 > free:
+            return -2
+        data[r + 4 : r + 4 + n] = memoryview(scratch)[:n]
+    words[DATA_WORD + (r >> 2)] = n
+    view = data[r + 4 : r + 4 + n]
+    words[TAIL_WORD] = (r + ((n + 7) & ~3)) & mask
+    return view
+
+
+def _py_tx_flush(fd: int, words: Any, data: memoryview, hdr: Any) -> int:
+    """Write every packet between Head and Tail to ``fd`` (``hdr`` in front of each), in order, and move
+    Head past those written. Returns 0 when Head reached Tail, the errno of a failed write (Head is then
+    on that packet), or -1 when the Size at Head is impossible (Head stays on it)."""
+    mask = len(words) * 4 - HEADER_SIZE - TRAILING_SIZE - 1
+    head = words[HEAD_WORD]
+    tail = words[TAIL_WORD]
+    if head == tail:
+        return 0
+    iov: list[Any] = [hdr if len(hdr) == _HDR else memoryview(hdr)[:_HDR], None]
+    writev = os.writev
+    status = 0
+    try:
+        while head != tail:
+            size = words[DATA_WORD + (head >> 2)]
+            if size > MAX_PACKET_SIZE or ((size + 7) & ~3) > ((tail - head) & mask):
+                status = -1
+                break
+            iov[1] = data[head + 4 : head + 4 + size]
+            try:
+                writev(fd, iov)
+            except OSError as e:
+                status = e.errno or errno.EIO
+                break
+            head = (head + ((size + 7) & ~3)) & mask
+    finally:
+        words[HEAD_WORD] = head
+    return status
+
+
+def _py_tx_direct(fd: int, hdr: Any, packets: list[Any] | tuple[Any, ...], start: int,
+                  headers: list[Any] | tuple[Any, ...] | None) -> tuple[int, int]:
+    """Write ``packets[start:]`` to ``fd`` straight from the caller's buffers, each with ``hdr`` (or its
+    own ``headers[i]``) in front. Returns (index, status): (len(packets), 0) when all went, else the index
+    of the item that stopped it, not written, and its errno, or -1 for an item left to the caller (not
+    bytes, bytearray or a 1-D byte memoryview, not 1..0xFFFF bytes, or a header not 10 bytes of type
+    bytes)."""
+    iov: list[Any] = [hdr if len(hdr) == _HDR else memoryview(hdr)[:_HDR], None]
+    writev = os.writev
+    i = start
+    while i < len(packets):
+        if headers is not None:
+            if i >= len(headers):
+                return i, -1
+            h = headers[i]
+            if h.__class__ is not bytes or len(h) != _HDR:
+                return i, -1
+            iov[0] = h
+        pkt = packets[i]
+        cls = pkt.__class__
+        if cls is bytes or cls is bytearray:
+            n = len(pkt)
+        elif cls is memoryview:
+            try:
+                if pkt.ndim != 1 or pkt.itemsize != 1:
+                    return i, -1
+                n = pkt.nbytes
+            except ValueError:  # released
+                return i, -1
+        else:
+            return i, -1
+        if not 0 < n <= MAX_PACKET_SIZE:
+            return i, -1
+        iov[1] = pkt
+        try:
+            writev(fd, iov)
+        except OSError as e:
+            return i, e.errno or errno.EIO
+        i += 1
+    return i, 0
+
+
+def _load_speedups() -> Any:
+    if os.environ.get("WIRETUN_NO_SPEEDUPS") == "1":
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    return _speedups
+
+
+_speedups = _load_speedups()
+SPEEDUPS: bool = _speedups is not None
+"""Whether sessions run their per-packet loops in C (``wiretun._speedups``) rather than pure Python."""
+if _speedups is not None:
+    _rx_pull = _speedups.rx_pull
+    _rx_frames = _speedups.rx_frames
+    _rx_one = _speedups.rx_one
+    _tx_flush = _speedups.tx_flush
+    _tx_direct = _speedups.tx_direct
+else:
+    _rx_pull = _py_rx_pull
+    _rx_frames = _py_rx_frames
+    _rx_one = _py_rx_one
+    _tx_flush = _py_tx_flush
+    _tx_direct = _py_tx_direct
 
 
 class _Resources:
@@ -284,12 +558,9 @@ class Session:
         self._rx_data = self._rx.data
         if self._rx_memory is not None:  # Data plus the slack beyond the trailing area
             self._rx_data = memoryview(self._rx_memory)[HEADER_SIZE:]
-        self._rx_readinto = io.FileIO(self._fd, "rb", closefd=False).readinto  # None on EAGAIN, no raise
-        self._rx_dwords = self._rx_data.cast("I")  # Size of the record at r is _rx_dwords[r >> 2]
-        self._rx_iov: list[Any] = [bytearray(_HDR), None]  # [virtio-net header scratch, ring slice]
-        self._rx_scratch = bytearray(_READ_SPAN)  # used only when the ring is too full for a blind read
-        self._rx_scratch_iov: list[Any] = [self._rx_iov[0], self._rx_scratch]
-        self._rx_scratch_frame = memoryview(bytearray(_FRAME_SPAN)) if offload else None
+        self._rx_hdr = bytearray(_HDR)  # the virtio-net header of each packet read (all zero: no offloads)
+        # Reads go here only when the ring is too full for a blind read at Tail (then copied, or dropped).
+        self._rx_scratch = bytearray(_FRAME_SPAN if offload else _READ_SPAN)
         self._rx_idle = False  # the last read found the queue empty: poll before the next one
         self._rx_poll = select.poll()
         self._rx_poll.register(self._fd, select.POLLIN)
@@ -420,9 +691,7 @@ class Session:
             self._tx_track.clear()
             self._tx_headers.clear()
             self._rx_cons.forget()
-            self._rx_iov[1] = None
             self._tx_iov[1] = None
-            self._rx_dwords.release()
             self._rx.close()
             self._tx.close()
             if self._rx_memory is not None:
@@ -479,98 +748,42 @@ class Session:
             raise self._lost(exc) from exc
         raise exc
 
-    def _pull_slow(self, r: int, free: int) -> int:
-        """Read one packet when the ring has less than a maximum packet's room at record ``r``.
-
-        Returns its size if it was copied into the ring at ``r``, -1 if the queue is empty, -2 if the
-        packet did not fit and was dropped (as Wintun's driver drops when the ring is full)."""
-        try:
-            n = os.readv(self._fd, self._rx_scratch_iov) - _HDR
-        except BlockingIOError:
+    def _read_status(self, status: int) -> None:
+        """After a read loop stopped on ``status`` (an errno, or -1 for a short read): an empty queue makes
+        the next call poll first; anything else raises, as the read itself would have."""
+        if status == errno.EAGAIN:
             self._rx_idle = True
-            return -1
-        except OSError as e:
-            self._read_error(e)
-        if (n + 7) & ~3 > free:
-            self.receive_dropped += 1
-            return -2
-        self._rx_data[r + 4 : r + 4 + n] = memoryview(self._rx_scratch)[:n]
-        return n
+            return
+        if status < 0:
+            raise InvalidData(f"the TUN queue returned a read shorter than the {_HDR}-byte virtio-net header")
+        self._read_error(OSError(status, os.strerror(status)))
 
     def _pull(self, max_count: int) -> list[memoryview]:
         """Read up to ``max_count`` packets from the queue into the receive ring and return their views.
 
-        This is the kernel side of the receive ring, run inline: each packet is read straight into the
-        ring at Tail, its Size written, Tail published, and the packets handed to the consumer (which is
-        always caught up: packets are read on demand). The loop is the hot path, so it works in linear
-        offsets with a single bound check per packet: ``stop`` is the last data offset from which a blind
-        read of 0xFFFF bytes can neither overrun Head nor need wrapping.
+        This is the kernel side of the receive ring, run inline (:func:`_rx_pull`): each packet is read
+        straight into the ring at Tail, its Size written, Tail published, and the packets handed to the
+        consumer (which is always caught up: packets are read on demand). Packets read before a failing
+        read are published, then the error is raised.
         """
-        words = self._rx_words
-        data = self._rx_data
-        dwords = self._rx_dwords
-        iov = self._rx_iov
-        readv = os.readv
-        fd = self._fd
-        cap = self._capacity
-        r = words[TAIL_WORD]
-        head = words[HEAD_WORD]
-        end = head - 4 if head > r else head - 4 + cap  # free space is [r, end) in linear offsets
-        views: list[memoryview] = []
-        offsets: list[int] = []
-        add_view = views.append
-        add_offset = offsets.append
         if self._rx_idle:
             if not self._rx_poll.poll(0):
-                return views
+                return []
             self._rx_idle = False
-        left = max_count
-        span, hdr = _READ_SPAN, _HDR
-        d = r + 4  # data offset of the packet being read
-        try:
-            while left > 0:
-                if d - 4 >= cap:  # wrapped past the end: back to the start of Data
-                    d -= cap
-                    end -= cap
-                stop = min(end - MAX_RECORD_SIZE, cap - 1) + 4
-                if d <= stop:
-                    for _ in range(left):
-                        iov[1] = data[d : d + span]
-                        n = readv(fd, iov) - hdr
-                        dwords[(d >> 2) - 1] = n
-                        add_view(data[d : d + n])
-                        add_offset(d)
-                        d += (n + 7) & ~3
-                        if d > stop:
-                            break
-                    left = max_count - len(views)
-                else:
-                    left -= 1
-                    n = self._pull_slow(d - 4, end - (d - 4))
-                    if n == -1:
-                        break
-                    if n >= 0:
-                        dwords[(d >> 2) - 1] = n
-                        add_view(data[d : d + n])
-                        add_offset(d)
-                        d += (n + 7) & ~3
-        except BlockingIOError:
-            self._rx_idle = True
-        except OSError as e:
-            if views:
-                self._publish(d - 4, offsets, views)
-            self._read_error(e)
-        if views:
-            self._publish(d - 4, offsets, views)
-            if self._capture is not None:
-                self._record(views)
+        views: list[memoryview] = []
+        offsets: list[int] = []
+        count, tail, status, dropped = _rx_pull(
+            self._fd, self._rx_words, self._rx_data, max_count, self._rx_hdr, 0, self._rx_scratch, views, offsets
+        )
+        if dropped:
+            self.receive_dropped += dropped
+        if count:
+            self._rx_cons.accept(offsets, tail, views)
+        if status:
+            self._read_status(status)
+        if count and self._capture is not None:
+            self._record(views)
         return views
-
-    def _publish(self, r: int, offsets: list[int], views: list[memoryview]) -> None:
-        if r >= self._capacity:
-            r -= self._capacity
-        self._rx_words[TAIL_WORD] = r
-        self._rx_cons.accept(offsets, r, views)
 
     def _pull_one(self) -> memoryview | None:
         """One packet from the queue into the ring: :meth:`_pull` for a single packet, without lists."""
@@ -578,105 +791,44 @@ class Session:
             return None  # still empty: a poll costs less than a failed read's exception
         words = self._rx_words
         r = words[TAIL_WORD]
-        free = (words[HEAD_WORD] - r - 4) & self._mask
-        if free >= MAX_RECORD_SIZE:
-            iov = self._rx_iov
-            iov[1] = self._rx_data[r + 4 : r + 4 + _READ_SPAN]
-            try:
-                n = os.readv(self._fd, iov) - _HDR
-            except BlockingIOError:
-                self._rx_idle = True
-                return None
-            except OSError as e:
-                self._read_error(e)
-        else:
-            n = self._pull_slow(r, free)
-            if n < 0:
-                return None  # empty, or the one packet waiting was dropped for lack of room
+        try:
+            view = _rx_one(self._fd, words, self._rx_data, self._rx_hdr, self._rx_scratch)
+        except OSError as e:
+            self._read_error(e)
+        if view.__class__ is int:
+            if view == -2:
+                self.receive_dropped += 1  # no room for it (too many packets held), as Wintun drops
+            else:
+                self._read_status(errno.EAGAIN if view == -1 else -1)
+            return None
         self._rx_idle = False
-        self._rx_dwords[r >> 2] = n
-        view = self._rx_data[r + 4 : r + 4 + n]
-        tail = (r + ((n + 7) & ~3)) & self._mask
-        words[TAIL_WORD] = tail
-        self._rx_cons.accept_one(r + 4, tail, view)
+        self._rx_cons.accept_one(r + 4, words[TAIL_WORD], view)
         if self._capture is not None:
             self._record((view,))
         return view
 
     # An offload session's receive ring holds frames: the kernel's read, header and packet, in one record.
 
-    def _frame_slow(self, r: int, free: int) -> int:
-        """:meth:`_pull_slow` for frames: read into scratch, copy into the ring at ``r`` if it fits.
-        Returns the frame's size, -1 when the queue is empty, -2 when it was dropped."""
-        scratch = self._rx_scratch_frame
-        n = self._rx_readinto(scratch)
-        if n is None:
-            self._rx_idle = True
-            return -1
-        if n <= _HDR or n > _FRAME_MAX or (n + 7) & ~3 > free:
-            self.receive_dropped += 1  # no room (too many packets held), or not a frame we can keep
-            return -2
-        self._rx_data[r + 4 : r + 4 + n] = scratch[:n]
-        return n
-
     def _pull_frames(self, max_count: int, headers: list[Any] | None) -> list[memoryview]:
-        """:meth:`_pull` for an offload session: each read lands whole (header + packet) in the ring.
-
-        One ``readinto`` per packet (no iovec to build; None instead of an exception when the queue is
-        empty); the view handed out starts after the header.
-        """
-        words = self._rx_words
-        data = self._rx_data
-        dwords = self._rx_dwords
-        readinto = self._rx_readinto
-        cap = self._capacity
-        r = words[TAIL_WORD]
-        head = words[HEAD_WORD]
-        end = head - 4 if head > r else head - 4 + cap  # free space is [r, end) in linear offsets
-        views: list[memoryview] = []
-        offsets: list[int] = []
+        """:meth:`_pull` for an offload session (:func:`_rx_frames`): each read lands whole (header +
+        packet) in the ring; the view handed out starts after the header."""
         if self._rx_idle:
             if not self._rx_poll.poll(0):
-                return views
+                return []
             self._rx_idle = False
-        add_view = views.append
-        add_offset = offsets.append
-        add_header = None if headers is None else headers.append
-        span, hdr, frame_max = _FRAME_SPAN, _HDR, _FRAME_MAX
-        d = r + 4  # data offset of the frame being read
-        try:
-            for _ in range(max_count):
-                if d - 4 >= cap:  # wrapped past the end: back to the start of Data
-                    d -= cap
-                    end -= cap
-                if d - 4 + _FRAME_RECORD <= end:  # room for the largest frame: read straight into the ring
-                    n = readinto(data[d : d + span])
-                    if n is None:
-                        self._rx_idle = True
-                        break
-                    if n <= hdr or n > frame_max:
-                        self.receive_dropped += 1  # cut (longer than any IP packet may be) or headerless
-                        continue
-                else:
-                    n = self._frame_slow(d - 4, end - (d - 4))
-                    if n == -1:
-                        break
-                    if n < 0:
-                        continue
-                dwords[(d >> 2) - 1] = n
-                add_view(data[d + hdr : d + n])
-                add_offset(d)
-                if add_header is not None:
-                    add_header(bytes(data[d : d + hdr]))
-                d += (n + 7) & ~3
-        except OSError as e:
-            if views:
-                self._publish(d - 4, offsets, views)
-            self._read_error(e)
-        if views:
-            self._publish(d - 4, offsets, views)
-            if self._capture is not None:
-                self._record(views)
+        views: list[memoryview] = []
+        offsets: list[int] = []
+        count, tail, status, dropped = _rx_frames(
+            self._fd, self._rx_words, self._rx_data, max_count, self._rx_scratch, views, offsets, headers
+        )
+        if dropped:
+            self.receive_dropped += dropped
+        if count:
+            self._rx_cons.accept(offsets, tail, views)
+        if status:
+            self._read_status(status)
+        if count and self._capture is not None:
+            self._record(views)
         return views
 
     def _pull_frame_one(self) -> memoryview | None:
@@ -714,12 +866,16 @@ class Session:
         """
         if timeout is not None:
             _check_timeout(timeout)
-        with self._rx_lock:
+        lock = self._rx_lock
+        lock.acquire()  # not a with-block: half the cost, paid per packet
+        try:
             if self._ended:
                 raise self._eof()
             if self._tx_stalled:
                 self._retry_send()
             view = self._pull_frame_one() if self._offload else self._pull_one()
+        finally:
+            lock.release()
         if view is not None:
             return view
         if block is None:
@@ -808,10 +964,14 @@ class Session:
         The view is released: using it afterwards raises ValueError. InvalidParameter for a packet
         released twice or not received from this session. After the session ended this does nothing.
         """
-        with self._rx_lock:
+        lock = self._rx_lock
+        lock.acquire()  # not a with-block: see receive_packet
+        try:
             if self._torn_down:
                 return
             self._rx_cons.release_tag(packet)
+        finally:
+            lock.release()
         try:
             packet.release()
         except BufferError:
@@ -877,8 +1037,32 @@ class Session:
     def _flush(self) -> None:
         """The kernel side of the send ring, inline: write every published packet to the queue in order.
 
-        A packet queued with a header (offloads) takes it from ``_tx_headers`` (keyed by data offset);
-        with a capture file each packet written is recorded. A faster loop for this must keep both."""
+        The loop is :func:`_tx_flush`; packets queued with a header (offloads: ``_tx_headers``, keyed by
+        data offset) or a capture file to record them in take :meth:`_flush_each`."""
+        if self._tx_headers or self._capture is not None:
+            self._flush_each()
+            return
+        words = self._tx_words
+        while True:
+            status = _tx_flush(self._fd, words, self._tx_data, ZERO_HEADER)
+            if not status:
+                self._tx_stalled = False
+                return
+            head = words[HEAD_WORD]
+            size = words[DATA_WORD + (head >> 2)]
+            if status < 0:
+                raise InvalidData(f"send ring packet at {head:#x} claims {size:#x} bytes")
+            if status in _RETRY_ERRNOS:
+                self._tx_stalled = True
+                return  # stays in the ring; the next send or receive call retries
+            exc = OSError(status, os.strerror(status))
+            if status in _GONE_ERRNOS:
+                raise self._lost(exc) from exc
+            self._send_rejected(exc, size)
+            words[HEAD_WORD] = (head + ((size + 7) & ~3)) & self._mask
+
+    def _flush_each(self) -> None:
+        """:meth:`_flush` packet by packet, for a queued packet's own header and the capture file."""
         words = self._tx_words
         head = words[HEAD_WORD]
         tail = words[TAIL_WORD]
@@ -949,7 +1133,9 @@ class Session:
         Fill it, then :meth:`send_packet` it. Allocation order is send order. BufferOverflow when the
         ring is full (drop the packet); EndOfFile once the session or adapter has ended.
         """
-        with self._tx_lock:
+        lock = self._tx_lock
+        lock.acquire()  # not a with-block: see receive_packet
+        try:
             if self._ended:
                 raise self._eof()
             prod = self._tx_prod
@@ -958,6 +1144,8 @@ class Session:
             offset = prod.allocate(size)
             view = self._tx_data[offset : offset + size]
             self._tx_track[id(view)] = (view, offset)  # holding the view keeps its id from being reused
+        finally:
+            lock.release()
         return view
 
     def send_packet(self, packet: memoryview, header: Any = None) -> None:
@@ -973,7 +1161,9 @@ class Session:
             hdr = ZERO_HEADER if header is None else _header_bytes(header, "header")
         except InvalidParameter as exc:
             hdr, bad = _DROP, exc
-        with self._tx_lock:
+        lock = self._tx_lock
+        lock.acquire()  # not a with-block: see receive_packet
+        try:
             if self._ended:
                 return
             entry = self._tx_track.pop(id(packet), None)
@@ -990,6 +1180,8 @@ class Session:
                 self._tx_headers[entry[1]] = hdr if hdr is _DROP else bytes(hdr)
             self._tx_prod.send(entry[1])
             self._flush()
+        finally:
+            lock.release()
         try:
             packet.release()
         except BufferError:
@@ -1054,35 +1246,36 @@ class Session:
         many were taken (written, or dropped because the kernel rejected them). The first one the
         kernel refused with EAGAIN, and the rest, are left for the caller to queue. ``hdrs`` gives one
         header per packet (offloads), else the zero header goes with each; a capture file records each
-        packet written."""
-        iov = self._tx_direct_iov
-        writev = os.writev
+        packet written. The writes run in :func:`_tx_direct`; an item it leaves (a buffer of another
+        kind, e.g. an ``array('H')``, or a header that is not ``bytes``) is written here."""
         fd = self._fd
-        capture = self._capture
-        count = 0
-        try:
-            for pkt in items:
-                if hdrs is not None:
-                    iov[0] = hdrs[count]
-                iov[1] = pkt
+        i = 0
+        while True:
+            start = i
+            i, status = _tx_direct(fd, ZERO_HEADER, items, i, hdrs)
+            if i > start and self._capture is not None:
+                self._record(items[start:i])
+            if not status:
+                return i
+            if status < 0:
                 try:
-                    writev(fd, iov)
+                    os.writev(fd, [ZERO_HEADER if hdrs is None else hdrs[i], items[i]])
+                    status = 0
                 except OSError as e:
-                    if e.errno in _RETRY_ERRNOS:
-                        self._tx_stalled = True
-                        return count
-                    if e.errno in _GONE_ERRNOS:
-                        raise self._lost(e) from e
-                    self._send_rejected(e, sizes[count])
-                else:
-                    if capture is not None:
-                        self._record((pkt,))
-                count += 1
-        finally:
-            iov[1] = None
-            iov[0] = ZERO_HEADER
-        return count
-
+                    status = e.errno or errno.EIO
+            if not status:
+                if self._capture is not None:
+                    self._record((items[i],))
+                i += 1
+                continue
+            if status in _RETRY_ERRNOS:
+                self._tx_stalled = True
+                return i
+            exc = OSError(status, os.strerror(status))
+            if status in _GONE_ERRNOS:
+                raise self._lost(exc) from exc
+            self._send_rejected(exc, sizes[i])
+            i += 1
 
 def _check_timeout(timeout: object) -> None:
     if timeout is None:

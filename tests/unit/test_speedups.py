@@ -29,7 +29,6 @@ from wiretun.ring import (
     MAX_RECORD_SIZE,
     MIN_CAPACITY,
     TAIL_WORD,
-    TRAILING_SIZE,
     Ring,
     ring_size,
 )
@@ -44,218 +43,16 @@ if os.environ.get("WIRETUN_NO_SPEEDUPS") == "1":
 from wiretun import _speedups as C  # noqa: E402  (after the skip: a missing module must fail, not skip)
 
 
-# ------------------------------------------------------------------------------------------------
-# Pure-Python twins (the reference)
+# The pure-Python twins are the session's fallback loops themselves.
+from wiretun import session  # noqa: E402
+from wiretun.session import _py_rx_frames as py_rx_frames  # noqa: E402
+from wiretun.session import _py_rx_one as py_rx_one  # noqa: E402
+from wiretun.session import _py_rx_pull as py_rx_pull  # noqa: E402
+from wiretun.session import _py_tx_direct as py_tx_direct  # noqa: E402
+from wiretun.session import _py_tx_flush as py_tx_flush  # noqa: E402
 
-
-def py_rx_pull(fd, words, data, max_count, hdr, hdr_stride, scratch, views, offsets):
-    cap = data.nbytes - TRAILING_SIZE
-    r = words[TAIL_WORD]
-    head = words[HEAD_WORD]
-    end = head - 4 if head > r else head - 4 + cap
-    hdr_mv = memoryview(hdr)
-    iov = [hdr_mv[:HDR], None]
-    scratch_mv = memoryview(scratch)
-    scratch_iov = [iov[0], scratch_mv[:SPAN]]
-    readv = os.readv
-    if offsets is None:
-        offsets = []
-    add_view = views.append
-    add_offset = offsets.append
-    left = max_count
-    count = dropped = status = 0
-    d = r + 4
-    try:
-        while left > 0 and not status:
-            if d - 4 >= cap:
-                d -= cap
-                end -= cap
-            stop = min(end - MAX_RECORD_SIZE, cap - 1) + 4
-            if d <= stop:
-                for _ in range(left):
-                    if hdr_stride:
-                        iov[0] = hdr_mv[count * hdr_stride : count * hdr_stride + HDR]
-                    iov[1] = data[d : d + SPAN]
-                    n = readv(fd, iov) - HDR
-                    if n < 0:
-                        status = -1
-                        break
-                    words[DATA_WORD + ((d - 4) >> 2)] = n
-                    add_view(data[d : d + n])
-                    add_offset(d)
-                    count += 1
-                    d += (n + 7) & ~3
-                    if d > stop:
-                        break
-                left = max_count - count
-            else:
-                left -= 1
-                if hdr_stride:
-                    scratch_iov[0] = hdr_mv[count * hdr_stride : count * hdr_stride + HDR]
-                n = readv(fd, scratch_iov) - HDR
-                if n < 0:
-                    status = -1
-                    break
-                if (n + 7) & ~3 > end - (d - 4):
-                    dropped += 1
-                    continue
-                data[d : d + n] = scratch_mv[:n]
-                words[DATA_WORD + ((d - 4) >> 2)] = n
-                add_view(data[d : d + n])
-                add_offset(d)
-                count += 1
-                d += (n + 7) & ~3
-    except OSError as e:
-        status = e.errno
-    tail = d - 4
-    if tail >= cap:
-        tail -= cap
-    if count:
-        words[TAIL_WORD] = tail
-    else:
-        tail = r
-    return count, tail, status, dropped
-
-
-def py_rx_one(fd, words, data, hdr, scratch):
-    cap = data.nbytes - TRAILING_SIZE
-    mask = cap - 1
-    r = words[TAIL_WORD]
-    free = (words[HEAD_WORD] - r - 4) & mask
-    hdr10 = memoryview(hdr)[:HDR]
-    try:
-        if free >= MAX_RECORD_SIZE:
-            n = os.readv(fd, [hdr10, data[r + 4 : r + 4 + SPAN]]) - HDR
-        else:
-            n = os.readv(fd, [hdr10, memoryview(scratch)[:SPAN]]) - HDR
-    except BlockingIOError:
-        return -1
-    if n < 0:
-        return -3
-    if free < MAX_RECORD_SIZE:
-        if (n + 7) & ~3 > free:
-            return -2
-        data[r + 4 : r + 4 + n] = memoryview(scratch)[:n]
-    words[DATA_WORD + (r >> 2)] = n
-    view = data[r + 4 : r + 4 + n]
-    words[TAIL_WORD] = (r + ((n + 7) & ~3)) & mask
-    return view
-
-
-def py_tx_flush(fd, words, data, hdr):
-    cap = data.nbytes - TRAILING_SIZE
-    mask = cap - 1
-    head = words[HEAD_WORD]
-    tail = words[TAIL_WORD]
-    if head == tail:
-        return 0
-    iov = [memoryview(hdr)[:HDR], None]
-    status = 0
-    try:
-        while head != tail:
-            size = words[DATA_WORD + (head >> 2)]
-            if size > MAX_PACKET_SIZE or ((size + 7) & ~3) > ((tail - head) & mask):
-                status = -1
-                break
-            iov[1] = data[head + 4 : head + 4 + size]
-            try:
-                os.writev(fd, iov)
-            except OSError as e:
-                status = e.errno
-                break
-            head = (head + ((size + 7) & ~3)) & mask
-    finally:
-        words[HEAD_WORD] = head
-    return status
-
-
-def py_tx_direct(fd, hdr, packets, start, headers):
-    iov = [memoryview(hdr)[:HDR], None]
-    i = start
-    while i < len(packets):
-        if headers is not None:
-            if i >= len(headers):
-                return i, -1
-            h = headers[i]
-            if h.__class__ is not bytes or len(h) != HDR:
-                return i, -1
-            iov[0] = h
-        pkt = packets[i]
-        cls = pkt.__class__
-        if cls is bytes or cls is bytearray:
-            n = len(pkt)
-        elif cls is memoryview:
-            try:
-                if pkt.ndim != 1 or pkt.itemsize != 1:
-                    return i, -1
-                n = pkt.nbytes
-            except ValueError:  # released
-                return i, -1
-        else:
-            return i, -1
-        if not 0 < n <= MAX_PACKET_SIZE:
-            return i, -1
-        iov[1] = pkt
-        try:
-            os.writev(fd, iov)
-        except OSError as e:
-            return i, e.errno
-        i += 1
-    return i, 0
-
-
-FRAME_MAX = HDR + MAX_PACKET_SIZE
-FRAME_SPAN = FRAME_MAX + 1
+FRAME_SPAN = C.FRAME_SPAN
 FRAME_RECORD = (4 + FRAME_SPAN + 3) & ~3
-
-
-def py_rx_frames(fd, words, data, max_count, scratch, views, offsets, headers):
-    cap = words.nbytes - 12 - TRAILING_SIZE
-    r = words[TAIL_WORD]
-    head = words[HEAD_WORD]
-    end = head - 4 if head > r else head - 4 + cap
-    scratch_mv = memoryview(scratch)[:FRAME_SPAN]
-    readv = os.readv
-    if offsets is None:
-        offsets = []
-    add_view = views.append
-    add_offset = offsets.append
-    add_header = None if headers is None else headers.append
-    count = dropped = status = 0
-    d = r + 4
-    try:
-        for _ in range(max_count):
-            if d - 4 >= cap:
-                d -= cap
-                end -= cap
-            if d - 4 + FRAME_RECORD <= end:
-                n = readv(fd, [data[d : d + FRAME_SPAN]])
-                if n <= HDR or n > FRAME_MAX:
-                    dropped += 1
-                    continue
-            else:
-                n = readv(fd, [scratch_mv])
-                if n <= HDR or n > FRAME_MAX or (n + 7) & ~3 > end - (d - 4):
-                    dropped += 1
-                    continue
-                data[d : d + n] = scratch_mv[:n]
-            words[DATA_WORD + ((d - 4) >> 2)] = n
-            add_view(data[d + HDR : d + n])
-            add_offset(d)
-            if add_header is not None:
-                add_header(bytes(data[d : d + HDR]))
-            count += 1
-            d += (n + 7) & ~3
-    except OSError as e:
-        status = e.errno
-    tail = d - 4
-    if tail >= cap:
-        tail -= cap
-    if count:
-        words[TAIL_WORD] = tail
-    else:
-        tail = r
-    return count, tail, status, dropped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,13 +134,30 @@ def both(datagrams, **kw):
 # The extension is there and in use
 
 
-def test_extension_is_built_and_loaded():
-    """CI must notice a silent fallback: this environment has to have the compiled module."""
+def test_extension_is_built_and_used_by_sessions():
+    """CI must notice a silent fallback: this environment has to have the compiled module, and sessions
+    must run their loops in it (WIRETUN_NO_SPEEDUPS=1 skips this module instead)."""
     path = Path(C.__file__)
     assert path.suffix == ".so", f"wiretun._speedups loaded from {path}, not a compiled extension"
     assert path.parent == Path(wiretun.__file__).parent
-    for name in ("rx_pull", "rx_one", "tx_flush", "tx_direct"):
-        assert callable(getattr(C, name))
+    assert session.SPEEDUPS is True
+    for name in ("rx_pull", "rx_frames", "rx_one", "tx_flush", "tx_direct"):
+        assert getattr(session, "_" + name) is getattr(C, name)
+
+
+def test_python_loops_are_chosen_without_the_extension():
+    """WIRETUN_NO_SPEEDUPS=1 gives the pure-Python twins (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import wiretun.session as s; "
+        "print(s.SPEEDUPS, *(getattr(s, '_' + n) is getattr(s, '_py_' + n) "
+        "for n in ('rx_pull', 'rx_frames', 'rx_one', 'tx_flush', 'tx_direct')))"
+    )
+    env = dict(os.environ, WIRETUN_NO_SPEEDUPS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"] + ["True"] * 5
 
 
 # ------------------------------------------------------------------------------------------------
