@@ -220,6 +220,28 @@ def responder_read_payload(
     return payload, ck, h
 
 
+_DHPair = tuple[X25519PrivateKey, bytes | X25519PublicKey]
+
+
+def _mix_response(
+    ck: bytes, h: bytes, e_pub: bytes, ee: _DHPair, se: _DHPair, preshared_key: bytes
+) -> tuple[bytes, bytes, bytes] | None:
+    """The key schedule both sides run for ``<- e, ee, se, psk``: returns (ck, h, payload key) or None.
+
+    ``ee`` and ``se`` are the (private, public) halves of each DH as this side holds them; the
+    second DH is only computed when the first is non-zero.
+    """
+    h = mix_hash(h, e_pub)
+    ck = kdf1(ck, e_pub)
+    for private, public in (ee, se):
+        shared = _dh(private, public)
+        if shared is None:
+            return None
+        ck = kdf1(ck, shared)
+    ck, tau, key = kdf3(ck, preshared_key)
+    return ck, mix_hash(h, tau), key
+
+
 def responder_write(
     ck: bytes,
     h: bytes,
@@ -231,18 +253,10 @@ def responder_write(
 ) -> tuple[bytes, bytes, bytes, bytes] | None:
     """``<- e, ee, se, psk, {payload}``.  Returns (ephemeral public, encrypted payload, ck, h) or None."""
     e_pub = _public(ephemeral)
-    h = mix_hash(h, e_pub)
-    ck = kdf1(ck, e_pub)
-    ee = _dh(ephemeral, remote_ephemeral)
-    if ee is None:
+    mixed = _mix_response(ck, h, e_pub, (ephemeral, remote_ephemeral), (ephemeral, remote_static), preshared_key)
+    if mixed is None:
         return None
-    ck = kdf1(ck, ee)
-    se = _dh(ephemeral, remote_static)
-    if se is None:
-        return None
-    ck = kdf1(ck, se)
-    ck, tau, key = kdf3(ck, preshared_key)
-    h = mix_hash(h, tau)
+    ck, h, key = mixed
     enc = ChaCha20Poly1305(key).encrypt(ZERO_NONCE, payload, h)
     h = mix_hash(h, enc)
     return e_pub, enc, ck, h
@@ -258,18 +272,12 @@ def initiator_read(
     encrypted_payload: bytes,
 ) -> tuple[bytes, bytes, bytes] | None:
     """Read ``<- e, ee, se, psk, {payload}``.  Returns (payload, ck, h) or None."""
-    h = mix_hash(h, remote_ephemeral)
-    ck = kdf1(ck, remote_ephemeral)
-    ee = _dh(ephemeral, remote_ephemeral)
-    if ee is None:
+    mixed = _mix_response(
+        ck, h, remote_ephemeral, (ephemeral, remote_ephemeral), (local_static, remote_ephemeral), preshared_key
+    )
+    if mixed is None:
         return None
-    ck = kdf1(ck, ee)
-    se = _dh(local_static, remote_ephemeral)
-    if se is None:
-        return None
-    ck = kdf1(ck, se)
-    ck, tau, key = kdf3(ck, preshared_key)
-    h = mix_hash(h, tau)
+    ck, h, key = mixed
     try:
         payload = ChaCha20Poly1305(key).decrypt(ZERO_NONCE, encrypted_payload, h)
     except InvalidTag:
