@@ -34,6 +34,9 @@ _CLONE_NEWNET = 0x40000000
 _THREAD_NETNS = "/proc/thread-self/ns/net"
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,8 @@ class Link:
 
 @dataclass(frozen=True)
 class RouteEntry:
-    destination: ipaddress.IPv4Network | ipaddress.IPv6Network
-    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    destination: IPNetwork
+    gateway: IPAddress | None
     metric: int
 
 
@@ -315,8 +318,8 @@ def delete_link(index: int) -> None:
 
 
 @_netlink_errors
-def addresses(index: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
-    out: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+def addresses(index: int) -> list[IPInterface]:
+    out: list[IPInterface] = []
     with _rtnl() as ip:
         for msg in ip.get_addr(index=index):
             if msg["index"] != index:
@@ -330,13 +333,13 @@ def addresses(index: int) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interf
 
 
 @_netlink_errors
-def add_address(index: int, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
+def add_address(index: int, iface: IPInterface) -> None:
     with _rtnl() as ip:
         ip.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
 
 
 @_netlink_errors
-def del_address(index: int, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
+def del_address(index: int, iface: IPInterface) -> None:
     with _rtnl() as ip:
         ip.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
 
@@ -344,12 +347,7 @@ def del_address(index: int, iface: ipaddress.IPv4Interface | ipaddress.IPv6Inter
 # --- routes ---------------------------------------------------------------------------------------
 
 
-def _route_spec(
-    index: int,
-    destination: ipaddress.IPv4Network | ipaddress.IPv6Network,
-    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
-    metric: int | None,
-) -> dict[str, Any]:
+def _route_spec(index: int, destination: IPNetwork, gateway: IPAddress | None, metric: int | None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "dst": str(destination),
         "oif": index,
@@ -388,22 +386,14 @@ def routes(index: int) -> list[RouteEntry]:
 
 
 @_netlink_errors
-def add_route(
-    index: int,
-    destination: ipaddress.IPv4Network | ipaddress.IPv6Network,
-    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
-    metric: int | None = None,
-) -> None:
+def add_route(index: int, destination: IPNetwork, gateway: IPAddress | None = None, metric: int | None = None) -> None:
+    """Add a main-table route that leaves through this link."""
     with _rtnl() as ip:
         ip.route("add", **_route_spec(index, destination, gateway, metric))
 
 
 @_netlink_errors
-def del_route(
-    index: int,
-    destination: ipaddress.IPv4Network | ipaddress.IPv6Network,
-    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
-    metric: int | None = None,
-) -> None:
+def del_route(index: int, destination: IPNetwork, gateway: IPAddress | None = None, metric: int | None = None) -> None:
+    """Remove a main-table route that leaves through this link."""
     with _rtnl() as ip:
         ip.route("del", **_route_spec(index, destination, gateway, metric))
