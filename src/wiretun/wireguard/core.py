@@ -140,7 +140,32 @@ def default_source_address(endpoint: Any) -> tuple[bytes, bytes]:
     return raw, raw
 
 
-class Counters:
+class CounterSet:
+    """A fixed set of integer counters, one slot each, all starting at zero."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+# Counters that count traffic handled, not dropped; every other rx_/tx_ counter is a drop.
+_COUNTER_TOTALS = (
+    "rx_data_packets",
+    "rx_keepalives",
+    "rx_handshakes",
+    "tx_data_packets",
+    "tx_keepalives",
+    "tx_initiations",
+    "tx_responses",
+)
+
+
+class Counters(CounterSet):
     """Device-level counters.  ``rx_*`` are dropped datagrams by reason, ``tx_*`` dropped packets."""
 
     __slots__ = (
@@ -170,41 +195,18 @@ class Counters:
         "tx_staged_overflow",  # oldest queued packet dropped: queue full while waiting for a session
         "tx_handshake_timeout",  # queued packets dropped when the handshake gave up
         "tx_flushed",  # queued packets dropped when keys were zeroed or the peer removed
-        # totals
-        "rx_data_packets",
-        "rx_keepalives",
-        "rx_handshakes",
-        "tx_data_packets",
-        "tx_keepalives",
-        "tx_initiations",
-        "tx_responses",
-    )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+    ) + _COUNTER_TOTALS
 
     def dropped(self) -> int:
         """All datagrams and packets dropped, whatever the reason (cookie replies excluded)."""
-        return sum(
-            getattr(self, name)
-            for name in self.__slots__
-            if (name.startswith("rx_") or name.startswith("tx_"))
-            and name
-            not in (
-                "rx_cookie_sent",
-                "rx_data_packets",
-                "rx_keepalives",
-                "rx_handshakes",
-                "tx_data_packets",
-                "tx_keepalives",
-                "tx_initiations",
-                "tx_responses",
-            )
-        )
+        return sum(getattr(self, name) for name in _COUNTER_DROPS)
+
+
+_COUNTER_DROPS = tuple(
+    name
+    for name in Counters.__slots__
+    if name.startswith(("rx_", "tx_")) and name != "rx_cookie_sent" and name not in _COUNTER_TOTALS
+)
 
 
 class Peer:

@@ -77,7 +77,7 @@ from .config import (
     PeerState,
     UAPIError,
 )
-from .core import Peer, WireGuard
+from .core import CounterSet, Peer, WireGuard
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -130,7 +130,7 @@ def _gro_size(ancillary: list[tuple[int, int, bytes]]) -> int:
     return 0
 
 
-class DeviceCounters:
+class DeviceCounters(CounterSet):
     """Counters of the device's own I/O (the core keeps the per-reason protocol drop counters)."""
 
     __slots__ = (
@@ -145,13 +145,6 @@ class DeviceCounters:
         "tun_tx",  # decrypted packets written to the session
         "tun_tx_dropped",  # decrypted packets dropped: the session's send ring was full
     )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 # ------------------------------------------------------------------------------------------ helpers
