@@ -21,39 +21,20 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from wiretun.errors import AlreadyExists
 from wiretun.wireguard.config import DeviceSet, DeviceState, PeerSet, PeerState, UAPIError
-from wiretun.wireguard.uapi import DEFAULT_SOCKET_DIRECTORY, MAX_LINE_LENGTH, UAPIServer, format_get
+from wiretun.wireguard.uapi import MAX_LINE_LENGTH, UAPIServer, format_get
+
+from .wgutil import SOCK_DIR, genkey, unique, wait_for, wg, wg_quick_with_wiretun_wg
 
 pytestmark = pytest.mark.skipif(shutil.which("wg") is None, reason="the wg tool is not installed")
 
-SOCK_DIR = Path(DEFAULT_SOCKET_DIRECTORY)
-
-
-def unique_name(prefix: str = "wtu") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:8]}"
-
-
-def wg(*args: str, input: str | None = None, check: bool = True, cwd: str | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run(["wg", *args], input=input, capture_output=True, text=True, timeout=20, cwd=cwd)
-    if check and r.returncode != 0:
-        raise AssertionError(f"wg {' '.join(args)} failed ({r.returncode}): {r.stderr}")
-    return r
-
-
 def b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
-
-
-def genkey() -> tuple[str, str]:
-    private = wg("genkey").stdout.strip()
-    public = wg("pubkey", input=private + "\n").stdout.strip()
-    return private, public
 
 
 class StateDevice:
@@ -116,7 +97,7 @@ class StateDevice:
 @pytest.fixture
 def uapi(netns):
     """(interface name, StateDevice, UAPIServer) on /var/run/wireguard/<name>.sock; always cleaned up."""
-    name = unique_name()
+    name = unique()
     device = StateDevice()
     server = UAPIServer(name, device, timeout=3.0)
     try:
@@ -285,7 +266,7 @@ def test_device_errors_reach_wg_as_strerror(uapi):
 
 
 def test_wg_show_unknown_interface_fails_cleanly():
-    r = wg("show", unique_name("wtn"), check=False)
+    r = wg("show", unique("wtn"), check=False)
     assert r.returncode != 0
 
 
@@ -293,7 +274,7 @@ def test_wg_show_unknown_interface_fails_cleanly():
 
 
 def test_stale_socket_in_var_run_is_replaced(netns):
-    name = unique_name()
+    name = unique()
     path = SOCK_DIR / f"{name}.sock"
     SOCK_DIR.mkdir(mode=0o755, exist_ok=True)
     dead = socket.socket(socket.AF_UNIX)
@@ -366,7 +347,7 @@ def wireguard_go(netns):
     exe = shutil.which("wireguard-go")
     if exe is None:
         pytest.skip("wireguard-go is not installed")
-    name = unique_name("wtg")
+    name = unique("wtg")
     path = SOCK_DIR / f"{name}.sock"
     env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="silent")
     proc = subprocess.Popen([exe, "-f", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -475,14 +456,6 @@ def daemon_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "wiretun.wireguard.daemon", *args]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def link_exists(name: str) -> bool:
     return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
 
@@ -517,7 +490,7 @@ def test_daemon_version_and_usage():
 
 def test_daemon_foreground_sigterm(netns, tmp_path):
     pytest.importorskip("wiretun.wireguard.device", reason="wiretun.wireguard.device is not written yet")
-    name = unique_name("wtd")
+    name = unique("wtd")
     with foreground_daemon(name) as (proc, path):
         assert link_exists(name)
         private, public = genkey()
@@ -535,7 +508,7 @@ def test_daemon_foreground_sigterm(netns, tmp_path):
 
 def test_daemon_exits_when_interface_is_deleted(netns):
     pytest.importorskip("wiretun.wireguard.device", reason="wiretun.wireguard.device is not written yet")
-    name = unique_name("wtd")
+    name = unique("wtd")
     with foreground_daemon(name, "error") as (proc, path):
         subprocess.run(["ip", "link", "del", "dev", name], check=True)
         assert proc.wait(10) == 0
@@ -544,7 +517,7 @@ def test_daemon_exits_when_interface_is_deleted(netns):
 
 def test_daemon_exits_when_socket_is_deleted(netns):
     pytest.importorskip("wiretun.wireguard.device", reason="wiretun.wireguard.device is not written yet")
-    name = unique_name("wtd")
+    name = unique("wtd")
     with foreground_daemon(name, "error") as (proc, path):
         path.unlink()
         assert proc.wait(10) == 0
@@ -553,7 +526,7 @@ def test_daemon_exits_when_socket_is_deleted(netns):
 
 def test_daemon_sigint_and_silent_log_level(netns):
     pytest.importorskip("wiretun.wireguard.device", reason="wiretun.wireguard.device is not written yet")
-    name = unique_name("wtd")
+    name = unique("wtd")
     with foreground_daemon(name, "silent") as (proc, path):
         wg("show", name)
         proc.send_signal(signal.SIGINT)
@@ -565,7 +538,7 @@ def test_daemon_sigint_and_silent_log_level(netns):
 
 def test_daemon_refuses_a_second_instance(netns):
     pytest.importorskip("wiretun.wireguard.device", reason="wiretun.wireguard.device is not written yet")
-    name = unique_name("wtd")
+    name = unique("wtd")
     with foreground_daemon(name, "error") as (proc, path):
         r = subprocess.run(daemon_argv("-f", name), capture_output=True, text=True, timeout=30,
                            env=dict(os.environ, LOG_LEVEL="error"))
@@ -576,7 +549,7 @@ def test_daemon_refuses_a_second_instance(netns):
 
 def test_daemonizing_mode_returns_promptly_and_leaves_a_daemon(netns):
     pytest.importorskip("wiretun.wireguard.device", reason="wiretun.wireguard.device is not written yet")
-    name = unique_name("wtd")
+    name = unique("wtd")
     path = SOCK_DIR / f"{name}.sock"
     try:
         t0 = time.monotonic()
@@ -600,14 +573,8 @@ def test_daemonizing_mode_returns_promptly_and_leaves_a_daemon(netns):
 
 def test_wg_quick_up_and_down_with_wiretun_wg(netns, tmp_path):
     pytest.importorskip("wiretun.wireguard.device", reason="wiretun.wireguard.device is not written yet")
-    if shutil.which("wg-quick") is None:
-        pytest.skip("wg-quick is not installed")
-    if os.path.exists("/sys/module/wireguard"):
-        pytest.skip("the kernel has WireGuard: wg-quick would not use a userspace implementation")
-    script = Path(sys.executable).with_name("wiretun-wg")
-    if not script.exists():
-        pytest.skip(f"the wiretun-wg console script is not installed next to {sys.executable}")
-    name = unique_name("wtq")
+    script, env = wg_quick_with_wiretun_wg()
+    name = unique("wtq")
     path = SOCK_DIR / f"{name}.sock"
     private, public = genkey()
     _, peer = genkey()
@@ -617,8 +584,6 @@ def test_wg_quick_up_and_down_with_wiretun_wg(netns, tmp_path):
         f"[Peer]\nPublicKey = {peer}\nAllowedIPs = 10.77.0.2/32\nEndpoint = 127.0.0.1:51821\n"
     )
     conf.chmod(0o600)
-    env = dict(os.environ, WG_QUICK_USERSPACE_IMPLEMENTATION=str(script))
-    env.pop("LOG_LEVEL", None)
     try:
         up = subprocess.run(["wg-quick", "up", str(conf)], env=env, capture_output=True, text=True, timeout=60)
         assert up.returncode == 0, up.stderr

@@ -8,12 +8,10 @@ wiretun device in this process (``inproc``), the ``wiretun-wg`` daemon (``daemon
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,18 +21,8 @@ import pytest
 
 from wiretun.linux import netns as _netns
 
-from .test_wireguard import (
-    SOCK_DIR,
-    WIREGUARD_GO,
-    Lab,
-    genkey,
-    iperf,
-    nsx,
-    pair,
-    ping,
-    unique,
-    wait_for,
-)
+from .test_wireguard import Lab, iperf, pair, ping
+from .wgutil import SOCK_DIR, WIREGUARD_GO, genkey, nsx, unique, wait_for, wg, wg_quick_with_wiretun_wg
 
 pytestmark = pytest.mark.skipif(
     WIREGUARD_GO is None or any(shutil.which(t) is None for t in ("wg", "iperf3", "ss")),
@@ -49,13 +37,6 @@ def lab(make_netns, tmp_path) -> Iterator[Lab]:
         yield lab
     finally:
         lab.close()
-
-
-def wg(*args: str, check: bool = True, cwd: str | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run(["wg", *args], capture_output=True, text=True, timeout=20, cwd=cwd)
-    if check and r.returncode != 0:
-        raise AssertionError(f"wg {' '.join(args)} failed ({r.returncode}): {r.stderr}")
-    return r
 
 
 def test_seed_wg_set_command_with_a_wireguard_go_peer(lab, tmp_path):
@@ -237,13 +218,7 @@ def test_wg_stays_responsive_under_bulk_traffic(lab):
 
 
 def test_wg_quick_up_down_with_traffic(lab, tmp_path):
-    if shutil.which("wg-quick") is None:
-        pytest.skip("wg-quick is not installed")
-    if os.path.exists("/sys/module/wireguard"):
-        pytest.skip("the kernel has WireGuard: wg-quick would not use a userspace implementation")
-    script = Path(sys.executable).with_name("wiretun-wg")
-    if not script.exists():
-        pytest.skip(f"the wiretun-wg console script is not installed next to {sys.executable}")
+    script, env = wg_quick_with_wiretun_wg()
     a_ns, b_ns = lab.namespace(), lab.namespace()
     wire = lab.wire(a_ns, b_ns)
     theirs = lab.node("wggo", b_ns, 51820)
@@ -258,8 +233,6 @@ def test_wg_quick_up_down_with_traffic(lab, tmp_path):
     )
     conf.chmod(0o600)
     theirs.set("peer", public, "allowed-ips", "10.77.0.50/32,fd77::50/128")
-    env = dict(os.environ, WG_QUICK_USERSPACE_IMPLEMENTATION=str(script))
-    env.pop("LOG_LEVEL", None)
     path = SOCK_DIR / f"{name}.sock"
     try:
         up = subprocess.run(["ip", "netns", "exec", a_ns, "wg-quick", "up", str(conf)], env=env,

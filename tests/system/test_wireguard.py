@@ -41,8 +41,8 @@ import pytest
 import wiretun
 from wiretun.linux import netns as _netns
 
-SOCK_DIR = Path("/var/run/wireguard")
-WIREGUARD_GO = shutil.which("wireguard-go")
+from .wgutil import SOCK_DIR, WIREGUARD_GO, genkey, nsx, sh, unique, wait_for
+
 TOOLS = ("wg", "iperf3", "ss")
 
 pytestmark = pytest.mark.skipif(
@@ -52,38 +52,6 @@ pytestmark = pytest.mark.skipif(
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def sh(*argv: str, check: bool = True, timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()} {r.stdout.strip()}")
-    return r
-
-
-def nsx(ns: str, *argv: str, **kw: Any) -> subprocess.CompletedProcess:
-    return sh("ip", "netns", "exec", ns, *argv, **kw)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:7]}"
-
-
-def genkey() -> tuple[str, str]:
-    private = sh("wg", "genkey").stdout.strip()
-    public = sh("wg", "pubkey", input=private + "\n").stdout.strip()
-    return private, public
 
 
 def bracket(host: str) -> str:
