@@ -1,6 +1,6 @@
 """The real ``wg`` and ``wg-quick`` against the real wiretun device, with a wireguard-go peer on the far end.
 
-Namespaces, veth wires and nodes come from :mod:`tests.system.test_wireguard` (``Lab``): a node is a
+Namespaces, veth wires and nodes come from :mod:`tests.system.wgutil` (``Lab``): a node is a
 wiretun device in this process (``inproc``), the ``wiretun-wg`` daemon (``daemon``) or wireguard-go
 (``wggo``), each in its own namespace, all configured through their UAPI sockets in /var/run/wireguard.
 """
@@ -15,28 +15,29 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from wiretun.linux import netns as _netns
 
-from .test_wireguard import Lab, iperf, pair, ping
-from .wgutil import SOCK_DIR, WIREGUARD_GO, genkey, nsx, unique, wait_for, wg, wg_quick_with_wiretun_wg
+from .wgutil import (
+    SOCK_DIR,
+    WIREGUARD_GO,
+    genkey,
+    iperf,
+    nsx,
+    pair,
+    ping,
+    unique,
+    wait_for,
+    wg,
+    wg_quick_with_wiretun_wg,
+)
 
 pytestmark = pytest.mark.skipif(
     WIREGUARD_GO is None or any(shutil.which(t) is None for t in ("wg", "iperf3", "ss")),
     reason="needs wireguard-go, wg, iperf3 and ss",
 )
-
-
-@pytest.fixture
-def lab(make_netns, tmp_path) -> Iterator[Lab]:
-    lab = Lab(make_netns, tmp_path)
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 def test_seed_wg_set_command_with_a_wireguard_go_peer(lab, tmp_path):
