@@ -13,7 +13,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import re
 import shutil
 import signal
 import socket
@@ -29,6 +28,7 @@ from wiretun.errors import AlreadyExists
 from wiretun.wireguard.config import DeviceSet, DeviceState, PeerSet, PeerState, UAPIError
 from wiretun.wireguard.uapi import MAX_LINE_LENGTH, UAPIServer, format_get
 
+from ..uapi_client import connect, exchange
 from .wgutil import SOCK_DIR, genkey, unique, wait_for, wg, wg_quick_with_wiretun_wg
 
 pytestmark = pytest.mark.skipif(shutil.which("wg") is None, reason="the wg tool is not installed")
@@ -106,29 +106,6 @@ def uapi(netns):
         server.close()
         with contextlib.suppress(FileNotFoundError):
             (SOCK_DIR / f"{name}.sock").unlink()
-
-
-def connect(path: str | Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(str(path))
-    return s
-
-
-def read_reply(s: socket.socket) -> str:
-    data = b""
-    while not re.search(rb"(^|\n)errno=-?[0-9]+\n\n\Z", data):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode()
-
-
-def exchange(path: str | Path, request: bytes) -> str:
-    with connect(path) as s:
-        s.sendall(request)
-        return read_reply(s)
 
 
 # ------------------------------------------------------------------------------------- wg flows

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import re
 import socket
 import stat
 import threading
@@ -28,6 +27,8 @@ from wiretun.wireguard.uapi import (
     parse_set,
     socket_path,
 )
+
+from ...uapi_client import connect, exchange, read_reply
 
 PRIV_HEX = "e84b5a6d2717c1003a13b431570353dbaca9146cf150c5f8575680feba52027a"
 PUB1_HEX = "b85996fecc9c7f1fc6d2572a76eda11d59bcd20be8e543b15ce4bd85a8e75a33"
@@ -473,30 +474,6 @@ class RecordingDevice:
 
     def state(self) -> DeviceState:
         return self.fixed_state
-
-
-def connect(path: str, timeout: float = 5.0) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(path)
-    return s
-
-
-def read_reply(s: socket.socket) -> str:
-    """Read up to and including the blank line that ends a reply."""
-    data = b""
-    while not re.search(rb"(^|\n)errno=-?[0-9]+\n\n\Z", data):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode()
-
-
-def exchange(path: str, request: str) -> str:
-    with connect(path) as s:
-        s.sendall(request.encode())
-        return read_reply(s)
 
 
 @pytest.fixture
