@@ -131,6 +131,21 @@ def _public(private: X25519PrivateKey) -> bytes:
     return private.public_key().public_bytes_raw()
 
 
+def _encrypt_and_hash(key: bytes, plaintext: bytes, h: bytes) -> tuple[bytes, bytes]:
+    """Noise EncryptAndHash under a fresh key (nonce 0): (ciphertext, HASH(h || ciphertext))."""
+    ciphertext = ChaCha20Poly1305(key).encrypt(ZERO_NONCE, plaintext, h)
+    return ciphertext, mix_hash(h, ciphertext)
+
+
+def _decrypt_and_hash(key: bytes, ciphertext: bytes, h: bytes) -> tuple[bytes, bytes] | None:
+    """Noise DecryptAndHash under a fresh key (nonce 0): (plaintext, HASH(h || ciphertext)), None on a bad tag."""
+    try:
+        plaintext = ChaCha20Poly1305(key).decrypt(ZERO_NONCE, ciphertext, h)
+    except InvalidTag:
+        return None
+    return plaintext, mix_hash(h, ciphertext)
+
+
 def initial_state(construction: bytes = CONSTRUCTION, prologue: bytes = IDENTIFIER) -> tuple[bytes, bytes]:
     """(chaining key, hash) after the protocol name and prologue: Ci = HASH(name), Hi = HASH(Ci || prologue).
 
@@ -171,11 +186,9 @@ def initiator_write(
     if es is None:
         return None
     ck, key = kdf2(ck, es)
-    enc_static = ChaCha20Poly1305(key).encrypt(ZERO_NONCE, local_static_public, h)
-    h = mix_hash(h, enc_static)
+    enc_static, h = _encrypt_and_hash(key, local_static_public, h)
     ck, key = kdf2(ck, static_static)
-    enc_payload = ChaCha20Poly1305(key).encrypt(ZERO_NONCE, payload, h)
-    h = mix_hash(h, enc_payload)
+    enc_payload, h = _encrypt_and_hash(key, payload, h)
     return e_pub, enc_static, enc_payload, ck, h
 
 
@@ -199,11 +212,10 @@ def responder_read_static(
     if es is None:
         return None
     ck, key = kdf2(ck, es)
-    try:
-        static = ChaCha20Poly1305(key).decrypt(ZERO_NONCE, encrypted_static, h)
-    except InvalidTag:
+    opened = _decrypt_and_hash(key, encrypted_static, h)
+    if opened is None:
         return None
-    h = mix_hash(h, encrypted_static)
+    static, h = opened
     return static, ck, h
 
 
@@ -212,11 +224,10 @@ def responder_read_payload(
 ) -> tuple[bytes, bytes, bytes] | None:
     """Second half: ``ss`` and the payload.  Returns (payload, ck, h) or None."""
     ck, key = kdf2(ck, static_static)
-    try:
-        payload = ChaCha20Poly1305(key).decrypt(ZERO_NONCE, encrypted_payload, h)
-    except InvalidTag:
+    opened = _decrypt_and_hash(key, encrypted_payload, h)
+    if opened is None:
         return None
-    h = mix_hash(h, encrypted_payload)
+    payload, h = opened
     return payload, ck, h
 
 
@@ -257,8 +268,7 @@ def responder_write(
     if mixed is None:
         return None
     ck, h, key = mixed
-    enc = ChaCha20Poly1305(key).encrypt(ZERO_NONCE, payload, h)
-    h = mix_hash(h, enc)
+    enc, h = _encrypt_and_hash(key, payload, h)
     return e_pub, enc, ck, h
 
 
@@ -278,11 +288,10 @@ def initiator_read(
     if mixed is None:
         return None
     ck, h, key = mixed
-    try:
-        payload = ChaCha20Poly1305(key).decrypt(ZERO_NONCE, encrypted_payload, h)
-    except InvalidTag:
+    opened = _decrypt_and_hash(key, encrypted_payload, h)
+    if opened is None:
         return None
-    h = mix_hash(h, encrypted_payload)
+    payload, h = opened
     return payload, ck, h
 
 
