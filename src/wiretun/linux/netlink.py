@@ -332,10 +332,19 @@ def addresses(index: int) -> list[IPInterface]:
     return out
 
 
+IFA_F_NODAD = 0x02
+
+
 @_netlink_errors
 def add_address(index: int, iface: IPInterface) -> None:
     with _rtnl() as ip:
-        ip.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        if iface.version == 6:
+            # A TUN link has no neighbours to collide with: no DAD, so the address is usable (bind)
+            # at once instead of after the tentative period that follows the link coming up.
+            ip.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen,
+                    IFA_FLAGS=IFA_F_NODAD)
+        else:
+            ip.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
 
 
 @_netlink_errors
