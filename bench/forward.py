@@ -246,16 +246,8 @@ def _check(*argv: str) -> None:
 def _namespaces() -> Iterator[tuple[str, str]]:
     from wiretun.linux import netns
 
-    made: list[str] = []
-    try:
-        for prefix in ("wtbA", "wtbB"):
-            name = netns.create(prefix)
-            made.append(name)
-            _check("ip", "-n", name, "link", "set", "lo", "up")
-        yield made[0], made[1]
-    finally:
-        for name in made:
-            netns.remove(name)  # kills anything still inside (iperf3)
+    with netns.several("wtbA", "wtbB") as (a, b):  # removed at the end, iperf3 and all
+        yield a, b
 
 
 def build_c(notes: list[str]) -> Path | None:

@@ -98,22 +98,13 @@ def topology() -> Iterator[tuple[str, str]]:
     """Namespaces A and B and the veth pair between them; removed at the end."""
     from wiretun.linux import netns
 
-    made: list[str] = []
-    try:
-        for prefix in ("wgbA", "wgbB"):
-            name = netns.create(prefix)
-            made.append(name)
-            _run("ip", "-n", name, "link", "set", "lo", "up")
-        a, b = made
+    with netns.several("wgbA", "wgbB") as (a, b):  # removed at the end, daemons and iperf3 too
         veth_a, veth_b = f"vb{uuid.uuid4().hex[:6]}", f"vb{uuid.uuid4().hex[:6]}"
         _run("ip", "link", "add", veth_a, "netns", a, "type", "veth", "peer", "name", veth_b, "netns", b)
         for ns, dev, addr in ((a, veth_a, OUTER_A), (b, veth_b, OUTER_B)):
             _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _run("ip", "-n", ns, "link", "set", dev, "up")
         yield a, b
-    finally:
-        for name in made:
-            netns.remove(name)  # kills what still runs inside (daemons, iperf3)
 
 
 class Node:

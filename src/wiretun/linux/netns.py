@@ -70,6 +70,21 @@ def temporary(prefix: str = "wt", *, enter: bool = True) -> Iterator[str]:
         remove(name)
 
 
+@contextlib.contextmanager
+def several(*prefixes: str) -> Iterator[list[str]]:
+    """Fresh namespaces with loopback up, one per prefix (not entered); all removed at the end."""
+    made: list[str] = []
+    try:
+        for prefix in prefixes:
+            name = create(prefix)
+            made.append(name)
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield made
+    finally:
+        for name in made:
+            remove(name)  # kills anything still inside
+
+
 def run(name: str, *argv: str, **kw: object) -> subprocess.CompletedProcess:
     """Run a command inside namespace ``name`` (``ip netns exec``)."""
     kw.setdefault("capture_output", True)
