@@ -32,7 +32,6 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import select
 import shutil
 import signal
@@ -43,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -418,15 +417,9 @@ def _counters(ns: str, dev: str, side: str) -> tuple[int, int]:
 
 
 def machine_line() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    iperf = _run("iperf3", "--version").stdout.split("\n", 1)[0].strip()
-    return (f"CPU: {cpu} ({os.cpu_count()} cores); kernel {platform.release()}; "
-            f"Python {platform.python_version()}; {iperf}")
+    from _machine import machine_line as line
+
+    return line(_run("iperf3", "--version").stdout.split("\n", 1)[0].strip())
 
 
 def _ratio(value: float | None, base: float | None) -> str:

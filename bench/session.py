@@ -42,19 +42,9 @@ BATCH = 64
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"Python {platform.python_version()} ({platform.python_implementation()})"
-    )
+    from _machine import machine_line
+
+    return machine_line(platform.python_implementation())
 
 
 def prefill(sock: socket.socket, payload: bytes, count: int) -> None:

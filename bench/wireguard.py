@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -220,16 +219,10 @@ def _latest_handshake(node: Node) -> int:
 
 
 def machine_line() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from _machine import machine_line as line
+
     wggo = _run("wireguard-go", "--version", check=False).stdout.split("\n", 1)[0].strip() or "wireguard-go ?"
-    iperf = _run("iperf3", "--version", check=False).stdout.split("\n", 1)[0].strip()
-    return (f"CPU: {cpu} ({os.cpu_count()} cores); kernel {platform.release()}; "
-            f"Python {platform.python_version()}; {wggo}; {iperf}")
+    return line(wggo, _run("iperf3", "--version", check=False).stdout.split("\n", 1)[0].strip())
 
 
 def _median(values: list[float]) -> float | None:

@@ -89,7 +89,6 @@ from .ring import (
     Producer,
     Ring,
     check_capacity,
-    check_packet_size,
     ring_size,
 )
 

@@ -1,7 +1,6 @@
 """The port of Wintun's example.c, run as a user would: ``python -m wiretun example`` in a namespace."""
 
 import re
-import subprocess
 import sys
 
 from wiretun.linux import netns as _netns
