@@ -280,21 +280,26 @@ make_view(PyObject *data_obj, Py_ssize_t offset, Py_ssize_t size)
 /* ------------------------------------------------------------------------------------------------ */
 /* Receive                                                                                           */
 
-/* Packets read while the GIL was released, waiting for their views (made with the GIL held). */
+/* Packets read while the GIL was released, waiting for their views (made with the GIL held), and where
+ * those go. ``frames``: a record holds the 10-byte header, then the packet; the view covers the packet
+ * only and headers (or NULL) gets the header as bytes. offsets (or NULL) gets each data offset. */
 typedef struct {
     uint32_t offset[CHUNK]; /* data offset of each record's contents (record offset + 4) */
     uint32_t size[CHUNK];   /* its stored Size */
     int n;
+    int frames;
+    PyObject *data_obj, *views, *offsets, *headers;
+    const unsigned char *data;
 } Pending;
 
-/* Make views (and offset ints, and for frames header bytes) for the pending packets and append them.
- * ``frames``: a record holds the 10-byte header, then the packet; the view covers the packet only. */
+/* Make views (and offset ints, and for frames header bytes) for the pending packets and append them. */
 static int
-flush_pending(Pending *p, PyObject *data_obj, const unsigned char *data, int frames, PyObject *views,
-              PyObject *offsets, PyObject *headers)
+flush_pending(Pending *p)
 {
+    PyObject *data_obj = p->data_obj, *views = p->views, *offsets = p->offsets, *headers = p->headers;
+    const unsigned char *data = p->data;
     for (int i = 0; i < p->n; i++) {
-        Py_ssize_t skip = frames ? VNET_HDR_SIZE : 0;
+        Py_ssize_t skip = p->frames ? VNET_HDR_SIZE : 0;
         PyObject *view = make_view(data_obj, (Py_ssize_t)p->offset[i] + skip, (Py_ssize_t)p->size[i] - skip);
         if (view == NULL)
             return -1;
@@ -396,6 +401,122 @@ get_rx_lists(PyObject *views_obj, PyObject *offsets_obj, PyObject **offsets)
     return get_list_or_none(offsets_obj, "offsets", offsets);
 }
 
+/* The buffers of rx_pull and rx_one, taken in this order: the ring, hdr (at least hdr_need bytes) and
+ * scratch (at least READ_SPAN). On failure nothing is held; else release_rx_buffers gives them back. */
+static int
+get_rx_buffers(PyObject *words_obj, PyObject *data_obj, PyObject *hdr_obj, Py_ssize_t hdr_need,
+               PyObject *scratch_obj, Ring *ring, Py_buffer *hb, Py_buffer *sb)
+{
+    if (get_ring(words_obj, data_obj, ring) < 0)
+        return -1;
+    if (get_writable(hdr_obj, "hdr", hdr_need, hb) < 0) {
+        release_ring(ring);
+        return -1;
+    }
+    if (get_writable(scratch_obj, "scratch", READ_SPAN, sb) < 0) {
+        PyBuffer_Release(hb);
+        release_ring(ring);
+        return -1;
+    }
+    return 0;
+}
+
+static void
+release_rx_buffers(Ring *ring, Py_buffer *hb, Py_buffer *sb)
+{
+    PyBuffer_Release(sb);
+    PyBuffer_Release(hb);
+    release_ring(ring);
+}
+
+/* Load and check the receive ring's Tail, then Head (ValueError naming a bad one). */
+static int
+load_rx_indices(Ring *ring, uint32_t *tail, uint32_t *head)
+{
+    *tail = load_word(ring, TAIL_WORD);
+    *head = load_word(ring, HEAD_WORD);
+    if (check_index(ring, "Tail", *tail) < 0 || check_index(ring, "Head", *head) < 0)
+        return -1;
+    return 0;
+}
+
+/* The receive ring's free span at Tail, shared by rx_pull and rx_frames (load_rx_indices). Free space is
+ * the linear [d - 4, end): d is Tail + 4 (where the next record's contents go) and end is Head - 4, plus
+ * the capacity unless Head is past Tail. */
+static int
+ring_span(Ring *ring, uint32_t *tail, int64_t *end, int64_t *d)
+{
+    uint32_t r, head;
+    if (load_rx_indices(ring, &r, &head) < 0)
+        return -1;
+    *tail = r;
+    *end = head > r ? (int64_t)head - 4 : (int64_t)head - 4 + ring->cap;
+    *d = (int64_t)r + 4;
+    return 0;
+}
+
+static void
+init_pending(Pending *p, Ring *ring, PyObject *data_obj, int frames, PyObject *views, PyObject *offsets,
+             PyObject *headers)
+{
+    p->n = 0;
+    p->frames = frames;
+    p->data_obj = data_obj;
+    p->views = views;
+    p->offsets = offsets;
+    p->headers = headers;
+    p->data = ring->data;
+}
+
+/* A failed read (n < 0, GIL released): -2 means a signal handler raised (failed), else errno is the
+ * status that ends the loop. */
+static inline void
+read_failed(Py_ssize_t n, int *failed, int *status)
+{
+    if (n == -2)
+        *failed = 1;
+    else
+        *status = errno;
+}
+
+/* Record a packet of n bytes whose contents are at data offset d (GIL released, ``*ts`` saved): write its
+ * Size, queue it, and make the views of a full chunk with the GIL held. -1 if that raised. */
+static inline int
+add_record(Ring *ring, Pending *p, int64_t d, Py_ssize_t n, PyThreadState **ts)
+{
+    store_size(ring, (uint32_t)(d - 4), (uint32_t)n);
+    p->offset[p->n] = (uint32_t)d;
+    p->size[p->n] = (uint32_t)n;
+    if (++p->n == CHUNK) {
+        PyEval_RestoreThread(*ts);
+        int rc = flush_pending(p);
+        *ts = PyEval_SaveThread();
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* End of rx_pull / rx_frames (GIL held): make the last views and, if any packet was read, publish Tail
+ * (the record at d - 4, wrapped). r is the Tail found at the start. Returns the result tuple, or NULL
+ * when ``failed`` (a signal handler raised during a read) or making a view raised: then nothing is
+ * published, as in Python. */
+static PyObject *
+rx_finish(Ring *ring, Pending *p, int failed, uint32_t r, int64_t d, Py_ssize_t count, int status,
+          Py_ssize_t dropped)
+{
+    if (failed || flush_pending(p) < 0)
+        return NULL;
+    int64_t tail = d - 4;
+    if (tail >= (int64_t)ring->cap)
+        tail -= ring->cap;
+    if (count > 0)
+        store_word(ring, TAIL_WORD, (uint32_t)tail);
+    else
+        tail = r;
+    return Py_BuildValue("(nkin)", count, (unsigned long)tail, status, dropped);
+}
+
 PyDoc_STRVAR(rx_pull_doc,
 "rx_pull(fd, words, data, max_count, hdr, hdr_stride, scratch, views, offsets)\n"
 "    -> (count, tail, status, dropped)\n\n"
@@ -435,37 +556,26 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Ring ring;
     Py_buffer hb, sb;
-    if (get_ring(args[1], args[2], &ring) < 0)
+    if (get_rx_buffers(args[1], args[2], args[4], hdr_need, args[6], &ring, &hb, &sb) < 0)
         return NULL;
-    if (get_writable(args[4], "hdr", hdr_need, &hb) < 0) {
-        release_ring(&ring);
-        return NULL;
-    }
-    if (get_writable(args[6], "scratch", READ_SPAN, &sb) < 0) {
-        PyBuffer_Release(&hb);
-        release_ring(&ring);
-        return NULL;
-    }
 
     PyObject *result = NULL;
     const int64_t cap = ring.cap;
-    uint32_t r = load_word(&ring, TAIL_WORD);
-    uint32_t head = load_word(&ring, HEAD_WORD);
-    if (check_index(&ring, "Tail", r) < 0 || check_index(&ring, "Head", head) < 0)
+    uint32_t r;
+    int64_t end, d;
+    if (ring_span(&ring, &r, &end, &d) < 0)
         goto done;
 
     {
         /* Linear offsets, as in Session._pull: free space is [d - 4, end); stop is the last data offset
          * from which a blind read of 0xFFFF bytes can neither overrun Head nor need wrapping. */
-        int64_t end = head > r ? (int64_t)head - 4 : (int64_t)head - 4 + cap;
-        int64_t d = (int64_t)r + 4;
         int64_t mine = -1; /* first record this call wrote since the last wrap (contiguous up to d - 4) */
         Py_ssize_t left = max_count, count = 0, dropped = 0;
         int status = 0, failed = 0;
         unsigned char *hdr = (unsigned char *)hb.buf;
         unsigned char *scratch = (unsigned char *)sb.buf;
         Pending pending;
-        pending.n = 0;
+        init_pending(&pending, &ring, args[2], 0, views, offsets, NULL);
 
         PyThreadState *ts = PyEval_SaveThread();
         while (left > 0) {
@@ -485,10 +595,7 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     int in_place = mine >= 0 && d - VNET_HDR_SIZE >= mine;
                     n = read_packet(fd, hdr + count * stride, ring.data + d, in_place, &ts);
                     if (n < 0) {
-                        if (n == -2)
-                            failed = 1;
-                        else
-                            status = errno;
+                        read_failed(n, &failed, &status);
                         goto stopped;
                     }
                     n -= VNET_HDR_SIZE;
@@ -496,20 +603,12 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         status = ST_SHORT_READ;
                         goto stopped;
                     }
-                    store_size(&ring, (uint32_t)(d - 4), (uint32_t)n);
                     if (mine < 0)
                         mine = d - 4;
-                    pending.offset[pending.n] = (uint32_t)d;
-                    pending.size[pending.n] = (uint32_t)n;
                     count++;
-                    if (++pending.n == CHUNK) {
-                        PyEval_RestoreThread(ts);
-                        int rc = flush_pending(&pending, args[2], ring.data, 0, views, offsets, NULL);
-                        ts = PyEval_SaveThread();
-                        if (rc < 0) {
-                            failed = 1;
-                            goto stopped;
-                        }
+                    if (add_record(&ring, &pending, d, n, &ts) < 0) {
+                        failed = 1;
+                        goto stopped;
                     }
                     d += (n + 7) & ~3;
                     if (d > stop)
@@ -526,10 +625,7 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 iov[1].iov_len = READ_SPAN;
                 n = readv_nogil(fd, iov, &ts);
                 if (n < 0) {
-                    if (n == -2)
-                        failed = 1;
-                    else
-                        status = errno;
+                    read_failed(n, &failed, &status);
                     goto stopped;
                 }
                 n -= VNET_HDR_SIZE;
@@ -542,41 +638,22 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     continue;
                 }
                 memcpy(ring.data + d, scratch, (size_t)n);
-                store_size(&ring, (uint32_t)(d - 4), (uint32_t)n);
                 if (mine < 0)
                     mine = d - 4;
-                pending.offset[pending.n] = (uint32_t)d;
-                pending.size[pending.n] = (uint32_t)n;
                 count++;
-                if (++pending.n == CHUNK) {
-                    PyEval_RestoreThread(ts);
-                    int rc = flush_pending(&pending, args[2], ring.data, 0, views, offsets, NULL);
-                    ts = PyEval_SaveThread();
-                    if (rc < 0) {
-                        failed = 1;
-                        goto stopped;
-                    }
+                if (add_record(&ring, &pending, d, n, &ts) < 0) {
+                    failed = 1;
+                    goto stopped;
                 }
                 d += (n + 7) & ~3;
             }
         }
     stopped:
         PyEval_RestoreThread(ts);
-        if (failed || flush_pending(&pending, args[2], ring.data, 0, views, offsets, NULL) < 0)
-            goto done; /* an exception (signal handler, memory): nothing is published, as in Python */
-        int64_t tail = d - 4;
-        if (tail >= cap)
-            tail -= cap;
-        if (count > 0)
-            store_word(&ring, TAIL_WORD, (uint32_t)tail);
-        else
-            tail = r;
-        result = Py_BuildValue("(nkin)", count, (unsigned long)tail, status, dropped);
+        result = rx_finish(&ring, &pending, failed, r, d, count, status, dropped);
     }
 done:
-    PyBuffer_Release(&sb);
-    PyBuffer_Release(&hb);
-    release_ring(&ring);
+    release_rx_buffers(&ring, &hb, &sb);
     return result;
 }
 
@@ -627,18 +704,16 @@ rx_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *result = NULL;
     const int64_t cap = ring.cap;
-    uint32_t r = load_word(&ring, TAIL_WORD);
-    uint32_t head = load_word(&ring, HEAD_WORD);
-    if (check_index(&ring, "Tail", r) < 0 || check_index(&ring, "Head", head) < 0)
+    uint32_t r;
+    int64_t end, d;
+    if (ring_span(&ring, &r, &end, &d) < 0)
         goto done;
     {
-        int64_t end = head > r ? (int64_t)head - 4 : (int64_t)head - 4 + cap;
-        int64_t d = (int64_t)r + 4;
         Py_ssize_t count = 0, dropped = 0;
         int status = 0, failed = 0;
         unsigned char *scratch = (unsigned char *)sb.buf;
         Pending pending;
-        pending.n = 0;
+        init_pending(&pending, &ring, args[2], 1, views, offsets, headers);
 
         PyThreadState *ts = PyEval_SaveThread();
         for (long i = 0; i < max_count; i++) {
@@ -650,10 +725,7 @@ rx_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (d - 4 + FRAME_RECORD <= end) { /* room for the largest frame: straight into the ring */
                 n = read_nogil(fd, ring.data + d, FRAME_SPAN, &ts);
                 if (n < 0) {
-                    if (n == -2)
-                        failed = 1;
-                    else
-                        status = errno;
+                    read_failed(n, &failed, &status);
                     break;
                 }
                 if (n <= VNET_HDR_SIZE || n > FRAME_MAX) {
@@ -664,10 +736,7 @@ rx_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             else {
                 n = read_nogil(fd, scratch, FRAME_SPAN, &ts);
                 if (n < 0) {
-                    if (n == -2)
-                        failed = 1;
-                    else
-                        status = errno;
+                    read_failed(n, &failed, &status);
                     break;
                 }
                 if (n <= VNET_HDR_SIZE || n > FRAME_MAX || ((n + 7) & ~3) > end - (d - 4)) {
@@ -676,32 +745,15 @@ rx_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 }
                 memcpy(ring.data + d, scratch, (size_t)n);
             }
-            store_size(&ring, (uint32_t)(d - 4), (uint32_t)n);
-            pending.offset[pending.n] = (uint32_t)d;
-            pending.size[pending.n] = (uint32_t)n;
             count++;
-            if (++pending.n == CHUNK) {
-                PyEval_RestoreThread(ts);
-                int rc = flush_pending(&pending, args[2], ring.data, 1, views, offsets, headers);
-                ts = PyEval_SaveThread();
-                if (rc < 0) {
-                    failed = 1;
-                    break;
-                }
+            if (add_record(&ring, &pending, d, n, &ts) < 0) {
+                failed = 1;
+                break;
             }
             d += (n + 7) & ~3;
         }
         PyEval_RestoreThread(ts);
-        if (failed || flush_pending(&pending, args[2], ring.data, 1, views, offsets, headers) < 0)
-            goto done;
-        int64_t tail = d - 4;
-        if (tail >= cap)
-            tail -= cap;
-        if (count > 0)
-            store_word(&ring, TAIL_WORD, (uint32_t)tail);
-        else
-            tail = r;
-        result = Py_BuildValue("(nkin)", count, (unsigned long)tail, status, dropped);
+        result = rx_finish(&ring, &pending, failed, r, d, count, status, dropped);
     }
 done:
     PyBuffer_Release(&sb);
@@ -730,21 +782,11 @@ rx_one(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     Ring ring;
     Py_buffer hb, sb;
-    if (get_ring(args[1], args[2], &ring) < 0)
+    if (get_rx_buffers(args[1], args[2], args[3], VNET_HDR_SIZE, args[4], &ring, &hb, &sb) < 0)
         return NULL;
-    if (get_writable(args[3], "hdr", VNET_HDR_SIZE, &hb) < 0) {
-        release_ring(&ring);
-        return NULL;
-    }
-    if (get_writable(args[4], "scratch", READ_SPAN, &sb) < 0) {
-        PyBuffer_Release(&hb);
-        release_ring(&ring);
-        return NULL;
-    }
     PyObject *result = NULL;
-    uint32_t r = load_word(&ring, TAIL_WORD);
-    uint32_t head = load_word(&ring, HEAD_WORD);
-    if (check_index(&ring, "Tail", r) < 0 || check_index(&ring, "Head", head) < 0)
+    uint32_t r, head;
+    if (load_rx_indices(&ring, &r, &head) < 0)
         goto done;
     {
         uint32_t free_bytes = (head - r - 4) & ring.mask;
@@ -789,9 +831,7 @@ rx_one(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         result = view;
     }
 done:
-    PyBuffer_Release(&sb);
-    PyBuffer_Release(&hb);
-    release_ring(&ring);
+    release_rx_buffers(&ring, &hb, &sb);
     return result;
 }
 
