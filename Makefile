@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := iproute2 iputils-ping wireguard-go wireguard-tools iperf3 tcpdump tshark ethtool gcc libc6-dev python3-venv python3-dev procps
 APT_COMMANDS := ip ping wg wg-quick wireguard-go iperf3 tcpdump tshark ethtool gcc pgrep
 
-.PHONY: all deps venv demo demo-wireguard-go demo-example test test-unit bench clean
+.PHONY: all deps venv demo demo-wireguard-go demo-example lint test test-unit bench clean
 
 all: venv
 
@@ -38,6 +38,13 @@ demo-wireguard-go: venv
 demo-example: venv
 	$(BIN)/python demo/example_in_netns.py
 
+# Static checks (versions pinned in pyproject's test extra, rules in [tool.mypy] and [tool.ruff]).
+lint: venv
+	@status=0; \
+	$(BIN)/python -m mypy || status=1; \
+	$(BIN)/python -m ruff check src tests bench demo || status=1; \
+	exit $$status
+
 # pytest exits 5 when it collected nothing; that is a failure here, never a silent pass.
 test: venv
 	$(BIN)/python -m pytest -q tests
@@ -49,4 +56,4 @@ bench: venv
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
