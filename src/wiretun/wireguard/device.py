@@ -227,6 +227,15 @@ def _report_endpoint(endpoint: Any) -> Endpoint | None:
     return (host, endpoint[1])
 
 
+_MARK = struct.Struct("=I")
+
+
+def _set_fwmark(sock: socket.socket, fwmark: int) -> None:
+    """SO_MARK as the unsigned 32-bit value it is. ``setsockopt(..., int)`` passes a C ``int``, so
+    marks from 0x80000000 up would not fit (Python then wants bytes): pass the 4 bytes ourselves."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _MARK.pack(fwmark))
+
+
 def _close_all(socks: Iterable[socket.socket | None]) -> None:
     for sock in socks:
         if sock is not None:
@@ -254,7 +263,7 @@ def _udp_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
             except OSError:  # without CAP_NET_ADMIN: as much as net.core.*mem_max allows
                 sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_SIZE)
         if fwmark:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+            _set_fwmark(sock, fwmark)
         try:
             sock.setsockopt(socket.SOL_UDP, _UDP_GRO, 1)
         except OSError:
@@ -515,7 +524,7 @@ class Device:
                 if sock is None:
                     continue
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+                    _set_fwmark(sock, fwmark)
                 except OSError as e:
                     raise UAPIError(EADDRINUSE, f"cannot set fwmark {fwmark}: {e.strerror or e}") from None
         self._fwmark = fwmark
