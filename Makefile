@@ -47,7 +47,7 @@ lint: venv
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a silent pass.
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 test-unit: venv
 	$(BIN)/python -m pytest -q tests/unit

@@ -191,6 +191,10 @@ def _error(exc: OSError, what: str) -> WintunError:
     """Map a kernel errno to the WintunError a Wintun caller would switch on."""
     code = exc.errno
     reason = exc.strerror or str(exc)
+    if code == errno.EACCES and exc.filename == tun.CLONE_DEVICE:  # the node's mode, not the adapter's owner
+        return AccessDenied(f"{what}: {tun.clone_device_refusal()}")
+    if code == errno.EACCES and exc.filename == tun.CLONE_DEVICE:  # the node's mode, not the adapter's owner
+        return AccessDenied(f"{what}: {tun.clone_device_refusal()}")
     if code in (errno.EPERM, errno.EACCES):
         return AccessDenied(f"{what}: {reason} (needs CAP_NET_ADMIN, or to be the adapter's owner)")
     if code in (errno.EEXIST, errno.EBUSY):

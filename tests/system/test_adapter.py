@@ -28,6 +28,8 @@ from wiretun.errors import AccessDenied, AlreadyExists, Busy, EndOfFile, Invalid
 from wiretun.linux import netns as _netns
 from wiretun.linux import tun
 
+from ..devnode import private_tun_node_unavailable, use_private_tun_node
+
 GUID = uuid.UUID("deadbabe-cafe-beef-0123-456789abcdef")
 NOBODY = 65534
 
@@ -317,8 +319,15 @@ def test_persistent_adapter_owned_by_nobody_then_delete_driver(netns):
     rooted.close()
     assert link("RootNet")["linkinfo"]["info_data"]["user"] == "root"
 
+    # The kernel's default /dev/net/tun is 0666; a container's is often 0600, which would refuse nobody
+    # before the TUN driver's owner check this test is about: nobody gets a private 0666 node.
+    unavailable = private_tun_node_unavailable()
+    if unavailable:
+        pytest.skip(unavailable)
+
     def as_nobody(name):
         def body():
+            use_private_tun_node(0o666)
             drop_to_nobody()
             with Adapter.open(name) as x:
                 fd = tun.open_queue(x.kernel_name)  # the real permission check
@@ -352,6 +361,37 @@ def test_persistent_adapter_owned_by_nobody_then_delete_driver(netns):
         live.close()
     assert delete_driver() == 1  # BusyNet, now that its queue is closed
     assert "BusyNet" not in link_names()
+
+
+def test_unprivileged_open_of_a_0600_node_names_the_mode_and_the_fix(netns):
+    """The driver would let the adapter's owner attach, but a 0600 device node refuses the open first:
+    the error says so (the node's mode and the chmod), not that the user lacks ownership."""
+    unavailable = private_tun_node_unavailable()
+    if unavailable:
+        pytest.skip(unavailable)
+    owned = Adapter.create("ModeNet", "Example", GUID, persistent=True, owner=NOBODY, group=NOBODY)
+    owned.close()
+
+    def body():
+        import wiretun.session  # noqa: F401  (imported as root: nobody may not read this Python's tree)
+
+        use_private_tun_node(0o600)
+        drop_to_nobody()
+        with Adapter.open("ModeNet") as x:
+            try:
+                x.start_session(0x20000)
+            except AccessDenied as exc:
+                return f"denied: {exc}"
+        return "started"
+
+    try:
+        status, text = in_child(body)
+    finally:
+        assert delete_driver() == 1
+    assert status == 0 and text.startswith("denied: "), text
+    assert "/dev/net/tun" in text and "mode 0600 owned by root:root" in text, text
+    assert "chmod 0666 /dev/net/tun" in text, text
+    assert "owner" not in text.split("mode 0600", 1)[0], text  # the cause named first is the mode
 
 
 def test_unprivileged_create_is_access_denied(netns):

@@ -18,8 +18,11 @@ import array
 import ctypes
 import errno
 import fcntl
+import grp
 import os
+import pwd
 import socket
+import stat
 import struct
 
 CLONE_DEVICE = "/dev/net/tun"
@@ -153,6 +156,39 @@ def driver_info(kernel_name: str) -> tuple[str, str]:
     driver = raw[4:36].split(b"\0", 1)[0].decode()
     version = raw[36:68].split(b"\0", 1)[0].decode()
     return driver, version
+
+
+def clone_device_refusal() -> str:
+    """Why opening /dev/net/tun was refused (EACCES), and the fix.
+
+    The refusal comes from the device node's file mode, before the TUN driver sees the request: the
+    driver's own check (the adapter's owner or group, or CAP_NET_ADMIN) is a different error (EPERM
+    from TUNSETIFF). The kernel's default mode is 0666; containers often make it 0600.
+    """
+    try:
+        st = os.stat(CLONE_DEVICE)
+    except OSError as e:
+        return f"cannot open {CLONE_DEVICE}: {e.strerror or e}"
+    return (
+        f"cannot open {CLONE_DEVICE}: the device node is mode {stat.S_IMODE(st.st_mode):04o} owned by "
+        f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}, which does not let uid {os.geteuid()} open it; "
+        f"make it 0666 as the kernel creates it (chmod 0666 {CLONE_DEVICE}; the TUN driver still checks "
+        f"each adapter's owner), or run as root"
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def is_busy_error(exc: OSError) -> bool:
