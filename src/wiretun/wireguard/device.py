@@ -21,7 +21,7 @@ What ``wg(8)`` does through the UAPI socket (:class:`~wiretun.wireguard.uapi.UAP
 :meth:`add_peer`, :meth:`remove_peer`) build such requests.
 
 Threads: one event-loop thread (started by :meth:`start`) waits with ``epoll`` on the session's read-wait
-handle, the UDP sockets (IPv4 and IPv6, bound to the same port as wireguard-go does), an rtnetlink socket
+handle, the UDP sockets (:class:`~.conn.Conn`: IPv4 and IPv6 on one port, as wireguard-go binds), an rtnetlink socket
 for the interface's up/down and MTU, and an eventfd that :meth:`apply` and :meth:`close` use to wake it.
 Each wake-up drains in batches (TUN packets -> core -> UDP; UDP datagrams -> core -> TUN) and runs the
 core's timers when due. Configuration calls from other threads take the core's lock between batches.
@@ -77,6 +77,7 @@ from .config import (
     PeerState,
     UAPIError,
 )
+from .conn import Conn, close_all
 from .core import CounterSet, Peer, WireGuard
 
 if TYPE_CHECKING:
@@ -89,12 +90,8 @@ DEFAULT_MTU = 1420  # wireguard-go's default TUN MTU
 TUN_DEFAULT_MTU = 1500  # what the kernel gives a new TUN device
 DEFAULT_CAPACITY = 0x800000
 BATCH = 64  # packets or datagrams handled per batch before the core's lock is let go
-SOCKET_BUFFER_SIZE = 7 << 20  # wireguard-go's UDP socket buffer size
-RANDOM_PORT_ATTEMPTS = 100  # wireguard-go's retries when port 0 collides on IPv6
 MAX_WAIT = 1.0  # longest epoll sleep, so a lost wake-up can never stall the loop for long
-SEND_WAIT = 0.1  # how long one flush of datagrams may wait, in all, for socket buffer space; then drops
 JOIN_TIMEOUT = 10.0
-_RECV_SIZE = 65536  # larger than any UDP payload
 
 # rtnetlink, for link events (wireguard-go's netlink listener).
 _RTMGRP_LINK = 1
@@ -107,40 +104,11 @@ _IFF_UP = 0x1
 
 _ZERO_KEY = bytes(KEY_SIZE)
 
-# UDP generic segmentation offload (Linux 4.18): one send of up to 64 equal-sized datagrams.
-_UDP_SEGMENT = 103
-_GSO_SIZE = struct.Struct("=H")
-_GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
-_GSO_MAX_BYTES = 65000  # the whole train is one UDP datagram to the stack (IPv4 or IPv6)
-# The kernel or the path cannot do it: EIO (no checksum offload on the route's device), EMSGSIZE or
-# EINVAL (a segment larger than the path MTU: single datagrams get fragmented, trains do not),
-# ENOPROTOOPT/EOPNOTSUPP (no UDP GSO). Then datagrams go one by one, and GSO is tried again later.
-_GSO_REFUSED = frozenset({errno.EIO, errno.EMSGSIZE, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
-GSO_RETRY_AFTER = 60.0  # seconds
-# UDP GRO (Linux 5.0): the kernel may hand over several datagrams of one flow in one read.
-_UDP_GRO = 104
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
-_GRO_INT = struct.Struct("=i")
-
-
-def _gro_size(ancillary: list[tuple[int, int, bytes]]) -> int:
-    for level, kind, data in ancillary:
-        if level == socket.SOL_UDP and kind == _UDP_GRO and len(data) >= 4:
-            return _GRO_INT.unpack_from(data)[0]
-    return 0
-
-
 class DeviceCounters(CounterSet):
-    """Counters of the device's own I/O (the core keeps the per-reason protocol drop counters)."""
+    """Counters of the device's TUN side (the core keeps the per-reason protocol drop counters, the
+    conn those of the UDP side)."""
 
     __slots__ = (
-        "udp_rx",  # datagrams received
-        "udp_rx_trains",  # reads that carried several datagrams at once (UDP GRO)
-        "udp_rx_errors",  # receive calls that failed (other than "nothing waiting")
-        "udp_tx",  # datagrams sent
-        "udp_tx_trains",  # sends that carried several datagrams at once (UDP GSO)
-        "udp_tx_errors",  # datagrams the kernel refused or had no room for: dropped
-        "udp_tx_no_socket",  # datagrams for an address family without a socket: dropped
         "tun_rx",  # packets read from the session
         "tun_tx",  # decrypted packets written to the session
         "tun_tx_dropped",  # decrypted packets dropped: the session's send ring was full
@@ -227,81 +195,6 @@ def _report_endpoint(endpoint: Any) -> Endpoint | None:
     return (host, endpoint[1])
 
 
-_MARK = struct.Struct("=I")
-
-
-def _set_fwmark(sock: socket.socket, fwmark: int) -> None:
-    """SO_MARK as the unsigned 32-bit value it is. ``setsockopt(..., int)`` passes a C ``int``, so
-    marks from 0x80000000 up would not fit (Python then wants bytes): pass the 4 bytes ourselves."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, _MARK.pack(fwmark))
-
-
-def _close_all(socks: Iterable[socket.socket | None]) -> None:
-    for sock in socks:
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-
-def _udp_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
-    """A non-blocking UDP socket bound to the wildcard address; None if the family is unavailable."""
-    try:
-        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    except OSError as e:
-        if e.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
-            return None
-        raise
-    try:
-        sock.setblocking(False)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_{RCV,SND}BUFFORCE
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_SIZE)
-            except OSError:  # without CAP_NET_ADMIN: as much as net.core.*mem_max allows
-                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_SIZE)
-        if fwmark:
-            _set_fwmark(sock, fwmark)
-        try:
-            sock.setsockopt(socket.SOL_UDP, _UDP_GRO, 1)
-        except OSError:
-            pass  # older kernel: one datagram per read
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-    except OSError as e:
-        sock.close()
-        if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
-            return None  # IPv6 disabled in this namespace
-        raise
-    return sock
-
-
-def _bind_pair(port: int, fwmark: int) -> tuple[socket.socket | None, socket.socket | None, int]:
-    """IPv4 and IPv6 sockets on one port (0: a random port free in both families)."""
-    attempts = RANDOM_PORT_ATTEMPTS if port == 0 else 1
-    error: OSError | None = None
-    for _ in range(attempts):
-        s4 = s6 = None
-        try:
-            s4 = _udp_socket(socket.AF_INET, port, fwmark)
-            chosen = s4.getsockname()[1] if s4 is not None else port
-            s6 = _udp_socket(socket.AF_INET6, chosen, fwmark)
-            if s4 is None and s6 is None:
-                raise OSError(errno.EAFNOSUPPORT, "neither IPv4 nor IPv6 UDP sockets are available")
-            if s4 is None:
-                chosen = s6.getsockname()[1]  # type: ignore[union-attr]
-            return s4, s6, chosen
-        except OSError as e:
-            _close_all((s4, s6))
-            error = e
-            if port == 0 and e.errno == errno.EADDRINUSE:
-                continue  # the random IPv4 port is taken on IPv6: pick another
-            raise
-    assert error is not None
-    raise error
-
-
 # ------------------------------------------------------------------------------------------ device
 
 
@@ -330,22 +223,10 @@ class Device:
         self._core.on_event = self._on_core_event
         self._ns: netlink.Namespace | None = None
         self._session: Session | None = None
-        self._sock4: socket.socket | None = None
-        self._sock6: socket.socket | None = None
-        self._retired: list[socket.socket] = []
-        self._sock_gen = 0
-        self._port = 0
-        self._fwmark = 0
+        self._conn: Conn | None = None
         self._wake_fd = -1
         self._netlink: socket.socket | None = None
         self._link_up = True  # the interface's administrative state, followed through rtnetlink
-        self._rx_buffer = bytearray(_RECV_SIZE)
-        self._rx_view = memoryview(self._rx_buffer)
-        self._rx_buffers = [self._rx_buffer]
-        self._send_errors_logged: set[int] = set()
-        self._gso = True  # False for a while after the kernel refused UDP_SEGMENT
-        self._gso_retry_at = 0.0
-        self._send_wait_until = 0.0
         try:
             self._ns = netlink.Namespace()  # where sockets go, also those made later (rebinds)
             mtu = adapter.mtu
@@ -354,7 +235,8 @@ class Device:
                 mtu = DEFAULT_MTU
             self._core.mtu = min(mtu, _messages.MAX_CONTENT_SIZE)
             self._session = adapter.start_session(capacity)
-            self._sock4, self._sock6, self._port = self._namespace().call(_bind_pair, 0, 0)
+            self._conn = Conn(self._name, self._ns)
+            self._conn.bind(0, 0)
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._netlink = self._namespace().call(self._link_monitor)
             # Subscribed first, then read: a change in between arrives as an event.
@@ -364,7 +246,7 @@ class Device:
         except BaseException:
             self._teardown()
             raise
-        log.info(f"Device {self._name}: created, UDP port {self._port}, MTU {mtu}")
+        log.info(f"Device {self._name}: created, UDP port {self.listen_port}, MTU {mtu}")
 
     # ------------------------------------------------------------------ identity and lifetime
 
@@ -393,7 +275,7 @@ class Device:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed.is_set() else f"port={self._port}"
+        state = "closed" if self._closed.is_set() else f"port={self.listen_port}"
         return f"<wiretun.wireguard.Device {self._name!r} {state}>"
 
     def start(self) -> None:
@@ -444,14 +326,11 @@ class Device:
             self._closing = True
             wake_fd, self._wake_fd = self._wake_fd, -1
         with self._lock:
-            socks = [self._sock4, self._sock6, *self._retired]
-            self._sock4 = self._sock6 = None
-            self._retired = []
-            self._sock_gen += 1
+            if self._conn is not None:
+                self._conn.close()
             self._core.down()  # forget session keys and queued packets
             self._core.take_datagrams()
             self._core.take_packets()
-        _close_all(socks)
         if self._netlink is not None:
             self._netlink.close()
             self._netlink = None
@@ -504,30 +383,26 @@ class Device:
 
     def _apply_locked(self, request: DeviceSet) -> None:
         core = self._core
-        fwmark = self._fwmark if request.fwmark is None else request.fwmark
+        conn = self._conn
+        if conn is None:
+            raise UAPIError(EIO, f"device {self._name} is closed")
+        fwmark = conn.fwmark if request.fwmark is None else request.fwmark
         if not 0 <= fwmark <= 0xFFFFFFFF:
             raise UAPIError(EINVAL, f"fwmark {fwmark} is out of range 0..4294967295")
         port = request.listen_port
         if port is not None and not 0 <= port <= 0xFFFF:
             raise UAPIError(EINVAL, f"listen_port {port} is out of range 0..65535")
-        if port is not None and (port != self._port or (self._sock4 is None and self._sock6 is None)):
+        if port is not None and (port != conn.port or not conn.bound):
             try:
-                s4, s6, bound = self._namespace().call(_bind_pair, port, fwmark)
+                bound = conn.bind(port, fwmark)
             except OSError as e:
                 raise UAPIError(EADDRINUSE, f"cannot listen on UDP port {port}: {e.strerror or e}") from None
-            self._retired += [s for s in (self._sock4, self._sock6) if s is not None]
-            self._sock4, self._sock6, self._port = s4, s6, bound
-            self._sock_gen += 1
             log.info(f"Device {self._name}: listening on UDP port {bound}")
         elif request.fwmark is not None:
-            for sock in (self._sock4, self._sock6):
-                if sock is None:
-                    continue
-                try:
-                    _set_fwmark(sock, fwmark)
-                except OSError as e:
-                    raise UAPIError(EADDRINUSE, f"cannot set fwmark {fwmark}: {e.strerror or e}") from None
-        self._fwmark = fwmark
+            try:
+                conn.set_fwmark(fwmark)
+            except OSError as e:
+                raise UAPIError(EADDRINUSE, f"cannot set fwmark {fwmark}: {e.strerror or e}") from None
 
         try:
             if request.private_key is not None:
@@ -593,7 +468,8 @@ class Device:
                         allowed_ips=list(peer.allowed_ips),
                     )
                 )
-            return DeviceState(private_key=core.private_key, listen_port=self._port, fwmark=self._fwmark, peers=peers)
+            return DeviceState(private_key=core.private_key, listen_port=self.listen_port,
+                               fwmark=self.fwmark, peers=peers)
 
     # ------------------------------------------------------------------ Python API
 
@@ -686,11 +562,13 @@ class Device:
     @property
     def listen_port(self) -> int:
         """The UDP port the device is bound to."""
-        return self._port
+        conn = self._conn
+        return conn.port if conn is not None else 0
 
     @property
     def fwmark(self) -> int:
-        return self._fwmark
+        conn = self._conn
+        return conn.fwmark if conn is not None else 0
 
     @property
     def mtu(self) -> int:
@@ -711,7 +589,9 @@ class Device:
             out = self._core.stats.as_dict()
             out["dropped"] = self._core.stats.dropped()
             device = self.counters.as_dict()
-        out["dropped"] += device["udp_tx_errors"] + device["udp_tx_no_socket"] + device["tun_tx_dropped"]
+            if self._conn is not None:
+                device.update(self._conn.counters.as_dict())
+        out["dropped"] += device.get("udp_tx_errors", 0) + device.get("udp_tx_no_socket", 0) + device["tun_tx_dropped"]
         out.update(device)
         return out
 
@@ -753,6 +633,9 @@ class Device:
         session = self._session
         if session is None:
             return
+        conn = self._conn
+        if conn is None:
+            return
         session_fd = session.get_read_wait_event()
         wake_fd = self._wake_fd
         netlink_sock = self._netlink
@@ -766,20 +649,20 @@ class Device:
             lock = self._lock
             core = self._core
             monotonic = time.monotonic
+            receive_datagram = core.receive_datagram
             gen = -1
             sockets: dict[int, socket.socket] = {}
             while not self._closing:
-                if gen != self._sock_gen:
+                if gen != conn.generation:
                     with lock:
-                        gen = self._sock_gen
+                        gen = conn.generation
                         for fd in sockets:
                             try:
                                 poller.unregister(fd)
                             except (OSError, ValueError):
                                 pass
-                        retired, self._retired = self._retired, []
-                        _close_all(retired)
-                        sockets = {s.fileno(): s for s in (self._sock4, self._sock6) if s is not None}
+                        close_all(conn.take_retired())
+                        sockets = {s.fileno(): s for s in conn.sockets()}
                         for fd in sockets:
                             poller.register(fd, select.EPOLLIN)
                 with lock:
@@ -808,8 +691,9 @@ class Device:
                         sock = sockets.get(fd)
                         if sock is not None:
                             with lock:
-                                if self._sock_gen == gen:  # not retired meanwhile
-                                    self._from_udp(sock)
+                                if conn.generation == gen:  # not retired meanwhile
+                                    if conn.receive(sock, receive_datagram, monotonic()):
+                                        self._flush()
                     if self._api_waiting:
                         self._step_aside()
                 if deadline is not None:
@@ -842,38 +726,6 @@ class Device:
         self.counters.tun_rx += len(views)
         self._flush()
 
-    def _from_udp(self, sock: socket.socket) -> None:
-        """One batch of datagrams through the core to the session. Called with the lock held.
-
-        With UDP GRO on the socket, a train the sender sent with UDP GSO arrives in one read, with
-        its segment size in a control message; it is cut back into its datagrams here."""
-        recv = sock.recvmsg_into
-        buffers = self._rx_buffers
-        view = self._rx_view
-        receive = self._core.receive_datagram
-        now = time.monotonic()
-        count = 0
-        try:
-            for _ in range(BATCH):
-                n, ancillary, _, source = recv(buffers, _GRO_CMSG_SPACE)
-                if ancillary:
-                    size = _gro_size(ancillary)
-                    if 0 < size < n:
-                        self.counters.udp_rx_trains += 1
-                        for offset in range(0, n, size):
-                            receive(view[offset:min(n, offset + size)], source, now)
-                            count += 1
-                        continue
-                receive(view[:n], source, now)
-                count += 1
-        except BlockingIOError:
-            pass
-        except OSError:
-            self.counters.udp_rx_errors += 1  # e.g. an ICMP error queued on the socket: go on
-        self.counters.udp_rx += count
-        if count:
-            self._flush()
-
     def _flush(self) -> None:
         """Send what the core produced: datagrams to UDP, decrypted packets to the session."""
         core = self._core
@@ -894,115 +746,9 @@ class Device:
         datagrams = core.datagrams
         if datagrams:
             core.datagrams = []
-            self._send_datagrams(datagrams)
-
-    def _send_datagrams(self, datagrams: list[tuple[bytes, Any]]) -> None:
-        """Send the core's datagrams. A run of equal-sized datagrams to one endpoint (a shorter one may
-        end it) goes out in one ``sendmsg`` with UDP_SEGMENT: the kernel cuts it into the same
-        datagrams on the wire, for one trip through the stack instead of one per datagram (the
-        per-datagram ``sendto`` is most of the device's cost)."""
-        s4 = self._sock4
-        s6 = self._sock6
-        counters = self.counters
-        sent = 0
-        n = len(datagrams)
-        if not self._gso and n > 1 and time.monotonic() >= self._gso_retry_at:
-            self._gso = True  # paths change (MTU, route): try again now and then
-        # One budget for the whole flush: the loop holds the core lock, so a full socket buffer
-        # must not stall it (and UAPI get/set) for SEND_WAIT per datagram.
-        self._send_wait_until = time.monotonic() + SEND_WAIT
-        i = 0
-        while i < n:
-            data, endpoint = datagrams[i]
-            sock = s6 if ":" in endpoint[0] else s4
-            if sock is None:
-                counters.udp_tx_no_socket += 1
-                i += 1
-                continue
-            j = i + 1
-            if self._gso and j < n:
-                size = len(data)
-                stop = min(n, i + _GSO_MAX_SEGMENTS, i + _GSO_MAX_BYTES // max(size, 1))
-                while j < stop:
-                    more, where = datagrams[j]
-                    if where != endpoint:
-                        break
-                    m = len(more)
-                    if m != size:
-                        if m < size:
-                            j += 1  # the last segment may be shorter
-                        break
-                    j += 1
-                if j - i > 1:
-                    count = self._send_train(sock, datagrams, i, j, size, endpoint)
-                    if count >= 0:
-                        sent += count
-                        i = j
-                        continue
-                    # UDP GSO refused here: _send_train turned it off; send them one by one.
-            try:
-                sock.sendto(data, endpoint)
-                sent += 1
-            except BlockingIOError:
-                # The socket buffer is full: wait briefly for room (as a blocking send would), once.
-                try:
-                    self._wait_writable(sock)
-                    sock.sendto(data, endpoint)
-                    sent += 1
-                except OSError as e:
-                    self._send_failed(e, endpoint)
-            except OSError as e:
-                self._send_failed(e, endpoint)
-            i += 1
-        counters.udp_tx += sent
-
-    def _wait_writable(self, sock: socket.socket) -> None:
-        """Wait for room in ``sock``'s buffer, within what is left of this flush's budget.
-        ``poll``, not ``select``: select fails on descriptors >= 1024 in a process with many files."""
-        left = self._send_wait_until - time.monotonic()
-        if left > 0:
-            poller = select.poll()
-            poller.register(sock, select.POLLOUT)
-            poller.poll(left * 1000)
-
-    def _send_train(self, sock: socket.socket, datagrams: list[tuple[bytes, Any]], i: int, j: int, size: int,
-                    endpoint: Any) -> int:
-        """datagrams[i:j] in one UDP GSO send. Returns how many were sent (0 if dropped), or -1 when
-        the kernel refuses GSO on this path (then it is off for this device for GSO_RETRY_AFTER)."""
-        buffers = [d for d, _ in datagrams[i:j]]
-        ancillary = [(socket.SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))]
-        for attempt in (0, 1):
-            try:
-                sock.sendmsg(buffers, ancillary, 0, endpoint)
-                self.counters.udp_tx_trains += 1
-                return j - i
-            except BlockingIOError:
-                if attempt:
-                    break
-                self._wait_writable(sock)
-            except OSError as e:
-                if e.errno in _GSO_REFUSED:
-                    self._gso = False
-                    self._gso_retry_at = time.monotonic() + GSO_RETRY_AFTER
-                    if e.errno not in self._send_errors_logged:
-                        self._send_errors_logged.add(e.errno or 0)
-                        log.info(f"Device {self._name}: UDP segmentation offload refused ({e.strerror or e}); "
-                                 f"sending datagrams one by one for {GSO_RETRY_AFTER:g} s")
-                    return -1
-                for _ in range(j - i):
-                    self._send_failed(e, endpoint)
-                return 0
-        for _ in range(j - i):
-            self._send_failed(BlockingIOError(errno.EAGAIN, "socket buffer full"), endpoint)
-        return 0
-
-    def _send_failed(self, e: OSError, endpoint: Any) -> None:
-        self.counters.udp_tx_errors += 1
-        code = e.errno or 0
-        if code not in self._send_errors_logged:  # once per kind: this can happen per packet
-            self._send_errors_logged.add(code)
-            log.warn(f"Device {self._name}: sending to {endpoint[0]} port {endpoint[1]} failed: "
-                     f"{e.strerror or e} (dropping; logged once)")
+            conn = self._conn
+            if conn is not None:
+                conn.send(datagrams)
 
     def _link_events(self) -> None:
         """Follow the interface's up/down state and MTU from rtnetlink (wireguard-go's tun events)."""

@@ -1,0 +1,359 @@
+"""The device's UDP side: the IPv4 and IPv6 sockets, marks, UDP GSO/GRO (wireguard-go's ``conn``).
+
+    conn = Conn("wg0", namespace)          # nothing bound yet
+    conn.bind(51820, fwmark=0)             # both families on one port (0: a random free one)
+    conn.send(datagrams)                   # [(bytes, endpoint), ...] as the core queues them
+    conn.receive(sock, deliver, now)       # one batch: deliver(view, source_endpoint, now) per datagram
+    conn.close()
+
+Endpoints are opaque to the core: a datagram's source endpoint is what :meth:`Conn.receive` hands to
+``deliver``, and the core sends back to whatever endpoint it stored. Here they are socket address
+tuples (``(host, port)``, ``(host, port, flowinfo, scope_id)``), which compare, hash and print as
+such.
+
+A :class:`Conn` is not thread-safe: the device calls it with its own lock held. Sockets are always
+created in the namespace the conn was given (the interface's birth namespace), from any thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import struct
+import time
+from typing import Any, Callable, Iterable
+
+from .. import log
+from ..linux import netlink
+from .core import CounterSet
+
+__all__ = ["Conn", "ConnCounters", "Datagram", "Deliver", "SOCKET_BUFFER_SIZE", "GSO_RETRY_AFTER"]
+
+SOCKET_BUFFER_SIZE = 7 << 20  # wireguard-go's UDP socket buffer size
+RANDOM_PORT_ATTEMPTS = 100  # wireguard-go's retries when port 0 collides on IPv6
+SEND_WAIT = 0.1  # how long one flush of datagrams may wait, in all, for socket buffer space; then drops
+BATCH = 64  # datagrams read per receive call
+_RECV_SIZE = 65536  # larger than any UDP payload
+
+# UDP generic segmentation offload (Linux 4.18): one send of up to 64 equal-sized datagrams.
+_UDP_SEGMENT = 103
+_GSO_SIZE = struct.Struct("=H")
+_GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
+_GSO_MAX_BYTES = 65000  # the whole train is one UDP datagram to the stack (IPv4 or IPv6)
+# The kernel or the path cannot do it: EIO (no checksum offload on the route's device), EMSGSIZE or
+# EINVAL (a segment larger than the path MTU: single datagrams get fragmented, trains do not),
+# ENOPROTOOPT/EOPNOTSUPP (no UDP GSO). Then datagrams go one by one, and GSO is tried again later.
+_GSO_REFUSED = frozenset({errno.EIO, errno.EMSGSIZE, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+GSO_RETRY_AFTER = 60.0  # seconds
+# UDP GRO (Linux 5.0): the kernel may hand over several datagrams of one flow in one read.
+_UDP_GRO = 104
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_GRO_INT = struct.Struct("=i")
+_SO_RCVBUFFORCE = 33
+_SO_SNDBUFFORCE = 32
+_SO_MARK = 36
+_MARK = struct.Struct("=I")
+
+Datagram = tuple[bytes, Any]  # (payload, endpoint)
+Deliver = Callable[[memoryview, Any, float], None]
+
+
+class ConnCounters(CounterSet):
+    """Counters of the UDP side."""
+
+    __slots__ = (
+        "udp_rx",  # datagrams received
+        "udp_rx_trains",  # reads that carried several datagrams at once (UDP GRO)
+        "udp_rx_errors",  # receive calls that failed (other than "nothing waiting")
+        "udp_tx",  # datagrams sent
+        "udp_tx_trains",  # sends that carried several datagrams at once (UDP GSO)
+        "udp_tx_errors",  # datagrams the kernel refused or had no room for: dropped
+        "udp_tx_no_socket",  # datagrams for an address family without a socket: dropped
+        "udp_gso_refused",  # times the kernel refused a GSO train (then one by one for a while)
+    )
+
+
+def _gro_size(ancillary: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_UDP and kind == _UDP_GRO and len(data) >= 4:
+            return int(_GRO_INT.unpack_from(data)[0])
+    return 0
+
+
+def close_all(socks: Iterable[socket.socket | None]) -> None:
+    for sock in socks:
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    """SO_MARK (fwmark) on ``sock`` (OSError if refused). ``setsockopt(..., int)`` passes a C ``int``,
+    so marks from 0x80000000 up would not fit: the 4 bytes of the unsigned value go instead."""
+    sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, _MARK.pack(mark))
+
+
+def udp_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
+    """A non-blocking UDP socket bound to the wildcard address; None if the family is unavailable."""
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+            return None
+        raise
+    try:
+        sock.setblocking(False)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF), (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_SIZE)
+            except OSError:  # without CAP_NET_ADMIN: as much as net.core.*mem_max allows
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_SIZE)
+        if fwmark:
+            set_mark(sock, fwmark)
+        try:
+            sock.setsockopt(socket.SOL_UDP, _UDP_GRO, 1)
+        except OSError:
+            pass  # older kernel: one datagram per read
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+    except OSError as e:
+        sock.close()
+        if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
+            return None  # IPv6 disabled in this namespace
+        raise
+    return sock
+
+
+def bind_pair(port: int, fwmark: int) -> tuple[socket.socket | None, socket.socket | None, int]:
+    """IPv4 and IPv6 sockets on one port (0: a random port free in both families), in the calling
+    thread's namespace."""
+    attempts = RANDOM_PORT_ATTEMPTS if port == 0 else 1
+    error: OSError | None = None
+    for _ in range(attempts):
+        s4 = s6 = None
+        try:
+            s4 = udp_socket(socket.AF_INET, port, fwmark)
+            chosen = s4.getsockname()[1] if s4 is not None else port
+            s6 = udp_socket(socket.AF_INET6, chosen, fwmark)
+            if s6 is not None and s4 is None:
+                chosen = s6.getsockname()[1]
+            elif s4 is None:
+                raise OSError(errno.EAFNOSUPPORT, "neither IPv4 nor IPv6 UDP sockets are available")
+            return s4, s6, int(chosen)
+        except OSError as e:
+            close_all((s4, s6))
+            error = e
+            if port == 0 and e.errno == errno.EADDRINUSE:
+                continue  # the random IPv4 port is taken on IPv6: pick another
+            raise
+    assert error is not None
+    raise error
+
+
+class Conn:
+    """The UDP sockets of one device (see the module docstring)."""
+
+    def __init__(self, name: str, namespace: netlink.Namespace) -> None:
+        self.name = name  # for log lines
+        self._ns = namespace
+        self.sock4: socket.socket | None = None
+        self.sock6: socket.socket | None = None
+        self.port = 0
+        self.fwmark = 0
+        self.generation = 0  # changes whenever the set of sockets changes (the poller re-registers)
+        self._retired: list[socket.socket] = []
+        self.counters = ConnCounters()
+        self._rx_buffer = bytearray(_RECV_SIZE)
+        self._rx_view = memoryview(self._rx_buffer)
+        self._rx_buffers = [self._rx_buffer]
+        self._errors_logged: set[int] = set()
+        self.gso = True  # False for a while after the kernel refused UDP_SEGMENT
+        self._gso_retry_at = 0.0
+        self._send_wait_until = 0.0
+
+    # ------------------------------------------------------------------ sockets
+
+    @property
+    def bound(self) -> bool:
+        return self.sock4 is not None or self.sock6 is not None
+
+    def sockets(self) -> list[socket.socket]:
+        return [s for s in (self.sock4, self.sock6) if s is not None]
+
+    def bind(self, port: int, fwmark: int) -> int:
+        """Bind new sockets on ``port`` (0: random) with ``fwmark``, then retire the old ones, so a
+        port in use (OSError EADDRINUSE) leaves everything as it was. Returns the port bound."""
+        s4, s6, bound = self._ns.call(bind_pair, port, fwmark)
+        self._retired += self.sockets()
+        self.sock4, self.sock6, self.port, self.fwmark = s4, s6, bound, fwmark
+        self.generation += 1
+        return bound
+
+    def set_fwmark(self, fwmark: int) -> None:
+        """SO_MARK on both sockets (OSError if the kernel refuses)."""
+        for sock in self.sockets():
+            set_mark(sock, fwmark)
+        self.fwmark = fwmark
+
+    def take_retired(self) -> list[socket.socket]:
+        """Sockets replaced by :meth:`bind`, for the caller to close once no longer polled."""
+        retired, self._retired = self._retired, []
+        return retired
+
+    def close(self) -> None:
+        socks = [self.sock4, self.sock6, *self._retired]
+        self.sock4 = self.sock6 = None
+        self._retired = []
+        self.generation += 1
+        close_all(socks)
+
+    # ------------------------------------------------------------------ receive
+
+    def receive(self, sock: socket.socket, deliver: Deliver, now: float) -> int:
+        """Read one batch of datagrams from ``sock`` and ``deliver`` each. Returns how many.
+
+        With UDP GRO on the socket, a train the sender sent with UDP GSO arrives in one read, with
+        its segment size in a control message; it is cut back into its datagrams here. The view
+        handed to ``deliver`` is only valid during the call."""
+        recv = sock.recvmsg_into
+        buffers = self._rx_buffers
+        view = self._rx_view
+        counters = self.counters
+        count = 0
+        try:
+            for _ in range(BATCH):
+                n, ancillary, _, source = recv(buffers, _GRO_CMSG_SPACE)
+                if ancillary:
+                    size = _gro_size(ancillary)
+                    if 0 < size < n:
+                        counters.udp_rx_trains += 1
+                        for offset in range(0, n, size):
+                            deliver(view[offset:min(n, offset + size)], source, now)
+                            count += 1
+                        continue
+                deliver(view[:n], source, now)
+                count += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            counters.udp_rx_errors += 1  # e.g. an ICMP error queued on the socket: go on
+        counters.udp_rx += count
+        return count
+
+    # ------------------------------------------------------------------ send
+
+    def send(self, datagrams: list[Datagram]) -> int:
+        """Send the core's datagrams; returns how many left. A run of equal-sized datagrams to one
+        endpoint (a shorter one may end it) goes out in one ``sendmsg`` with UDP_SEGMENT: the kernel
+        cuts it into the same datagrams on the wire, for one trip through the stack instead of one
+        per datagram (the per-datagram ``sendto`` is most of the cost). Failures are counted and
+        logged once per kind, never raised."""
+        s4 = self.sock4
+        s6 = self.sock6
+        counters = self.counters
+        sent = 0
+        n = len(datagrams)
+        now = time.monotonic()
+        if not self.gso and n > 1 and now >= self._gso_retry_at:
+            self.gso = True  # paths change (MTU, route): try again now and then
+        # One budget for the whole flush: the caller holds the device lock, so a full socket buffer
+        # must not stall it (and UAPI get/set) for SEND_WAIT per datagram.
+        self._send_wait_until = now + SEND_WAIT
+        i = 0
+        while i < n:
+            data, endpoint = datagrams[i]
+            sock = s6 if ":" in endpoint[0] else s4
+            if sock is None:
+                counters.udp_tx_no_socket += 1
+                i += 1
+                continue
+            j = i + 1
+            if self.gso and j < n:
+                size = len(data)
+                stop = min(n, i + _GSO_MAX_SEGMENTS, i + _GSO_MAX_BYTES // max(size, 1))
+                while j < stop:
+                    more, where = datagrams[j]
+                    if where != endpoint:
+                        break
+                    m = len(more)
+                    if m != size:
+                        if m < size:
+                            j += 1  # the last segment may be shorter
+                        break
+                    j += 1
+                if j - i > 1:
+                    count = self._send_train(sock, datagrams, i, j, size, endpoint)
+                    if count >= 0:
+                        sent += count
+                        i = j
+                        continue
+                    # UDP GSO refused here: _send_train turned it off; send them one by one.
+            try:
+                sock.sendto(data, endpoint)
+                sent += 1
+            except BlockingIOError:
+                # The socket buffer is full: wait briefly for room (as a blocking send would), once.
+                try:
+                    self._wait_writable(sock)
+                    sock.sendto(data, endpoint)
+                    sent += 1
+                except OSError as e:
+                    self._send_failed(e, endpoint)
+            except OSError as e:
+                self._send_failed(e, endpoint)
+            i += 1
+        counters.udp_tx += sent
+        return sent
+
+    def _wait_writable(self, sock: socket.socket) -> None:
+        """Wait for room in ``sock``'s buffer, within what is left of this flush's budget.
+        ``poll``, not ``select``: select fails on descriptors >= 1024 in a process with many files."""
+        left = self._send_wait_until - time.monotonic()
+        if left > 0:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            poller.poll(left * 1000)
+
+    def _send_train(self, sock: socket.socket, datagrams: list[Datagram], i: int, j: int, size: int,
+                    endpoint: Any) -> int:
+        """datagrams[i:j] in one UDP GSO send. Returns how many were sent (0 if dropped), or -1 when
+        the kernel refuses GSO on this path (then it is off for GSO_RETRY_AFTER)."""
+        buffers = [d for d, _ in datagrams[i:j]]
+        ancillary = [(socket.SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))]
+        for attempt in (0, 1):
+            try:
+                sock.sendmsg(buffers, ancillary, 0, endpoint)
+                self.counters.udp_tx_trains += 1
+                return j - i
+            except BlockingIOError:
+                if attempt:
+                    break
+                self._wait_writable(sock)
+            except OSError as e:
+                if e.errno in _GSO_REFUSED:
+                    self.gso = False
+                    self.counters.udp_gso_refused += 1
+                    self._gso_retry_at = time.monotonic() + GSO_RETRY_AFTER
+                    if e.errno not in self._errors_logged:
+                        self._errors_logged.add(e.errno or 0)
+                        log.info(f"Device {self.name}: UDP segmentation offload refused ({e.strerror or e}); "
+                                 f"sending datagrams one by one for {GSO_RETRY_AFTER:g} s")
+                    return -1
+                for _ in range(j - i):
+                    self._send_failed(e, endpoint)
+                return 0
+        for _ in range(j - i):
+            self._send_failed(BlockingIOError(errno.EAGAIN, "socket buffer full"), endpoint)
+        return 0
+
+    def _send_failed(self, e: OSError, endpoint: Any) -> None:
+        self.counters.udp_tx_errors += 1
+        code = e.errno or 0
+        if code not in self._errors_logged:  # once per kind: this can happen per packet
+            self._errors_logged.add(code)
+            log.warn(f"Device {self.name}: sending to {endpoint[0]} port {endpoint[1]} failed: "
+                     f"{e.strerror or e} (dropping; logged once)")
