@@ -38,7 +38,8 @@ Peer API (used by the UAPI/config layer)::
     set_private_key(key | None)             # re-derives static-static DH, expires sessions,
                                             # removes a peer whose key equals the new public key
     private_key, public_key                 # read-only properties (None when unset)
-    under_load = True | False | None        # None: decide from handshake rate/backlog
+    under_load = True | False | None        # None: decide from the rate of handshake messages that
+                                            # passed MAC1 (under_load_threshold a second) or backlog
     handshake_backlog = n                   # device hint: handshake datagrams it has queued
     mtu = 1420                              # padding cap; 0 pads to 16 without a cap
     up(now) / down()                        # device state: down zeroes sessions, stops timers
@@ -950,14 +951,15 @@ class WireGuard:
         return now < self._under_load_until
 
     def _handshake_received(self, data: bytes | bytearray | memoryview, mtype: int, source: Any, now: float) -> None:
-        # Count every handshake-shaped datagram, as wireguard-go's queue length does, to sense load.
+        if not self._checker.check_mac1(data):
+            self.stats.rx_bad_mac1 += 1
+            return
+        # Load is the rate of handshakes that passed MAC1 (only a sender who knows our public key can
+        # make one): junk that fails MAC1 costs one BLAKE2s and must not put real peers through cookies.
         if now - self._load_window_start >= 1.0:
             self._load_window_start = now
             self._load_count = 0
         self._load_count += 1
-        if not self._checker.check_mac1(data):
-            self.stats.rx_bad_mac1 += 1
-            return
         if self._is_under_load(now):
             cookie_source, limit_key = self._source_address(source)
             if not self._checker.check_mac2(data, cookie_source, now):

@@ -48,7 +48,7 @@ REKEY_ON_RECEIVE_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT  # 
 
 # Implementation constants (wireguard-go's).
 UNDER_LOAD_AFTER_TIME = 1.0  # the device stays "under load" this long after it was last detected
-UNDER_LOAD_HANDSHAKES = 1024 // 8  # handshake messages per second that mean "under load"
+UNDER_LOAD_HANDSHAKES = 1024 // 8  # handshake messages that passed MAC1, per second, that mean "under load"
 MAX_PEERS = 1 << 16
 QUEUE_STAGED_SIZE = 128  # packets held per peer while its handshake completes
 

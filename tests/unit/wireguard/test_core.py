@@ -6,6 +6,7 @@ endpoint they are addressed to, and time advances from deadline to deadline.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import os
@@ -17,12 +18,15 @@ import pytest
 
 from wiretun.errors import AlreadyExists, InvalidParameter, NotFound
 from wiretun.wireguard import keys, messages, noise, tai64n
+from wiretun.wireguard.cookie import mac1_key
 from wiretun.wireguard.core import WireGuard
 from wiretun.wireguard.timers import (
     MAX_TIMER_HANDSHAKES,
     QUEUE_STAGED_SIZE,
     REJECT_AFTER_MESSAGES,
     REKEY_AFTER_MESSAGES,
+    UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_HANDSHAKES,
 )
 
 WALL0 = 1_700_000_000.0
@@ -465,22 +469,54 @@ def test_rate_limit_under_load() -> None:
     assert b.wg.stats.rx_cookie_sent == 2
 
 
-def test_under_load_detected_from_handshake_rate() -> None:
+def _mac1_valid_junk(receiver_public_key: bytes, seed: int) -> bytes:
+    """A 148-byte initiation with random contents but a correct MAC1 for ``receiver_public_key``:
+    what a flooder who knows the public key (and nothing else) can make."""
+    body = bytearray(bytes([1, 0, 0, 0]) + random.Random(seed).randbytes(144))
+    body[-32:-16] = hashlib.blake2s(bytes(body[:-32]), digest_size=16, key=mac1_key(receiver_public_key)).digest()
+    body[-16:] = bytes(16)
+    return bytes(body)
+
+
+def test_junk_failing_mac1_never_creates_load() -> None:
     net = Net()
     a = net.node("A", "192.0.2.1")
     b = net.node("B", "192.0.2.2")
     link(a, b, "10.0.0.1", "10.0.0.2")
-    b.wg.under_load_threshold = 10
-    junk = bytes([1, 0, 0, 0]) + bytes(144)  # right size, bad MAC1: still counts as load
-    for _ in range(10):
-        b.wg.receive_datagram(junk, a.address, net.now)
-    b.wg.receive_datagram(_initiation(net, a, b, 0.0), a.address, net.now + 0.5)
-    assert b.wg.stats.rx_cookie_sent == 1
-    b.wg.receive_datagram(_initiation(net, a, b, 1.0), a.address, net.now + 3.0)  # load over
+    rnd = random.Random(7)
+    # 20 000 random handshake-shaped datagrams in one second (a hundred times the threshold).
+    for i in range(20_000):
+        junk = bytes([1 + i % 2, 0, 0, 0]) + rnd.randbytes(144 if i % 2 == 0 else 88)
+        b.wg.receive_datagram(junk, ("198.51.100.9", 1000 + i % 512), net.now + i * 50e-6)
+    assert b.wg.stats.rx_bad_mac1 == 20_000
+    b.wg.receive_datagram(_initiation(net, a, b, 0.0), a.address, net.now + 1.0)
+    assert b.wg.stats.rx_cookie_sent == 0 and b.wg.stats.tx_responses == 1
+
+
+def test_under_load_from_the_rate_of_mac1_valid_handshakes() -> None:
+    net = Net()
+    a = net.node("A", "192.0.2.1")
+    b = net.node("B", "192.0.2.2")
+    link(a, b, "10.0.0.1", "10.0.0.2")
+    assert b.wg.under_load_threshold == UNDER_LOAD_HANDSHAKES == 128
+    t = net.now
+    # One short of the threshold within a second: not under load, the initiation is answered.
+    for i in range(UNDER_LOAD_HANDSHAKES - 2):
+        b.wg.receive_datagram(_mac1_valid_junk(b.public_key, i), ("198.51.100.9", 2000 + i), t + i * 1e-3)
+    assert b.wg.stats.rx_bad_handshake == UNDER_LOAD_HANDSHAKES - 2 and b.wg.stats.rx_bad_mac1 == 0
+    b.wg.receive_datagram(_initiation(net, a, b, 0.0), a.address, t + 0.5)
+    assert b.wg.stats.rx_cookie_sent == 0 and b.wg.stats.tx_responses == 1
+    # The 128th in the same second: under load, so this valid initiation without MAC2 gets a cookie.
+    b.wg.receive_datagram(_initiation(net, a, b, 1.0), a.address, t + 0.6)
     assert b.wg.stats.rx_cookie_sent == 1 and b.wg.stats.tx_responses == 1
-    b.wg.handshake_backlog = 10  # the device may report its own queue
-    b.wg.receive_datagram(_initiation(net, a, b, 2.0), a.address, net.now + 4.0)
+    # Load is remembered for UNDER_LOAD_AFTER_TIME after it was last seen, then it is over.
+    b.wg.receive_datagram(_initiation(net, a, b, 2.0), a.address, t + 0.6 + UNDER_LOAD_AFTER_TIME - 0.05)
     assert b.wg.stats.rx_cookie_sent == 2
+    b.wg.receive_datagram(_initiation(net, a, b, 3.0), a.address, t + 3.0)
+    assert b.wg.stats.rx_cookie_sent == 2 and b.wg.stats.tx_responses == 2
+    b.wg.handshake_backlog = UNDER_LOAD_HANDSHAKES  # the device may report its own queue
+    b.wg.receive_datagram(_initiation(net, a, b, 4.0), a.address, t + 4.0)
+    assert b.wg.stats.rx_cookie_sent == 3
 
 
 def test_preshared_key_must_match(pair) -> None:
