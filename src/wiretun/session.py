@@ -710,7 +710,10 @@ class Session:
         """The queue failed for good (adapter deleted): end I/O, wake waiters; resources go with end()."""
         if not self._ended:
             self._ended = True
-            log.warn(f"Session on {self._name} lost its queue: {exc.strerror or exc}")
+            # The adapter was deleted (EBADFD, ENODEV, ENXIO): the normal end of a session whose interface
+            # someone removed (`ip link del`, wg-quick down). Only a closed fd (EBADF) is a surprise.
+            report = log.warn if exc.errno == errno.EBADF else log.info
+            report(f"Session on {self._name} ends: its queue is gone ({exc.strerror or exc})")
             try:
                 os.eventfd_write(self._res.event_fd, 1)
             except OSError:

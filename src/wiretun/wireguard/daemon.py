@@ -11,8 +11,10 @@ interface and the socket ready, so ``wg-quick`` (``WG_QUICK_USERSPACE_IMPLEMENTA
 run ``wg setconf`` straight away.
 
 ``LOG_LEVEL`` is ``verbose`` (or ``debug``), ``error`` (the default) or ``silent``; lines go to stdout
-as wireguard-go writes them (``DEBUG: (wg0) 2006/01/02 15:04:05 message``). A daemonized child keeps
-stdout and stderr only when LOG_LEVEL is set and not silent.
+as wireguard-go writes them (``DEBUG: (wg0) 2006/01/02 15:04:05 message``). wiretun's log levels keep
+their meaning: info is ``DEBUG`` (shown at ``verbose``), warnings are ``WARNING`` and errors ``ERROR``
+(both shown at ``error`` and ``verbose``). A daemonized child keeps stdout and stderr only when
+LOG_LEVEL is set and not silent.
 
 The daemon exits 0 on SIGINT/SIGTERM, when its interface is deleted (``ip link del``, which is how
 ``wg-quick down`` stops userspace implementations) and when its socket file is deleted, and removes
@@ -84,9 +86,22 @@ class Logger:
         if self.level >= LogLevel.VERBOSE:
             self._write("DEBUG", message)
 
+    def warning(self, message: str) -> None:
+        if self.level >= LogLevel.ERROR:
+            self._write("WARNING", message)
+
     def error(self, message: str) -> None:
         if self.level >= LogLevel.ERROR:
             self._write("ERROR", message)
+
+    def log(self, level: log.LogLevel, message: str) -> None:
+        """One message of wiretun's log at its own level: info, warning or error."""
+        if level == log.LogLevel.INFO:
+            self.verbose(message)
+        elif level == log.LogLevel.WARN:
+            self.warning(message)
+        else:
+            self.error(message)
 
     def bridge(self) -> None:
         """Route wiretun's log (adapter, session, device, UAPI) to this logger."""
@@ -95,10 +110,7 @@ class Logger:
             return
 
         def callback(level: log.LogLevel, _timestamp: int, message: str) -> None:
-            if level == log.LogLevel.INFO:
-                self.verbose(message)
-            else:
-                self.error(message)
+            self.log(level, message)
 
         log.set_logger(callback)
 
@@ -219,11 +231,13 @@ def run_foreground(interface: str, logger: Logger) -> int:
         ready.ready()
 
         while not stop.wait(POLL_INTERVAL):
-            if device.closed.is_set():
-                logger.verbose("Device closed")
-                break
+            # A deleted interface is the normal way to stop (wg-quick down): info, not an error. The
+            # device notices first (its queue goes), so ask about the interface before blaming the device.
             if not _interface_present(ifindex):
-                logger.verbose(f"Interface {name} was deleted")
+                logger.verbose(f"Interface {name} deleted; shutting down")
+                break
+            if device.closed.is_set():
+                logger.warning("Device closed while its interface still exists; shutting down")
                 break
             if not server.socket_intact:
                 logger.verbose(f"UAPI socket {server.path} was deleted")
