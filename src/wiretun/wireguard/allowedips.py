@@ -15,13 +15,13 @@ recently to their answer (cleared on every change), so a flow's packets cost one
 from __future__ import annotations
 
 import ipaddress
-from typing import Generic, Hashable, Iterator, TypeVar, Union
+from typing import Any, Generic, Hashable, Iterator, TypeVar
 
 from ..errors import InvalidParameter
 
 P = TypeVar("P", bound=Hashable)
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-NetworkLike = Union[str, Network, tuple]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+NetworkLike = str | Network | tuple[Any, int]  # (address as text, bytes or ip_address; prefix length)
 
 _FAMILY_BITS = {4: 32, 6: 128}
 CACHE_SIZE = 4096  # exact addresses remembered per family; the cache is emptied when full
@@ -167,7 +167,9 @@ class AllowedIPs(Generic[P]):
                 out.append(ipaddress.IPv6Network((address, length)))
         return out
 
-    def lookup(self, address: bytes | bytearray | memoryview | str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> P | None:
+    def lookup(
+        self, address: bytes | bytearray | memoryview | str | ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> P | None:
         """The peer owning the longest prefix that contains ``address`` (4 or 16 raw bytes, or text)."""
         if isinstance(address, (str, ipaddress.IPv4Address, ipaddress.IPv6Address)):
             address = ipaddress.ip_address(address).packed

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import ipaddress
-from typing import Union
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # An endpoint is (host, port) with host a literal IPv4 or IPv6 address string (no brackets).
 Endpoint = tuple[str, int]
 

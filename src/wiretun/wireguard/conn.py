@@ -22,6 +22,7 @@ import select
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from .. import log
@@ -59,19 +60,18 @@ Datagram = tuple[bytes, Any]  # (payload, endpoint)
 Deliver = Callable[[memoryview, Any, float], None]
 
 
+@dataclass(slots=True, eq=False)
 class ConnCounters(CounterSet):
     """Counters of the UDP side."""
 
-    __slots__ = (
-        "udp_rx",  # datagrams received
-        "udp_rx_trains",  # reads that carried several datagrams at once (UDP GRO)
-        "udp_rx_errors",  # receive calls that failed (other than "nothing waiting")
-        "udp_tx",  # datagrams sent
-        "udp_tx_trains",  # sends that carried several datagrams at once (UDP GSO)
-        "udp_tx_errors",  # datagrams the kernel refused or had no room for: dropped
-        "udp_tx_no_socket",  # datagrams for an address family without a socket: dropped
-        "udp_gso_refused",  # times the kernel refused a GSO train (then one by one for a while)
-    )
+    udp_rx: int = 0  # datagrams received
+    udp_rx_trains: int = 0  # reads that carried several datagrams at once (UDP GRO)
+    udp_rx_errors: int = 0  # receive calls that failed (other than "nothing waiting")
+    udp_tx: int = 0  # datagrams sent
+    udp_tx_trains: int = 0  # sends that carried several datagrams at once (UDP GSO)
+    udp_tx_errors: int = 0  # datagrams the kernel refused or had no room for: dropped
+    udp_tx_no_socket: int = 0  # datagrams for an address family without a socket: dropped
+    udp_gso_refused: int = 0  # times the kernel refused a GSO train (then one by one for a while)
 
 
 def _gro_size(ancillary: list[tuple[int, int, bytes]]) -> int:

@@ -107,7 +107,8 @@ class CookieChecker:
         cookie = _mac(self._secret, source)
         n = len(msg)
         nonce = self._random(m.COOKIE_NONCE_SIZE)
-        sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(cookie, bytes(msg[n - 32 : n - 16]), nonce, self._cookie_key)
+        mac1 = bytes(msg[n - 32 : n - 16])
+        sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(cookie, mac1, nonce, self._cookie_key)
         return m.pack_cookie_reply(receiver, nonce, sealed)
 
 
@@ -140,7 +141,9 @@ class CookieGenerator:
             return False
         data = bytes(reply)
         try:
-            cookie = crypto_aead_xchacha20poly1305_ietf_decrypt(data[32:64], self._last_mac1, data[8:32], self._cookie_key)
+            cookie = crypto_aead_xchacha20poly1305_ietf_decrypt(
+                data[32:64], self._last_mac1, data[8:32], self._cookie_key
+            )
         except CryptoError:
             return False
         self._cookie = cookie

@@ -71,6 +71,7 @@ import os
 import random
 import time
 from collections import deque
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable
 
 from cryptography.exceptions import InvalidTag
@@ -141,17 +142,12 @@ def default_source_address(endpoint: Any) -> tuple[bytes, bytes]:
     return raw, raw
 
 
+@dataclass(slots=True, eq=False)
 class CounterSet:
-    """A fixed set of integer counters, one slot each, all starting at zero."""
-
-    __slots__ = ()
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+    """A fixed set of integer counters (typed dataclass fields, slotted), all starting at zero."""
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # Counters that count traffic handled, not dropped; every other rx_/tx_ counter is a drop.
@@ -166,37 +162,44 @@ _COUNTER_TOTALS = (
 )
 
 
+@dataclass(slots=True, eq=False)
 class Counters(CounterSet):
     """Device-level counters.  ``rx_*`` are dropped datagrams by reason, ``tx_*`` dropped packets."""
 
-    __slots__ = (
-        # incoming datagrams dropped
-        "rx_bad_size",  # shorter than 32 bytes, or a handshake message of the wrong length
-        "rx_bad_type",  # type field not 1..4 (or reserved bytes set)
-        "rx_bad_mac1",
-        "rx_cookie_sent",  # under load without a valid MAC2: answered with a cookie reply
-        "rx_ratelimited",
-        "rx_no_private_key",
-        "rx_bad_handshake",  # does not decrypt or authenticate
-        "rx_unknown_peer",  # initiation from a static key we do not know
-        "rx_handshake_replay",  # TAI64N timestamp not newer than the last one
-        "rx_handshake_flood",  # initiation less than 20 ms after the last one
-        "rx_unexpected_response",  # response for a handshake not waiting for one
-        "rx_bad_cookie_reply",
-        "rx_unknown_index",  # receiver index names no session or handshake
-        "rx_expired_keypair",  # transport on a keypair older than REJECT_AFTER_TIME
-        "rx_bad_tag",  # transport that does not decrypt
-        "rx_replay",  # counter seen before, or too old for the window
-        "rx_bad_ip",  # decrypted packet is not well-formed IPv4/IPv6
-        "rx_disallowed_source",  # inner source address not in the peer's allowed IPs
-        # outgoing packets dropped
-        "tx_bad_packet",  # not IPv4/IPv6, or shorter than its header
-        "tx_no_route",  # no peer's allowed IPs cover the destination
-        "tx_no_endpoint",  # the peer has no endpoint yet
-        "tx_staged_overflow",  # oldest queued packet dropped: queue full while waiting for a session
-        "tx_handshake_timeout",  # queued packets dropped when the handshake gave up
-        "tx_flushed",  # queued packets dropped when keys were zeroed or the peer removed
-    ) + _COUNTER_TOTALS
+    # incoming datagrams dropped
+    rx_bad_size: int = 0  # shorter than 32 bytes, or a handshake message of the wrong length
+    rx_bad_type: int = 0  # type field not 1..4 (or reserved bytes set)
+    rx_bad_mac1: int = 0
+    rx_cookie_sent: int = 0  # under load without a valid MAC2: answered with a cookie reply
+    rx_ratelimited: int = 0
+    rx_no_private_key: int = 0
+    rx_bad_handshake: int = 0  # does not decrypt or authenticate
+    rx_unknown_peer: int = 0  # initiation from a static key we do not know
+    rx_handshake_replay: int = 0  # TAI64N timestamp not newer than the last one
+    rx_handshake_flood: int = 0  # initiation less than 20 ms after the last one
+    rx_unexpected_response: int = 0  # response for a handshake not waiting for one
+    rx_bad_cookie_reply: int = 0
+    rx_unknown_index: int = 0  # receiver index names no session or handshake
+    rx_expired_keypair: int = 0  # transport on a keypair older than REJECT_AFTER_TIME
+    rx_bad_tag: int = 0  # transport that does not decrypt
+    rx_replay: int = 0  # counter seen before, or too old for the window
+    rx_bad_ip: int = 0  # decrypted packet is not well-formed IPv4/IPv6
+    rx_disallowed_source: int = 0  # inner source address not in the peer's allowed IPs
+    # outgoing packets dropped
+    tx_bad_packet: int = 0  # not IPv4/IPv6, or shorter than its header
+    tx_no_route: int = 0  # no peer's allowed IPs cover the destination
+    tx_no_endpoint: int = 0  # the peer has no endpoint yet
+    tx_staged_overflow: int = 0  # oldest queued packet dropped: queue full while waiting for a session
+    tx_handshake_timeout: int = 0  # queued packets dropped when the handshake gave up
+    tx_flushed: int = 0  # queued packets dropped when keys were zeroed or the peer removed
+    # handled, not dropped (_COUNTER_TOTALS)
+    rx_data_packets: int = 0
+    rx_keepalives: int = 0
+    rx_handshakes: int = 0
+    tx_data_packets: int = 0
+    tx_keepalives: int = 0
+    tx_initiations: int = 0
+    tx_responses: int = 0
 
     def dropped(self) -> int:
         """All datagrams and packets dropped, whatever the reason (cookie replies excluded)."""
@@ -204,9 +207,9 @@ class Counters(CounterSet):
 
 
 _COUNTER_DROPS = tuple(
-    name
-    for name in Counters.__slots__
-    if name.startswith(("rx_", "tx_")) and name != "rx_cookie_sent" and name not in _COUNTER_TOTALS
+    f.name
+    for f in fields(Counters)
+    if f.name.startswith(("rx_", "tx_")) and f.name != "rx_cookie_sent" and f.name not in _COUNTER_TOTALS
 )
 
 
@@ -232,7 +235,7 @@ class Peer:
         "__weakref__",
     )
 
-    def __init__(self, core: "WireGuard", public_key: bytes) -> None:
+    def __init__(self, core: WireGuard, public_key: bytes) -> None:
         self._core = core
         self._public_key = public_key
         self.handshake = Handshake(self, public_key)

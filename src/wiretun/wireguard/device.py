@@ -58,6 +58,7 @@ import struct
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .. import log
@@ -104,15 +105,15 @@ _IFF_UP = 0x1
 
 _ZERO_KEY = bytes(KEY_SIZE)
 
+
+@dataclass(slots=True, eq=False)
 class DeviceCounters(CounterSet):
     """Counters of the device's TUN side (the core keeps the per-reason protocol drop counters, the
     conn those of the UDP side)."""
 
-    __slots__ = (
-        "tun_rx",  # packets read from the session
-        "tun_tx",  # decrypted packets written to the session
-        "tun_tx_dropped",  # decrypted packets dropped: the session's send ring was full
-    )
+    tun_rx: int = 0  # packets read from the session
+    tun_tx: int = 0  # decrypted packets written to the session
+    tun_tx_dropped: int = 0  # decrypted packets dropped: the session's send ring was full
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -141,8 +142,8 @@ def _normalise_host(host: str) -> str:
     """A literal address in canonical form; IPv4-mapped IPv6 becomes plain IPv4 (it is sent over IPv4)."""
     bare, sep, zone = host.partition("%")
     address = ipaddress.ip_address(bare)
-    if address.version == 6:
-        mapped = address.ipv4_mapped  # type: ignore[union-attr]
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
         if mapped is not None:
             return str(mapped)
         return f"{address}%{zone}" if sep and zone else str(address)
@@ -179,7 +180,7 @@ def _parse_endpoint(value: object) -> Endpoint:
     except socket.gaierror as e:
         raise InvalidParameter(f"endpoint host {host!r} cannot be resolved: {e.strerror}") from None
     infos.sort(key=lambda info: info[0] != socket.AF_INET)  # prefer IPv4, as wg does
-    return (_normalise_host(infos[0][4][0]), port)
+    return (_normalise_host(str(infos[0][4][0])), port)
 
 
 def _report_endpoint(endpoint: Any) -> Endpoint | None:
@@ -206,7 +207,7 @@ class Device:
     it (idempotent); :attr:`closed` is set then, and also when the adapter disappears.
     """
 
-    def __init__(self, adapter: "Adapter", *, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, adapter: Adapter, *, capacity: int = DEFAULT_CAPACITY) -> None:
         self._adapter = adapter
         self._name = adapter.kernel_name
         self._lock = threading.Lock()  # the core, the sockets and the counters
@@ -260,7 +261,7 @@ class Device:
         return self._name
 
     @property
-    def adapter(self) -> "Adapter":
+    def adapter(self) -> Adapter:
         return self._adapter
 
     @property
@@ -268,7 +269,7 @@ class Device:
         """Set once the device is closed, by :meth:`close` or because the adapter went away."""
         return self._closed
 
-    def __enter__(self) -> "Device":
+    def __enter__(self) -> Device:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -520,7 +521,7 @@ class Device:
                 or not 0 <= persistent_keepalive <= 0xFFFF:
             raise InvalidParameter(f"persistent_keepalive {persistent_keepalive!r} is out of range 0..65535 s")
         if isinstance(allowed_ips, (str, bytes)):
-            allowed_ips = [allowed_ips]  # type: ignore[list-item]
+            allowed_ips = [allowed_ips]
         networks = []
         for item in allowed_ips:
             try:
@@ -714,7 +715,7 @@ class Device:
         while self._api_waiting and not self._closing and time.monotonic() < deadline:
             time.sleep(0.0005)
 
-    def _from_tun(self, session: "Session") -> None:
+    def _from_tun(self, session: Session) -> None:
         """One batch of packets from the session through the core to UDP. Called with the lock held."""
         views = session.receive_packets(BATCH)
         if not views:

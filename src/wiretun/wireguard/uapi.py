@@ -26,8 +26,8 @@ import errno as _errno
 import hmac
 import ipaddress
 import os
-import selectors
 import re
+import selectors
 import socket
 import stat
 import threading
@@ -143,10 +143,10 @@ def _parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def format_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """An address as Go's netip prints it (IPv4-mapped IPv6 keeps its dotted quad)."""
-    if address.version == 6:
-        mapped = address.ipv4_mapped  # type: ignore[union-attr]
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
         if mapped is not None:
-            scope = address.scope_id  # type: ignore[union-attr]
+            scope = address.scope_id
             return f"::ffff:{mapped}" + (f"%{scope}" if scope else "")
     return str(address)
 
@@ -541,7 +541,7 @@ class UAPIServer:
         os.close(self._wake_w)
         log.info(f"UAPI: closed {self._path}")
 
-    def __enter__(self) -> "UAPIServer":
+    def __enter__(self) -> UAPIServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -601,7 +601,7 @@ class UAPIServer:
         try:
             conn.settimeout(self._timeout)
             self._converse(conn, _LineReader(conn))
-        except socket.timeout:
+        except TimeoutError:
             log.err(f"UAPI: client idle for {self._timeout:g} s; disconnecting it")
         except _Overlong as e:
             log.err(f"UAPI: line of at least {e.args[0]} bytes is longer than {MAX_LINE_LENGTH}; disconnecting")
