@@ -16,11 +16,11 @@ import os
 import struct
 import threading
 import time
-from typing import BinaryIO, Iterator, NamedTuple, Union
+from typing import BinaryIO, Iterator, NamedTuple
 
 from .errors import InvalidData, InvalidParameter
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 LINKTYPE_RAW = 101  # raw IPv4/IPv6, the version nibble says which
 LINKTYPE_IPV4 = 228
@@ -67,7 +67,7 @@ class PcapWriter:
         self._lock = threading.Lock()
         if isinstance(file, (str, os.PathLike)):
             try:
-                self._file: BinaryIO = open(file, "wb", buffering=1 << 20)  # noqa: SIM115 (closed in close())
+                self._file: BinaryIO = open(file, "wb", buffering=1 << 20)  # closed in close()
             except OSError as exc:
                 raise InvalidParameter(f"cannot open capture file {os.fspath(file)!r}: {exc.strerror}") from None
             self._close_file = True if close_file is None else close_file
@@ -189,8 +189,11 @@ def _read_exact(f: BinaryIO, n: int, what: str) -> bytes | None:
 
 def iter_pcap(file: str | os.PathLike[str] | BinaryIO) -> Iterator[PcapFile | PcapRecord]:
     """Yield the file's header (a :class:`PcapFile` with no records) then each :class:`PcapRecord`."""
-    own = isinstance(file, (str, os.PathLike))
-    f: BinaryIO = open(file, "rb") if own else file  # type: ignore[arg-type]  # noqa: SIM115
+    f: BinaryIO
+    if isinstance(file, (str, os.PathLike)):
+        own, f = True, open(file, "rb")
+    else:
+        own, f = False, file
     try:
         head = _read_exact(f, FILE_HEADER_SIZE, "the file header")
         if head is None:

@@ -16,13 +16,13 @@ The header is in the host's byte order: TUN uses native ("legacy virtio") order 
 from __future__ import annotations
 
 import struct
-from typing import MutableSequence, NamedTuple, Sequence, Union
+from typing import MutableSequence, NamedTuple, Sequence
 
 from .errors import InvalidData, InvalidParameter, NotSupported
 from .packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_CWR, TCP_FIN, TCP_PSH, ones_sum
 
-Buffer = Union[bytes, bytearray, memoryview]
-WritableBuffer = Union[bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
+WritableBuffer = bytearray | memoryview
 
 VIRTIO_NET_HDR_LEN = 10
 
@@ -108,7 +108,7 @@ class _Layout(NamedTuple):
     hdr_len: int  # IP + TCP/UDP header
     is_v4: bool
     is_tcp: bool
-    count: int  # number of segments
+    count: int  # type: ignore[assignment]  # number of segments (shadows tuple.count, as a field may)
 
 
 def _layout(header: VirtioNetHeader, pkt: memoryview) -> _Layout:
@@ -299,7 +299,7 @@ class Frame(NamedTuple):
 
     header: bytes
     packet: Buffer
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count, as a NamedTuple field may
 
 
 class _Group:
@@ -415,7 +415,7 @@ def coalesce(
         else:
             hdr_len = ip_len + 8
             mergeable = (mergeable and hdr_len < n and _U16.unpack_from(pkt, ip_len + 4)[0] == n - ip_len
-                         and (pkt[ip_len + 6] or pkt[ip_len + 7]))  # checksum 0 = none: leave alone
+                         and (pkt[ip_len + 6] or pkt[ip_len + 7]) != 0)  # checksum 0 = none: leave alone
             if mergeable:
                 match = ip_match
         if mergeable:

@@ -15,12 +15,11 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
-from typing import Union
 
 from .errors import InvalidData, InvalidParameter
 
-Buffer = Union[bytes, bytearray, memoryview]
-Address = Union[str, bytes, bytearray, ipaddress.IPv4Address, ipaddress.IPv6Address]
+Buffer = bytes | bytearray | memoryview
+Address = str | bytes | bytearray | ipaddress.IPv4Address | ipaddress.IPv6Address
 
 PROTO_ICMP = 1
 PROTO_TCP = 6

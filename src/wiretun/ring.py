@@ -143,7 +143,7 @@ class _LittleEndianWords:
         self._mv = mv
 
     def __getitem__(self, index: int) -> int:
-        return self._U32.unpack_from(self._mv, index * 4)[0]
+        return int(self._U32.unpack_from(self._mv, index * 4)[0])
 
     def __setitem__(self, index: int, value: int) -> None:
         self._U32.pack_into(self._mv, index * 4, value)
