@@ -12,8 +12,10 @@ import asyncio
 import errno
 import hashlib
 import io
+import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -152,7 +154,7 @@ def test_packet_header_for_single_receive(adapter):
     with adapter.start_session(CAP, offload=True) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 500)
         sock.sendto(b"q" * 1500, (PEER4, 9))
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 10  # early exit: generous for a loaded machine
         while time.monotonic() < deadline:
             view = s.receive_packet(block=True, timeout=0.5)
             if view is None or _is_noise(bytes(view[:8])):
@@ -180,7 +182,7 @@ def test_offload_ring_full_drops_and_recovers(adapter):
             sock.sendto(bytes([65 + i]) * 30000, (PEER4, 6400))
         held: list[memoryview] = []
         hdrs: list[bytes] = []
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline and len(held) + s.receive_dropped < 8:
             held += s.receive_packets(64, block=True, timeout=0.2, headers=hdrs)
         udp = [(v, h) for v, h in zip(held, hdrs) if not _is_noise(bytes(v[:8]))]
@@ -296,7 +298,7 @@ def test_timeouts_and_release_arguments_are_checked(adapter):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"r", (PEER4, 9))
         got: list[memoryview] = []
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
             got = s.receive_packets(8, block=True, timeout=0.2)
         s.release_receive_packets(iter(got))  # any iterable of them
@@ -745,7 +747,7 @@ def test_capture_argument_is_checked(adapter, tmp_path):
 # the benchmark runs
 
 
-def test_forwarding_benchmark_smoke():
+def test_forwarding_benchmark_smoke(tmp_path):
     """bench/forward.py for one second per run: every forwarder starts, moves TCP, and cleans up."""
     if shutil.which("iperf3") is None or shutil.which("gcc") is None:
         pytest.skip("needs iperf3 and gcc")
@@ -753,8 +755,10 @@ def test_forwarding_benchmark_smoke():
     if subprocess.run([sys.executable, "-c", "import pytun"], capture_output=True).returncode == 0:
         kinds.insert(0, "python-pytun")
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    report = tmp_path / "forward.json"
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "forward.py"), "--seconds", "1", "--no-udp", "--only", ",".join(kinds)],
+        [sys.executable, str(ROOT / "bench" / "forward.py"), "--seconds", "1", "--no-udp", "--rounds", "1",
+         "--only", ",".join(kinds), "--json", str(report)],
         capture_output=True, text=True, timeout=180,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -763,6 +767,21 @@ def test_forwarding_benchmark_smoke():
     assert set(rows) == set(kinds), out.stdout
     for kind, cells in rows.items():
         assert float(cells[0]) > 0, f"{kind} moved nothing: {out.stdout}"
-    assert "target wiretun offload >= 0.8x C offload (TCP)" in out.stdout
+    # No throughput target here (benchmarks are not timed tests), but the report must be true to itself
+    # and the forwarders must have run as labelled.
+    results = {r["kind"]: r for r in json.loads(report.read_text())}
+    assert set(results) == set(kinds)
+    for kind in ("wiretun offload", "C offload"):
+        flags = int(results[kind]["offloads"], 16)
+        assert flags & 0x03 == 0x03, f"{kind} did not negotiate checksum + TSO4: {results[kind]['offloads']}"
+        assert results[kind]["tcp_read_avg"] > 1500, f"{kind} read no super-packets: {results[kind]}"
+    for kind in ("wiretun plain", "C plain"):
+        assert int(results[kind]["offloads"], 16) == 0, results[kind]
+        assert results[kind]["tcp_read_avg"] <= 1500 + 10, f"{kind} read more than an MTU: {results[kind]}"
+    ratio = results["wiretun offload"]["tcp_bps"] / results["C offload"]["tcp_bps"]
+    line = re.search(r"^target wiretun offload >= 0\.8x C offload \(TCP\): ([\d.]+)x (met|NOT met)$",
+                     out.stdout, re.M)
+    assert line, out.stdout
+    assert line.group(1) == f"{ratio:.2f}" and (line.group(2) == "met") == (ratio >= 0.8), (line.group(0), ratio)
     after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     assert not {n for n in after - before if n.startswith("wtb")}, "benchmark namespaces left behind"

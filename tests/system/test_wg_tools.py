@@ -215,7 +215,10 @@ def test_wg_stays_responsive_under_bulk_traffic(lab):
         worker.join(60)
     assert result and result[0] > 1_000_000
     assert transfers == sorted(transfers) and transfers[-1] > transfers[0]
-    assert max(latencies) < 1.0, latencies
+    # Responsive: wg's round trips stay short while the tunnel is saturated (a device holding its lock
+    # through the traffic would make them last the whole 3 s run). The median is what matters; the
+    # maximum only guards against a stall, with room for a loaded 2-core machine.
+    assert sorted(latencies)[len(latencies) // 2] < 0.5 and max(latencies) < 2.5, latencies
 
 
 def test_wg_quick_up_down_with_traffic(lab, tmp_path):
