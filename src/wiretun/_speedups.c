@@ -27,6 +27,11 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <time.h>
+#include <structmember.h>
+#include "pythread.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 /* The ring is little-endian; so is the memory layout these loops assume. Big-endian hosts use the
@@ -517,6 +522,106 @@ rx_finish(Ring *ring, Pending *p, int failed, uint32_t r, int64_t d, Py_ssize_t 
     return Py_BuildValue("(nkin)", count, (unsigned long)tail, status, dropped);
 }
 
+/* The loop of rx_pull on a ring already taken (see rx_pull_doc); returns rx_pull's result tuple. */
+static PyObject *
+pull_packets(Ring *ring, int fd, long max_count, unsigned char *hdr, long stride, unsigned char *scratch,
+             PyObject *data_obj, PyObject *views, PyObject *offsets)
+{
+    PyObject *result = NULL;
+    const int64_t cap = ring->cap;
+    uint32_t r;
+    int64_t end, d;
+    if (ring_span(ring, &r, &end, &d) < 0)
+        goto done;
+
+    {
+        /* Linear offsets, as in Session._pull: free space is [d - 4, end); stop is the last data offset
+         * from which a blind read of 0xFFFF bytes can neither overrun Head nor need wrapping. */
+        int64_t mine = -1; /* first record this call wrote since the last wrap (contiguous up to d - 4) */
+        Py_ssize_t left = max_count, count = 0, dropped = 0;
+        int status = 0, failed = 0;
+        Pending pending;
+        init_pending(&pending, ring, data_obj, 0, views, offsets, NULL);
+
+        PyThreadState *ts = PyEval_SaveThread();
+        while (left > 0) {
+            if (d - 4 >= cap) { /* wrapped past the end: back to the start of Data */
+                d -= cap;
+                end -= cap;
+                mine = -1;
+            }
+            int64_t stop = end - MAX_RECORD_SIZE;
+            if (stop > cap - 1)
+                stop = cap - 1;
+            stop += 4;
+            Py_ssize_t n;
+            if (d <= stop) {
+                Py_ssize_t todo = left;
+                for (Py_ssize_t i = 0; i < todo; i++) {
+                    int in_place = mine >= 0 && d - VNET_HDR_SIZE >= mine;
+                    n = read_packet(fd, hdr + count * stride, ring->data + d, in_place, &ts);
+                    if (n < 0) {
+                        read_failed(n, &failed, &status);
+                        goto stopped;
+                    }
+                    n -= VNET_HDR_SIZE;
+                    if (n < 0) {
+                        status = ST_SHORT_READ;
+                        goto stopped;
+                    }
+                    if (mine < 0)
+                        mine = d - 4;
+                    count++;
+                    if (add_record(ring, &pending, d, n, &ts) < 0) {
+                        failed = 1;
+                        goto stopped;
+                    }
+                    d += (n + 7) & ~3;
+                    if (d > stop)
+                        break;
+                }
+                left = max_count - count;
+            }
+            else {
+                left -= 1;
+                struct iovec iov[2];
+                iov[0].iov_base = hdr + count * stride;
+                iov[0].iov_len = VNET_HDR_SIZE;
+                iov[1].iov_base = scratch;
+                iov[1].iov_len = READ_SPAN;
+                n = readv_nogil(fd, iov, &ts);
+                if (n < 0) {
+                    read_failed(n, &failed, &status);
+                    goto stopped;
+                }
+                n -= VNET_HDR_SIZE;
+                if (n < 0) {
+                    status = ST_SHORT_READ;
+                    goto stopped;
+                }
+                if (((n + 7) & ~3) > end - (d - 4)) {
+                    dropped++; /* as Wintun's driver drops when the ring is full */
+                    continue;
+                }
+                memcpy(ring->data + d, scratch, (size_t)n);
+                if (mine < 0)
+                    mine = d - 4;
+                count++;
+                if (add_record(ring, &pending, d, n, &ts) < 0) {
+                    failed = 1;
+                    goto stopped;
+                }
+                d += (n + 7) & ~3;
+            }
+        }
+    stopped:
+        PyEval_RestoreThread(ts);
+        result = rx_finish(ring, &pending, failed, r, d, count, status, dropped);
+    }
+done:
+    return result;
+}
+
 PyDoc_STRVAR(rx_pull_doc,
 "rx_pull(fd, words, data, max_count, hdr, hdr_stride, scratch, views, offsets)\n"
 "    -> (count, tail, status, dropped)\n\n"
@@ -559,100 +664,8 @@ rx_pull(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (get_rx_buffers(args[1], args[2], args[4], hdr_need, args[6], &ring, &hb, &sb) < 0)
         return NULL;
 
-    PyObject *result = NULL;
-    const int64_t cap = ring.cap;
-    uint32_t r;
-    int64_t end, d;
-    if (ring_span(&ring, &r, &end, &d) < 0)
-        goto done;
-
-    {
-        /* Linear offsets, as in Session._pull: free space is [d - 4, end); stop is the last data offset
-         * from which a blind read of 0xFFFF bytes can neither overrun Head nor need wrapping. */
-        int64_t mine = -1; /* first record this call wrote since the last wrap (contiguous up to d - 4) */
-        Py_ssize_t left = max_count, count = 0, dropped = 0;
-        int status = 0, failed = 0;
-        unsigned char *hdr = (unsigned char *)hb.buf;
-        unsigned char *scratch = (unsigned char *)sb.buf;
-        Pending pending;
-        init_pending(&pending, &ring, args[2], 0, views, offsets, NULL);
-
-        PyThreadState *ts = PyEval_SaveThread();
-        while (left > 0) {
-            if (d - 4 >= cap) { /* wrapped past the end: back to the start of Data */
-                d -= cap;
-                end -= cap;
-                mine = -1;
-            }
-            int64_t stop = end - MAX_RECORD_SIZE;
-            if (stop > cap - 1)
-                stop = cap - 1;
-            stop += 4;
-            Py_ssize_t n;
-            if (d <= stop) {
-                Py_ssize_t todo = left;
-                for (Py_ssize_t i = 0; i < todo; i++) {
-                    int in_place = mine >= 0 && d - VNET_HDR_SIZE >= mine;
-                    n = read_packet(fd, hdr + count * stride, ring.data + d, in_place, &ts);
-                    if (n < 0) {
-                        read_failed(n, &failed, &status);
-                        goto stopped;
-                    }
-                    n -= VNET_HDR_SIZE;
-                    if (n < 0) {
-                        status = ST_SHORT_READ;
-                        goto stopped;
-                    }
-                    if (mine < 0)
-                        mine = d - 4;
-                    count++;
-                    if (add_record(&ring, &pending, d, n, &ts) < 0) {
-                        failed = 1;
-                        goto stopped;
-                    }
-                    d += (n + 7) & ~3;
-                    if (d > stop)
-                        break;
-                }
-                left = max_count - count;
-            }
-            else {
-                left -= 1;
-                struct iovec iov[2];
-                iov[0].iov_base = hdr + count * stride;
-                iov[0].iov_len = VNET_HDR_SIZE;
-                iov[1].iov_base = scratch;
-                iov[1].iov_len = READ_SPAN;
-                n = readv_nogil(fd, iov, &ts);
-                if (n < 0) {
-                    read_failed(n, &failed, &status);
-                    goto stopped;
-                }
-                n -= VNET_HDR_SIZE;
-                if (n < 0) {
-                    status = ST_SHORT_READ;
-                    goto stopped;
-                }
-                if (((n + 7) & ~3) > end - (d - 4)) {
-                    dropped++; /* as Wintun's driver drops when the ring is full */
-                    continue;
-                }
-                memcpy(ring.data + d, scratch, (size_t)n);
-                if (mine < 0)
-                    mine = d - 4;
-                count++;
-                if (add_record(&ring, &pending, d, n, &ts) < 0) {
-                    failed = 1;
-                    goto stopped;
-                }
-                d += (n + 7) & ~3;
-            }
-        }
-    stopped:
-        PyEval_RestoreThread(ts);
-        result = rx_finish(&ring, &pending, failed, r, d, count, status, dropped);
-    }
-done:
+    PyObject *result = pull_packets(&ring, fd, max_count, (unsigned char *)hb.buf, stride,
+                                    (unsigned char *)sb.buf, args[2], views, offsets);
     release_rx_buffers(&ring, &hb, &sb);
     return result;
 }
@@ -1042,6 +1055,1264 @@ tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* ------------------------------------------------------------------------------------------------ */
 
+/* ------------------------------------------------------------------------------------------------ */
+/* SessionCore: one session's per-packet state, both rings (wiretun.linux.engine has the Python twin)  */
+
+/* Wintun's (Win32) error codes, as wiretun.linux.engine.Status and wiretun.errors have them. */
+#define STATUS_INVALID_DATA 13
+#define STATUS_HANDLE_EOF 38
+#define STATUS_INVALID_PARAMETER 87
+#define STATUS_BUFFER_OVERFLOW 111
+#define STATUS_NO_MORE_ITEMS 259
+#define RELEASE_BIT 0x80000000u
+#define COMPACT_AT 64
+
+/* The exception class for a status, from wiretun.errors (looked up once, on first use). */
+static PyObject *
+error_class(int status)
+{
+    static PyObject *classes[5];
+    static const struct {
+        int status;
+        const char *name;
+    } names[5] = {{STATUS_INVALID_DATA, "InvalidData"},         {STATUS_HANDLE_EOF, "EndOfFile"},
+                  {STATUS_INVALID_PARAMETER, "InvalidParameter"}, {STATUS_BUFFER_OVERFLOW, "BufferOverflow"},
+                  {STATUS_NO_MORE_ITEMS, "NoMoreItems"}};
+    for (int i = 0; i < 5; i++) {
+        if (names[i].status != status)
+            continue;
+        if (classes[i] == NULL) {
+            PyObject *errors = PyImport_ImportModule("wiretun.errors");
+            if (errors == NULL)
+                return NULL;
+            classes[i] = PyObject_GetAttrString(errors, names[i].name); /* kept for the process' life */
+            Py_DECREF(errors);
+        }
+        return classes[i];
+    }
+    PyErr_Format(PyExc_SystemError, "no exception for status %d", status);
+    return NULL;
+}
+
+static PyObject *
+raise_status(int status, const char *format, ...)
+{
+    PyObject *cls = error_class(status);
+    if (cls == NULL)
+        return NULL;
+    va_list va;
+    va_start(va, format);
+    PyObject *msg = PyUnicode_FromFormatV(format, va);
+    va_end(va);
+    if (msg != NULL) {
+        PyErr_SetObject(cls, msg);
+        Py_DECREF(msg);
+    }
+    return NULL;
+}
+
+/* Packets handed out and not yet taken back, in ring order (view NULL: taken back out of order). */
+typedef struct {
+    PyObject *view; /* owned */
+    uint32_t offset; /* data offset (record + 4) */
+} Entry;
+
+typedef struct {
+    Entry *a;
+    Py_ssize_t first, n, size;
+} Tracked;
+
+static int
+tracked_push(Tracked *t, PyObject *view, uint32_t offset)
+{
+    if (t->n == t->size) {
+        Py_ssize_t size = t->size ? t->size * 2 : 256;
+        Entry *a = PyMem_Realloc(t->a, (size_t)size * sizeof(Entry));
+        if (a == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        t->a = a;
+        t->size = size;
+    }
+    Py_INCREF(view);
+    t->a[t->n].view = view;
+    t->a[t->n].offset = offset;
+    t->n++;
+    return 0;
+}
+
+/* The index of ``obj`` (identity): the front, else a binary search on the offset its address gives. */
+static Py_ssize_t
+tracked_find(Tracked *t, PyObject *obj, const unsigned char *data, uint32_t mask)
+{
+    Py_ssize_t first = t->first, n = t->n;
+    if (first >= n)
+        return -1;
+    if (t->a[first].view == obj)
+        return first;
+    if (!PyMemoryView_Check(obj))
+        return -1;
+    uint32_t offset = (uint32_t)((const unsigned char *)PyMemoryView_GET_BUFFER(obj)->buf - data);
+    uint32_t base = t->a[first].offset, key = (offset - base) & mask;
+    Py_ssize_t lo = first, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) >> 1;
+        if (((t->a[mid].offset - base) & mask) < key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && t->a[lo].view == obj ? lo : -1;
+}
+
+/* Pass the front entry and every taken-back entry after it. The caller keeps the front's reference. */
+static void
+tracked_drop_front(Tracked *t)
+{
+    Py_ssize_t first = t->first + 1, n = t->n;
+    while (first < n && t->a[first].view == NULL)
+        first++;
+    if (first >= n) {
+        t->n = 0;
+        first = 0;
+    }
+    else if (first > COMPACT_AT && first * 2 > n) {
+        memmove(t->a, t->a + first, (size_t)(n - first) * sizeof(Entry));
+        t->n = n - first;
+        first = 0;
+    }
+    t->first = first;
+}
+
+static void
+tracked_clear(Tracked *t)
+{
+    /* Views are dropped only after the entries are gone: a view's deallocation cannot run code that
+     * reaches this list, but keep the list consistent at every step anyway. */
+    Py_ssize_t first = t->first, n = t->n;
+    Entry *a = t->a;
+    t->a = NULL;
+    t->first = t->n = t->size = 0;
+    for (Py_ssize_t i = first; i < n; i++)
+        Py_XDECREF(a[i].view);
+    PyMem_Free(a);
+}
+
+static Py_ssize_t
+tracked_live(Tracked *t)
+{
+    Py_ssize_t live = 0;
+    for (Py_ssize_t i = t->first; i < t->n; i++)
+        live += t->a[i].view != NULL;
+    return live;
+}
+
+typedef struct {
+    uint32_t record;
+    unsigned char hdr[VNET_HDR_SIZE];
+    unsigned char drop; /* sent with a bad header: never written, counted as dropped */
+} TxHeader;
+
+typedef struct {
+    PyObject_HEAD
+    int fd, wait_fd;
+    int state; /* 0 live, 1 queue lost (no I/O; bookkeeping goes on), 2 ended (nothing) */
+    int stalled;
+    Ring rx, tx;
+    PyObject *rx_data, *tx_data; /* the rings' Data memoryviews: packet views are windows of them */
+    PyThread_type_lock rx_lock, tx_lock;
+    Tracked rx_out, tx_out;
+    uint32_t tx_alloc, tx_release;
+    Py_ssize_t tx_unsent;
+    TxHeader *hdrs;
+    Py_ssize_t n_hdrs, size_hdrs;
+    unsigned char rx_hdr[VNET_HDR_SIZE];
+    unsigned char *scratch;
+    Py_ssize_t receive_dropped, send_dropped;
+    PyObject *lost, *rejected, *convert;
+} CoreObject;
+
+static PyObject *str_release;
+
+static void
+lock(PyThread_type_lock l)
+{
+    if (PyThread_acquire_lock(l, NOWAIT_LOCK))
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(l, WAIT_LOCK);
+    Py_END_ALLOW_THREADS
+}
+
+#define unlock PyThread_release_lock
+
+static void
+release_view(PyObject *view)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(view, str_release);
+    if (r == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_BufferError))
+            PyErr_Clear(); /* the caller exported it (e.g. to numpy): it keeps the memory alive */
+        else
+            PyErr_Clear();
+    }
+    Py_XDECREF(r);
+}
+
+/* The queue is gone: no more I/O; the callback says what to raise. Returns NULL with it set. */
+static PyObject *
+core_lost(CoreObject *self, int code)
+{
+    if (self->state == 0)
+        self->state = 1;
+    PyObject *exc = PyObject_CallFunction(self->lost, "i", code);
+    if (exc == NULL)
+        return NULL;
+    if (PyExceptionInstance_Check(exc))
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    else
+        PyErr_Format(PyExc_TypeError, "the lost callback returned %.100s, not an exception",
+                     Py_TYPE(exc)->tp_name);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+static int
+is_gone(int code)
+{
+    return code == EBADFD || code == EBADF || code == ENODEV || code == ENXIO;
+}
+
+static int
+is_retry(int code)
+{
+    return code == EAGAIN || code == EWOULDBLOCK || code == ENOBUFS || code == ENOMEM;
+}
+
+/* Write every packet between the send ring's Head and Tail to the queue (tx lock held, GIL held on entry
+ * and exit). 0, or -1 with an exception set. */
+static int
+core_flush(CoreObject *self)
+{
+    Ring *ring = &self->tx;
+    uint32_t head = load_word(ring, HEAD_WORD), tail = load_word(ring, TAIL_WORD);
+    static const unsigned char zero[VNET_HDR_SIZE];
+    int rc = 0;
+    while (head != tail) {
+        int status = 0, failed = 0;
+        uint32_t size = 0;
+        struct iovec iov[2];
+        iov[0].iov_base = (void *)zero;
+        iov[0].iov_len = VNET_HDR_SIZE;
+        if (self->n_hdrs == 0) {
+            /* The usual case: a run of writes with the GIL released. */
+            PyThreadState *ts = PyEval_SaveThread();
+            while (head != tail) {
+                size = load_size(ring, head);
+                if (size > MAX_PACKET_SIZE || ((size + 7) & ~3u) > ((tail - head) & ring->mask)) {
+                    status = -1;
+                    break;
+                }
+                iov[1].iov_base = ring->data + head + 4;
+                iov[1].iov_len = size;
+                Py_ssize_t w = writev_nogil(self->fd, iov, &ts);
+                if (w < 0) {
+                    if (w == -2)
+                        failed = 1;
+                    else
+                        status = errno;
+                    break;
+                }
+                head = (head + ((size + 7) & ~3u)) & ring->mask;
+            }
+            PyEval_RestoreThread(ts);
+        }
+        else {
+            /* Some queued packet has a header of its own (or must be dropped): one at a time. */
+            size = load_size(ring, head);
+            if (size > MAX_PACKET_SIZE || ((size + 7) & ~3u) > ((tail - head) & ring->mask))
+                status = -1;
+            else {
+                Py_ssize_t h = -1;
+                for (Py_ssize_t i = 0; i < self->n_hdrs; i++)
+                    if (self->hdrs[i].record == head) {
+                        h = i;
+                        break;
+                    }
+                if (h >= 0 && self->hdrs[h].drop) {
+                    self->send_dropped++;
+                    self->hdrs[h] = self->hdrs[--self->n_hdrs];
+                    head = (head + ((size + 7) & ~3u)) & ring->mask;
+                    continue;
+                }
+                unsigned char hdr[VNET_HDR_SIZE];
+                memcpy(hdr, h >= 0 ? self->hdrs[h].hdr : zero, VNET_HDR_SIZE);
+                iov[0].iov_base = hdr;
+                iov[1].iov_base = ring->data + head + 4;
+                iov[1].iov_len = size;
+                PyThreadState *ts = PyEval_SaveThread();
+                Py_ssize_t w = writev_nogil(self->fd, iov, &ts);
+                int err = errno;
+                PyEval_RestoreThread(ts);
+                if (w == -2)
+                    failed = 1;
+                else if (w < 0)
+                    status = err;
+                else if (h >= 0)
+                    self->hdrs[h] = self->hdrs[--self->n_hdrs];
+                if (w >= 0) {
+                    head = (head + ((size + 7) & ~3u)) & ring->mask;
+                    continue;
+                }
+                if (!failed && h >= 0 && !is_retry(status))
+                    self->hdrs[h] = self->hdrs[--self->n_hdrs]; /* the packet goes (dropped): so does its header */
+            }
+        }
+        if (failed) {
+            rc = -1;
+            break;
+        }
+        if (status == 0)
+            continue; /* head == tail, or on to the next packet */
+        if (status < 0) {
+            raise_status(STATUS_INVALID_DATA, "send ring packet at 0x%x claims 0x%x bytes", (unsigned)head,
+                         (unsigned)size);
+            rc = -1;
+            break;
+        }
+        if (is_retry(status)) {
+            self->stalled = 1; /* stays in the ring; the next send or receive retries */
+            store_word(ring, HEAD_WORD, head);
+            return 0;
+        }
+        if (is_gone(status)) {
+            core_lost(self, status);
+            rc = -1;
+            break;
+        }
+        self->send_dropped++;
+        PyObject *r = PyObject_CallFunction(self->rejected, "iI", status, (unsigned)size);
+        if (r == NULL) {
+            rc = -1;
+            head = (head + ((size + 7) & ~3u)) & ring->mask;
+            break;
+        }
+        Py_DECREF(r);
+        head = (head + ((size + 7) & ~3u)) & ring->mask;
+    }
+    store_word(ring, HEAD_WORD, head);
+    if (rc == 0)
+        self->stalled = 0;
+    return rc;
+}
+
+/* Retry a stalled send from the receive side: only if the send lock is free (else its holder flushes). */
+static int
+core_retry_send(CoreObject *self)
+{
+    if (!PyThread_acquire_lock(self->tx_lock, NOWAIT_LOCK))
+        return 0;
+    int rc = self->state == 0 ? core_flush(self) : 0;
+    unlock(self->tx_lock);
+    return rc;
+}
+
+static int
+check_ring_index(Ring *ring, const char *which, const char *what, uint32_t value)
+{
+    if (value >= ring->cap || (value & 3)) {
+        raise_status(STATUS_INVALID_DATA, "%s ring %s 0x%x is not a 4-aligned offset below capacity 0x%x", which,
+                     what, (unsigned)value, (unsigned)ring->cap);
+        return -1;
+    }
+    return 0;
+}
+
+/* One packet from the queue into the receive ring at Tail (rx lock held): 1 with *out its new view,
+ * 0 for none (queue empty, or the packet dropped for lack of room), -1 with an exception set. */
+static int
+core_read_one(CoreObject *self, PyObject **out)
+{
+    Ring *ring = &self->rx;
+    uint32_t r = load_word(ring, TAIL_WORD), head = load_word(ring, HEAD_WORD);
+    if (check_ring_index(ring, "receive", "Tail", r) < 0 || check_ring_index(ring, "receive", "Head", head) < 0)
+        return -1;
+    uint32_t free_bytes = (head - r - 4) & ring->mask;
+    int direct = free_bytes >= MAX_RECORD_SIZE;
+    struct iovec iov[2];
+    iov[0].iov_base = self->rx_hdr;
+    iov[0].iov_len = VNET_HDR_SIZE;
+    iov[1].iov_base = direct ? ring->data + r + 4 : self->scratch;
+    iov[1].iov_len = READ_SPAN;
+    PyThreadState *ts = PyEval_SaveThread();
+    Py_ssize_t n = readv_nogil(self->fd, iov, &ts);
+    int err = errno;
+    PyEval_RestoreThread(ts);
+    if (n == -2)
+        return -1;
+    if (n < 0) {
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            return 0;
+        if (is_gone(err)) {
+            core_lost(self, err);
+            return -1;
+        }
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    n -= VNET_HDR_SIZE;
+    if (n < 0) {
+        raise_status(STATUS_INVALID_DATA, "the TUN queue returned a read shorter than the %d-byte virtio-net header",
+                     VNET_HDR_SIZE);
+        return -1;
+    }
+    uint32_t rec = (uint32_t)((n + 7) & ~3);
+    if (!direct) {
+        if (rec > free_bytes) {
+            self->receive_dropped++; /* no room (too many packets held), as Wintun's driver drops */
+            return 0;
+        }
+        memcpy(ring->data + r + 4, self->scratch, (size_t)n);
+    }
+    store_size(ring, r, (uint32_t)n);
+    PyObject *view = make_view(self->rx_data, (Py_ssize_t)r + 4, n);
+    if (view == NULL)
+        return -1;
+    if (tracked_push(&self->rx_out, view, r + 4) < 0) {
+        Py_DECREF(view);
+        return -1;
+    }
+    store_word(ring, TAIL_WORD, (r + rec) & ring->mask);
+    *out = view;
+    return 1;
+}
+
+static int
+get_timeout(PyObject *obj, double *seconds)
+{
+    *seconds = -1.0;
+    if (obj == Py_None)
+        return 0;
+    double v = -1.0;
+    if (!PyBool_Check(obj) && (PyLong_Check(obj) || PyFloat_Check(obj))) {
+        v = PyFloat_AsDouble(obj);
+        if (v == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            v = -1.0;
+        }
+    }
+    if (!(v >= 0)) {
+        raise_status(STATUS_INVALID_PARAMETER, "timeout must be None or a number of seconds >= 0, not %R", obj);
+        return -1;
+    }
+    *seconds = v;
+    return 0;
+}
+
+static double
+monotonic(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static PyObject *
+core_receive_packet(CoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"block", "timeout"};
+    PyObject *block = Py_None, *timeout = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "receive_packet takes at most 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (nargs > 0)
+        block = args[0];
+    if (nargs > 1)
+        timeout = args[1];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        int k = -1;
+        for (int j = 0; j < 2; j++)
+            if (PyUnicode_CompareWithASCIIString(key, names[j]) == 0)
+                k = j;
+        if (k < 0 || k < nargs) {
+            PyErr_Format(PyExc_TypeError, "receive_packet got an unexpected or repeated keyword argument %R", key);
+            return NULL;
+        }
+        if (k == 0)
+            block = args[nargs + i];
+        else
+            timeout = args[nargs + i];
+    }
+    double seconds, deadline = -1.0;
+    if (timeout != Py_None && get_timeout(timeout, &seconds) < 0)
+        return NULL;
+    if (timeout == Py_None)
+        seconds = -1.0;
+    int blocking = block == Py_None ? -1 : PyObject_IsTrue(block);
+    if (blocking == -1 && block != Py_None)
+        return NULL;
+    for (;;) {
+        lock(self->rx_lock);
+        PyObject *view = NULL;
+        int got;
+        if (self->state) {
+            unlock(self->rx_lock);
+            return raise_status(STATUS_HANDLE_EOF, "the session has ended");
+        }
+        if (self->stalled && core_retry_send(self) < 0)
+            got = -1;
+        else
+            got = core_read_one(self, &view);
+        unlock(self->rx_lock);
+        if (got < 0)
+            return NULL;
+        if (got > 0)
+            return view;
+        if (blocking < 0)
+            return raise_status(STATUS_NO_MORE_ITEMS, "no packet is waiting");
+        if (!blocking)
+            Py_RETURN_NONE;
+        int ms = -1;
+        if (seconds >= 0) {
+            double now = monotonic();
+            if (deadline < 0)
+                deadline = now + seconds;
+            else if (now >= deadline)
+                Py_RETURN_NONE;
+            double left = (deadline - now) * 1000 + 0.999;
+            ms = left > 0x7fffffff ? 0x7fffffff : (int)left;
+        }
+        struct pollfd p = {.fd = self->wait_fd, .events = POLLIN};
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = poll(&p, 1, ms);
+        Py_END_ALLOW_THREADS
+        if (rc < 0 && errno == EINTR && PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+}
+
+static PyObject *
+core_receive_packets(CoreObject *self, PyObject *arg)
+{
+    long max_count;
+    if (!PyLong_Check(arg) || PyBool_Check(arg) || (max_count = PyLong_AsLong(arg)) < 1) {
+        PyErr_Clear();
+        return raise_status(STATUS_INVALID_PARAMETER, "max_count %R must be an int >= 1", arg);
+    }
+    PyObject *views = PyList_New(0);
+    if (views == NULL)
+        return NULL;
+    lock(self->rx_lock);
+    PyObject *result = NULL, *got = NULL;
+    if (self->state) {
+        raise_status(STATUS_HANDLE_EOF, "the session has ended");
+        goto done;
+    }
+    if (self->stalled && core_retry_send(self) < 0)
+        goto done;
+    Ring *ring = &self->rx;
+    uint32_t r = load_word(ring, TAIL_WORD), head = load_word(ring, HEAD_WORD);
+    if (check_ring_index(ring, "receive", "Tail", r) < 0 || check_ring_index(ring, "receive", "Head", head) < 0)
+        goto done;
+    got = pull_packets(ring, self->fd, max_count, self->rx_hdr, 0, self->scratch, self->rx_data, views, NULL);
+    /* Track whatever was read and published, even when the call failed after it. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(views); i++) {
+        PyObject *v = PyList_GET_ITEM(views, i);
+        uint32_t off = (uint32_t)((unsigned char *)PyMemoryView_GET_BUFFER(v)->buf - ring->data);
+        if (tracked_push(&self->rx_out, v, off) < 0)
+            goto done;
+    }
+    if (got == NULL)
+        goto done;
+    Py_ssize_t count, dropped;
+    unsigned long tail;
+    int status;
+    if (!PyArg_ParseTuple(got, "nkin", &count, &tail, &status, &dropped))
+        goto done;
+    self->receive_dropped += dropped;
+    if (status == ST_SHORT_READ) {
+        raise_status(STATUS_INVALID_DATA, "the TUN queue returned a read shorter than the %d-byte virtio-net header",
+                     VNET_HDR_SIZE);
+        goto done;
+    }
+    if (status && status != EAGAIN && status != EWOULDBLOCK) {
+        if (is_gone(status))
+            core_lost(self, status);
+        else {
+            errno = status;
+            PyErr_SetFromErrno(PyExc_OSError);
+        }
+        goto done;
+    }
+    result = views;
+    views = NULL;
+done:
+    unlock(self->rx_lock);
+    Py_XDECREF(got);
+    Py_XDECREF(views);
+    return result;
+}
+
+/* Take back a received packet (rx lock held): 1 done, 0 not one of ours. */
+static int
+core_release_locked(CoreObject *self, PyObject *packet)
+{
+    Tracked *t = &self->rx_out;
+    Ring *ring = &self->rx;
+    Py_ssize_t i = tracked_find(t, packet, ring->data, ring->mask);
+    if (i < 0)
+        return 0;
+    PyObject *view = t->a[i].view;
+    if (i == t->first) {
+        tracked_drop_front(t);
+        if (t->n == 0) { /* everything released: rewind so the ring keeps reusing cached memory */
+            store_word(ring, TAIL_WORD, 0);
+            store_word(ring, HEAD_WORD, 0);
+        }
+        else
+            store_word(ring, HEAD_WORD, t->a[t->first].offset - 4);
+    }
+    else {
+        t->a[i].view = NULL;
+        uint32_t record = t->a[i].offset - 4;
+        store_size(ring, record, load_size(ring, record) | RELEASE_BIT); /* Wintun's out-of-order mark */
+    }
+    Py_DECREF(view);
+    return 1;
+}
+
+static PyObject *
+not_received(PyObject *packet)
+{
+    return raise_status(STATUS_INVALID_PARAMETER,
+                        "%s at %p is not a received, unreleased packet of this session (released twice, never "
+                        "received, or from another session?)",
+                        Py_TYPE(packet)->tp_name, (void *)packet);
+}
+
+static PyObject *
+core_release_receive_packet(CoreObject *self, PyObject *packet)
+{
+    lock(self->rx_lock);
+    if (self->state == 2) {
+        unlock(self->rx_lock);
+        Py_RETURN_NONE;
+    }
+    int ok = core_release_locked(self, packet);
+    unlock(self->rx_lock);
+    if (!ok)
+        return not_received(packet);
+    release_view(packet);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_release_receive_packets(CoreObject *self, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "packets must be a sequence of received packets");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    lock(self->rx_lock);
+    if (self->state == 2) {
+        unlock(self->rx_lock);
+        Py_DECREF(seq);
+        Py_RETURN_NONE;
+    }
+    Tracked *t = &self->rx_out;
+    Ring *ring = &self->rx;
+    /* All or nothing: every packet must be ours and listed once. The usual case, the oldest packets in
+     * order, is checked in one pass. */
+    int in_order = t->first + n <= t->n;
+    for (Py_ssize_t i = 0; in_order && i < n; i++)
+        in_order = t->a[t->first + i].view == items[i];
+    if (!in_order) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_ssize_t k = tracked_find(t, items[i], ring->data, ring->mask);
+            int repeated = 0;
+            for (Py_ssize_t j = 0; k >= 0 && j < i; j++)
+                repeated |= items[j] == items[i];
+            if (k < 0 || repeated) {
+                unlock(self->rx_lock);
+                not_received(items[i]);
+                Py_DECREF(seq);
+                return NULL;
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        core_release_locked(self, items[i]);
+    unlock(self->rx_lock);
+    for (Py_ssize_t i = 0; i < n; i++)
+        release_view(items[i]);
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_holds(CoreObject *self, PyObject *packet)
+{
+    lock(self->rx_lock);
+    int held = self->state != 2 && tracked_find(&self->rx_out, packet, self->rx.data, self->rx.mask) >= 0;
+    unlock(self->rx_lock);
+    return PyBool_FromLong(held);
+}
+
+/* A record for ``size`` bytes (tx lock held): its record offset, -1 when the ring is full, -2 with an
+ * exception set. */
+static int64_t
+core_allocate_locked(CoreObject *self, uint32_t size)
+{
+    Ring *ring = &self->tx;
+    if (!self->tx_unsent && !self->stalled && self->tx_release == self->tx_alloc && self->tx_alloc &&
+        load_word(ring, HEAD_WORD) == self->tx_release) {
+        store_word(ring, HEAD_WORD, 0); /* all written: rewind to the start, still in cache */
+        store_word(ring, TAIL_WORD, 0);
+        self->tx_alloc = self->tx_release = 0;
+    }
+    uint32_t head = load_word(ring, HEAD_WORD);
+    if (check_ring_index(ring, "send", "Head", head) < 0)
+        return -2;
+    uint32_t tail = self->tx_alloc, rec = (size + 7) & ~3u;
+    if (rec > ((head - tail - 4) & ring->mask))
+        return -1;
+    store_size(ring, tail, size | RELEASE_BIT);
+    self->tx_alloc = (tail + rec) & ring->mask;
+    self->tx_unsent++;
+    return tail;
+}
+
+static PyObject *
+core_allocate_send_packet(CoreObject *self, PyObject *arg)
+{
+    long size;
+    if (!PyLong_Check(arg) || PyBool_Check(arg))
+        return raise_status(STATUS_INVALID_PARAMETER, "packet size must be an int, not %s (%R)",
+                            Py_TYPE(arg)->tp_name, arg);
+    size = PyLong_AsLong(arg);
+    if (size < 1 || size > (long)MAX_PACKET_SIZE) {
+        PyErr_Clear();
+        return raise_status(STATUS_INVALID_PARAMETER, "packet size %R is out of range: must be 1..%d (0xFFFF)", arg,
+                            (int)MAX_PACKET_SIZE);
+    }
+    lock(self->tx_lock);
+    PyObject *view = NULL;
+    if (self->state) {
+        raise_status(STATUS_HANDLE_EOF, "the session has ended");
+        goto done;
+    }
+    int64_t record = core_allocate_locked(self, (uint32_t)size);
+    if (record == -2)
+        goto done;
+    if (record < 0) {
+        uint32_t free_bytes = (load_word(&self->tx, HEAD_WORD) - self->tx_alloc - 4) & self->tx.mask;
+        raise_status(STATUS_BUFFER_OVERFLOW, "send ring full: a %ld-byte packet needs %ld bytes, %u free", size,
+                     (size + 7) & ~3L, (unsigned)free_bytes);
+        goto done;
+    }
+    view = make_view(self->tx_data, (Py_ssize_t)record + 4, size);
+    if (view != NULL && tracked_push(&self->tx_out, view, (uint32_t)record + 4) < 0)
+        Py_CLEAR(view);
+    if (view == NULL) { /* take the allocation back */
+        self->tx_alloc = (uint32_t)record;
+        self->tx_unsent--;
+    }
+done:
+    unlock(self->tx_lock);
+    return view;
+}
+
+/* Clear a record's release bit and move Tail over the sent run at the front (tx lock held). */
+static void
+core_mark_sent(CoreObject *self, uint32_t record)
+{
+    Ring *ring = &self->tx;
+    store_size(ring, record, load_size(ring, record) & ~RELEASE_BIT);
+    if (record != self->tx_release)
+        return; /* an earlier allocation is still unsent: this one waits for it */
+    uint32_t tr = record;
+    if (self->tx_unsent == 1) {
+        self->tx_unsent = 0;
+        tr = self->tx_alloc;
+    }
+    else {
+        while (self->tx_unsent) {
+            uint32_t size = load_size(ring, tr);
+            if (size & RELEASE_BIT)
+                break;
+            tr = (tr + ((size + 7) & ~3u)) & ring->mask;
+            self->tx_unsent--;
+        }
+    }
+    self->tx_release = tr;
+    store_word(ring, TAIL_WORD, tr);
+}
+
+static int
+add_header(CoreObject *self, uint32_t record, const unsigned char *hdr, int drop)
+{
+    if (self->n_hdrs == self->size_hdrs) {
+        Py_ssize_t size = self->size_hdrs ? self->size_hdrs * 2 : 16;
+        TxHeader *h = PyMem_Realloc(self->hdrs, (size_t)size * sizeof(TxHeader));
+        if (h == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->hdrs = h;
+        self->size_hdrs = size;
+    }
+    TxHeader *h = &self->hdrs[self->n_hdrs++];
+    h->record = record;
+    h->drop = (unsigned char)drop;
+    memset(h->hdr, 0, VNET_HDR_SIZE);
+    if (hdr)
+        memcpy(h->hdr, hdr, VNET_HDR_SIZE);
+    return 0;
+}
+
+/* A header argument as 10 bytes: 1 a nonzero header in hdr, 0 none (None or all zero), -1 bad (the
+ * InvalidParameter is left set), -2 another error. */
+static int
+get_header(CoreObject *self, PyObject *header, unsigned char *hdr)
+{
+    if (header == Py_None)
+        return 0;
+    PyObject *conv = NULL;
+    Py_buffer b;
+    if (!PyObject_CheckBuffer(header)) {
+        conv = PyObject_CallOneArg(self->convert, header);
+        if (conv == NULL) {
+            PyObject *cls = error_class(STATUS_INVALID_PARAMETER);
+            return cls != NULL && PyErr_ExceptionMatches(cls) ? -1 : -2;
+        }
+        header = conv;
+    }
+    if (PyObject_GetBuffer(header, &b, PyBUF_SIMPLE) < 0) {
+        Py_XDECREF(conv);
+        PyErr_Clear();
+        raise_status(STATUS_INVALID_PARAMETER, "header must be a VirtioNetHeader or 10 bytes");
+        return -1;
+    }
+    int rc = 0;
+    if (b.len != VNET_HDR_SIZE) {
+        raise_status(STATUS_INVALID_PARAMETER, "header is %zd bytes; a virtio-net header is %d bytes", b.len,
+                     VNET_HDR_SIZE);
+        rc = -1;
+    }
+    else {
+        memcpy(hdr, b.buf, VNET_HDR_SIZE);
+        static const unsigned char zero[VNET_HDR_SIZE];
+        rc = memcmp(hdr, zero, VNET_HDR_SIZE) != 0;
+    }
+    PyBuffer_Release(&b);
+    Py_XDECREF(conv);
+    return rc;
+}
+
+static PyObject *
+core_send_packet(CoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *packet, *header = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs < 1 || nargs > 2 || nargs + nkw > 2 ||
+        (nkw == 1 && (nargs != 1 || PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "header")))) {
+        PyErr_SetString(PyExc_TypeError, "send_packet(packet, header=None)");
+        return NULL;
+    }
+    packet = args[0];
+    if (nargs + nkw == 2)
+        header = args[1];
+    unsigned char hdr[VNET_HDR_SIZE];
+    PyObject *bad_type = NULL, *bad_value = NULL, *bad_tb = NULL;
+    int has_hdr = get_header(self, header, hdr);
+    if (has_hdr == -2)
+        return NULL;
+    if (has_hdr == -1)
+        PyErr_Fetch(&bad_type, &bad_value, &bad_tb);
+    lock(self->tx_lock);
+    if (self->state) {
+        unlock(self->tx_lock);
+        Py_XDECREF(bad_type);
+        Py_XDECREF(bad_value);
+        Py_XDECREF(bad_tb);
+        Py_RETURN_NONE;
+    }
+    Tracked *t = &self->tx_out;
+    Py_ssize_t i = tracked_find(t, packet, self->tx.data, self->tx.mask);
+    if (i < 0) {
+        unlock(self->tx_lock);
+        Py_XDECREF(bad_type);
+        Py_XDECREF(bad_value);
+        Py_XDECREF(bad_tb);
+        return raise_status(STATUS_INVALID_PARAMETER,
+                            "%s at %p is not a packet allocated by this session and not yet sent (sent twice, or "
+                            "from another session?)",
+                            Py_TYPE(packet)->tp_name, (void *)packet);
+    }
+    PyObject *view = t->a[i].view;
+    uint32_t record = t->a[i].offset - 4;
+    if (i == t->first)
+        tracked_drop_front(t);
+    else
+        t->a[i].view = NULL;
+    Py_DECREF(view);
+    int rc = 0;
+    if (has_hdr != 0)
+        rc = add_header(self, record, has_hdr > 0 ? hdr : NULL, has_hdr < 0);
+    core_mark_sent(self, record);
+    if (rc == 0)
+        rc = core_flush(self);
+    unlock(self->tx_lock);
+    if (rc < 0) {
+        Py_XDECREF(bad_type);
+        Py_XDECREF(bad_value);
+        Py_XDECREF(bad_tb);
+        return NULL;
+    }
+    release_view(packet);
+    if (bad_type != NULL) {
+        PyObject *msg = bad_value ? PyObject_Str(bad_value) : NULL;
+        Py_XDECREF(bad_value);
+        Py_XDECREF(bad_tb);
+        Py_DECREF(bad_type);
+        if (msg == NULL)
+            return NULL;
+        raise_status(STATUS_INVALID_PARAMETER, "%U (the packet was dropped)", msg);
+        Py_DECREF(msg);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_send_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "send_packets(packets, headers=None)");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[0], "packets must be a sequence of bytes-like objects");
+    if (seq == NULL)
+        return NULL;
+    PyObject *hseq = NULL;
+    if (nargs > 1 && args[1] != Py_None) {
+        hseq = PySequence_Fast(args[1], "headers must be a sequence");
+        if (hseq == NULL) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (PySequence_Fast_GET_SIZE(hseq) != PySequence_Fast_GET_SIZE(seq)) {
+            raise_status(STATUS_INVALID_PARAMETER, "headers holds %zd item(s) for %zd packet(s)",
+                         PySequence_Fast_GET_SIZE(hseq), PySequence_Fast_GET_SIZE(seq));
+            Py_DECREF(seq);
+            Py_DECREF(hseq);
+            return NULL;
+        }
+    }
+    lock(self->tx_lock);
+    Py_ssize_t count = 0, n = PySequence_Fast_GET_SIZE(seq);
+    int rc = 0;
+    if (self->state) {
+        unlock(self->tx_lock);
+        Py_DECREF(seq);
+        Py_XDECREF(hseq);
+        return raise_status(STATUS_HANDLE_EOF, "the session has ended");
+    }
+    if (self->stalled)
+        rc = core_flush(self);
+    static const unsigned char zero[VNET_HDR_SIZE];
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &b, PyBUF_C_CONTIGUOUS) < 0) {
+            PyErr_Clear();
+            raise_status(STATUS_INVALID_PARAMETER, "packet %zd is not a contiguous bytes-like object", i);
+            rc = -1;
+            break;
+        }
+        const unsigned char *h = NULL;
+        if (hseq) {
+            PyObject *ho = PySequence_Fast_GET_ITEM(hseq, i);
+            if (!PyBytes_CheckExact(ho) || PyBytes_GET_SIZE(ho) != VNET_HDR_SIZE) {
+                PyBuffer_Release(&b);
+                raise_status(STATUS_INVALID_PARAMETER, "header %zd must be %d bytes", i, VNET_HDR_SIZE);
+                rc = -1;
+                break;
+            }
+            h = (const unsigned char *)PyBytes_AS_STRING(ho);
+            if (memcmp(h, zero, VNET_HDR_SIZE) == 0)
+                h = NULL;
+        }
+        if (b.len < 1 || b.len > (Py_ssize_t)MAX_PACKET_SIZE) {
+            raise_status(STATUS_INVALID_PARAMETER, "packet %zd is %zd bytes; a packet must be 1..%d bytes", i, b.len,
+                         (int)MAX_PACKET_SIZE);
+            PyBuffer_Release(&b);
+            rc = -1;
+            break;
+        }
+        int64_t record = core_allocate_locked(self, (uint32_t)b.len);
+        if (record == -1) {
+            rc = core_flush(self); /* make room: everything queued so far goes first */
+            if (rc == 0)
+                record = core_allocate_locked(self, (uint32_t)b.len);
+        }
+        if (rc < 0 || record < 0) {
+            PyBuffer_Release(&b);
+            if (record == -2)
+                rc = -1;
+            break;
+        }
+        memcpy(self->tx.data + record + 4, b.buf, (size_t)b.len);
+        PyBuffer_Release(&b);
+        if (h != NULL && add_header(self, (uint32_t)record, h, 0) < 0) {
+            core_mark_sent(self, (uint32_t)record);
+            rc = -1;
+            break;
+        }
+        core_mark_sent(self, (uint32_t)record);
+        count++;
+    }
+    if (self->state == 0) {
+        if (rc < 0) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            if (core_flush(self) < 0)
+                PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+        }
+        else
+            rc = core_flush(self);
+    }
+    unlock(self->tx_lock);
+    Py_DECREF(seq);
+    Py_XDECREF(hseq);
+    if (rc < 0)
+        return NULL;
+    return PyLong_FromSsize_t(count);
+}
+
+static PyObject *
+core_flush_method(CoreObject *self, PyObject *unused)
+{
+    lock(self->tx_lock);
+    int rc = self->state == 0 ? core_flush(self) : 0;
+    unlock(self->tx_lock);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_end(CoreObject *self, PyObject *unused)
+{
+    lock(self->rx_lock);
+    lock(self->tx_lock);
+    int was = self->state;
+    self->state = 2;
+    Tracked rx = self->rx_out, tx = self->tx_out;
+    memset(&self->rx_out, 0, sizeof(Tracked));
+    memset(&self->tx_out, 0, sizeof(Tracked));
+    self->n_hdrs = 0;
+    if (was != 2) {
+        release_ring(&self->rx);
+        release_ring(&self->tx);
+    }
+    unlock(self->tx_lock);
+    unlock(self->rx_lock);
+    tracked_clear(&rx);
+    tracked_clear(&tx);
+    Py_RETURN_NONE;
+}
+
+static int
+core_take_ring(PyObject *obj, const char *what, Ring *ring, PyObject **data)
+{
+    PyObject *words = PyObject_GetAttrString(obj, "words");
+    if (words == NULL)
+        return -1;
+    PyObject *d = PyObject_GetAttrString(obj, "data");
+    if (d == NULL) {
+        Py_DECREF(words);
+        return -1;
+    }
+    int rc = get_ring(words, d, ring);
+    Py_DECREF(words);
+    if (rc < 0) {
+        Py_DECREF(d);
+        return -1;
+    }
+    *data = d;
+    return 0;
+}
+
+static int
+core_init(CoreObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "wait_fd", "rx", "tx", "lost", "rejected", "convert_header", NULL};
+    int fd, wait_fd;
+    PyObject *rx, *tx, *lost, *rejected, *convert;
+    if (self->rx_lock != NULL) {
+        PyErr_SetString(PyExc_TypeError, "SessionCore is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOOOOO", kwlist, &fd, &wait_fd, &rx, &tx, &lost, &rejected,
+                                     &convert))
+        return -1;
+    if (core_take_ring(rx, "rx", &self->rx, &self->rx_data) < 0)
+        return -1;
+    if (core_take_ring(tx, "tx", &self->tx, &self->tx_data) < 0) {
+        release_ring(&self->rx);
+        Py_CLEAR(self->rx_data);
+        return -1;
+    }
+    self->state = 0;
+    if (self->rx.cap != self->tx.cap) {
+        PyErr_SetString(PyExc_ValueError, "the two rings must have the same capacity");
+        goto fail;
+    }
+    self->scratch = PyMem_Malloc(READ_SPAN);
+    self->rx_lock = PyThread_allocate_lock();
+    self->tx_lock = PyThread_allocate_lock();
+    if (self->scratch == NULL || self->rx_lock == NULL || self->tx_lock == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    self->fd = fd;
+    self->wait_fd = wait_fd;
+    self->tx_alloc = self->tx_release = load_word(&self->tx, TAIL_WORD) & self->tx.mask & ~3u;
+    Py_INCREF(lost);
+    self->lost = lost;
+    Py_INCREF(rejected);
+    self->rejected = rejected;
+    Py_INCREF(convert);
+    self->convert = convert;
+    return 0;
+fail:
+    self->state = 2;
+    release_ring(&self->rx);
+    release_ring(&self->tx);
+    return -1;
+}
+
+static PyObject *
+core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    CoreObject *self = (CoreObject *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->state = 2; /* nothing held until __init__ */
+    return (PyObject *)self;
+}
+
+static void
+core_dealloc(CoreObject *self)
+{
+    if (self->state != 2) {
+        release_ring(&self->rx);
+        release_ring(&self->tx);
+    }
+    tracked_clear(&self->rx_out);
+    tracked_clear(&self->tx_out);
+    PyMem_Free(self->hdrs);
+    PyMem_Free(self->scratch);
+    if (self->rx_lock)
+        PyThread_free_lock(self->rx_lock);
+    if (self->tx_lock)
+        PyThread_free_lock(self->tx_lock);
+    Py_XDECREF(self->rx_data);
+    Py_XDECREF(self->tx_data);
+    Py_XDECREF(self->lost);
+    Py_XDECREF(self->rejected);
+    Py_XDECREF(self->convert);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+core_get_stalled(CoreObject *self, void *c)
+{
+    return PyBool_FromLong(self->stalled);
+}
+
+static PyObject *
+core_get_ended(CoreObject *self, void *c)
+{
+    return PyBool_FromLong(self->state != 0);
+}
+
+static PyObject *
+core_get_received(CoreObject *self, void *c)
+{
+    lock(self->rx_lock);
+    Py_ssize_t n = tracked_live(&self->rx_out);
+    unlock(self->rx_lock);
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *
+core_get_allocated(CoreObject *self, void *c)
+{
+    lock(self->tx_lock);
+    Py_ssize_t n = tracked_live(&self->tx_out);
+    unlock(self->tx_lock);
+    return PyLong_FromSsize_t(n);
+}
+
+static PyMethodDef core_methods[] = {
+    {"receive_packet", (PyCFunction)(void (*)(void))core_receive_packet, METH_FASTCALL | METH_KEYWORDS,
+     "receive_packet(block=None, timeout=None) -> memoryview | None (WintunReceivePacket)"},
+    {"receive_packets", (PyCFunction)core_receive_packets, METH_O,
+     "receive_packets(max_count) -> list of memoryviews (up to max_count; empty when none waits)"},
+    {"release_receive_packet", (PyCFunction)core_release_receive_packet, METH_O,
+     "release_receive_packet(packet) (WintunReleaseReceivePacket; any order)"},
+    {"release_receive_packets", (PyCFunction)core_release_receive_packets, METH_O,
+     "release_receive_packets(packets) (all or nothing)"},
+    {"holds", (PyCFunction)core_holds, METH_O, "holds(packet) -> whether it is received and not released"},
+    {"allocate_send_packet", (PyCFunction)core_allocate_send_packet, METH_O,
+     "allocate_send_packet(size) -> memoryview (WintunAllocateSendPacket)"},
+    {"send_packet", (PyCFunction)(void (*)(void))core_send_packet, METH_FASTCALL | METH_KEYWORDS,
+     "send_packet(packet, header=None) (WintunSendPacket)"},
+    {"send_packets", (PyCFunction)(void (*)(void))core_send_packets, METH_FASTCALL,
+     "send_packets(packets, headers=None) -> count taken (copied into the send ring and sent)"},
+    {"flush", (PyCFunction)core_flush_method, METH_NOARGS, "flush(): write what waits in the send ring"},
+    {"end", (PyCFunction)core_end, METH_NOARGS, "end(): forget every packet handed out; no more I/O"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"receive_dropped", T_PYSSIZET, offsetof(CoreObject, receive_dropped), 0,
+     "packets read and dropped for lack of room in the receive ring"},
+    {"send_dropped", T_PYSSIZET, offsetof(CoreObject, send_dropped), 0,
+     "packets the kernel rejected (or sent with a bad header), dropped"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef core_getset[] = {
+    {"stalled", (getter)core_get_stalled, NULL, "the kernel refused a write for now: packets wait", NULL},
+    {"ended", (getter)core_get_ended, NULL, "the session ended or its queue was lost", NULL},
+    {"received", (getter)core_get_received, NULL, "packets received and not yet released", NULL},
+    {"allocated", (getter)core_get_allocated, NULL, "packets allocated and not yet sent", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "wiretun._speedups.SessionCore",
+    .tp_basicsize = sizeof(CoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "SessionCore(fd, wait_fd, rx, tx, lost, rejected, convert_header): a session's per-packet state "
+              "(see wiretun.linux.engine)",
+    .tp_new = core_new,
+    .tp_init = (initproc)core_init,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+    .tp_getset = core_getset,
+};
+
 static PyMethodDef methods[] = {
     {"rx_pull", (PyCFunction)(void (*)(void))rx_pull, METH_FASTCALL, rx_pull_doc},
     {"rx_frames", (PyCFunction)(void (*)(void))rx_frames, METH_FASTCALL, rx_frames_doc},
@@ -1059,8 +2330,22 @@ exec_module(PyObject *module)
         PyModule_AddIntConstant(module, "FRAME_SPAN", FRAME_SPAN) < 0 ||
         PyModule_AddIntConstant(module, "SHORT_READ", ST_SHORT_READ) < 0 ||
         PyModule_AddIntConstant(module, "BAD_RECORD", ST_BAD_RECORD) < 0 ||
-        PyModule_AddIntConstant(module, "NOT_SIMPLE", ST_NOT_SIMPLE) < 0)
+        PyModule_AddIntConstant(module, "NOT_SIMPLE", ST_NOT_SIMPLE) < 0 ||
+        PyModule_AddIntConstant(module, "STATUS_INVALID_DATA", STATUS_INVALID_DATA) < 0 ||
+        PyModule_AddIntConstant(module, "STATUS_HANDLE_EOF", STATUS_HANDLE_EOF) < 0 ||
+        PyModule_AddIntConstant(module, "STATUS_INVALID_PARAMETER", STATUS_INVALID_PARAMETER) < 0 ||
+        PyModule_AddIntConstant(module, "STATUS_BUFFER_OVERFLOW", STATUS_BUFFER_OVERFLOW) < 0 ||
+        PyModule_AddIntConstant(module, "STATUS_NO_MORE_ITEMS", STATUS_NO_MORE_ITEMS) < 0)
         return -1;
+    if (str_release == NULL && (str_release = PyUnicode_InternFromString("release")) == NULL)
+        return -1;
+    if (PyType_Ready(&CoreType) < 0)
+        return -1;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(module, "SessionCore", (PyObject *)&CoreType) < 0) {
+        Py_DECREF(&CoreType);
+        return -1;
+    }
     return 0;
 }
 

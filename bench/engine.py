@@ -1,0 +1,227 @@
+"""Micro benchmark of the session core (wiretun.linux.engine) next to plain os.read / os.writev.
+
+Run:  .venv/bin/python bench/engine.py [--packets N] [--rounds R]
+
+No TUN device: the "queue" is a non-blocking AF_UNIX datagram socketpair, which, like a TUN queue, hands
+out one datagram per read. Run as root, the benchmark moves itself into a network namespace of its own
+(unshare) and raises net.unix.max_dgram_qlen there to N, so that a whole measurement is queued at once;
+otherwise the queue holds the host's max_dgram_qlen datagrams at a time (often 10: noisier figures).
+Each round fills the queue with N datagrams (10-byte header + packet), then times draining it:
+
+* ``plain``       ``os.read(fd, 0x10009)`` until EAGAIN; sending: ``os.writev(fd, [header, packet])``
+* ``C core``      ``receive_packet(False)`` + ``release_receive_packet``; sending: ``allocate_send_packet``
+                  + copy + ``send_packet`` (wiretun._speedups.SessionCore)
+* ``Python core`` the same calls on the pure-Python twin (what WIRETUN_NO_SPEEDUPS=1 runs)
+
+A socketpair's syscalls are cheaper than a TUN queue's, so the ratios here are harsher on the per-call
+overhead than bench/session.py's. Median of the rounds, methods interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from wiretun.errors import EndOfFile
+from wiretun.linux.engine import PySessionCore
+from wiretun.ring import Ring
+
+try:
+    from wiretun._speedups import SessionCore as CSessionCore
+except ImportError:
+    CSessionCore = None
+
+HDR = bytes(10)
+
+
+def _lost(code: int) -> BaseException:
+    return EndOfFile(os.strerror(code))
+
+
+def _rejected(code: int, size: int) -> None:
+    pass
+
+
+def _convert(header: object) -> bytes:
+    raise TypeError("no headers here")
+
+
+def make_core(kind: Any, fd: int) -> tuple[Any, Ring, Ring]:
+    rx, tx = Ring.allocate(0x400000), Ring.allocate(0x400000)
+    return kind(fd, fd, rx, tx, _lost, _rejected, _convert), rx, tx
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (a, b):
+        s.setblocking(False)
+        for option, forced in ((socket.SO_SNDBUF, 32), (socket.SO_RCVBUF, 33)):  # *BUFFORCE as root
+            try:
+                s.setsockopt(socket.SOL_SOCKET, forced, 256 << 20)
+            except PermissionError:
+                s.setsockopt(socket.SOL_SOCKET, option, 256 << 20)
+    return a, b
+
+
+def fill(sock: socket.socket, datagram: bytes, count: int) -> int:
+    """Queue up to ``count`` datagrams (an AF_UNIX queue holds net.unix.max_dgram_qlen); how many."""
+    send = sock.send
+    for i in range(count):
+        try:
+            send(datagram)
+        except BlockingIOError:
+            return i
+    return count
+
+
+def timed_drain(kernel: socket.socket, datagram: bytes, count: int, drain: Callable[[], int]) -> tuple[int, float]:
+    """Drain ``count`` datagrams, queued a queue-full at a time; only the draining is timed."""
+    total, elapsed = 0, 0.0
+    while total < count:
+        fill(kernel, datagram, count - total)
+        n, dt = timed(drain)
+        total += n
+        elapsed += dt
+    return total, elapsed
+
+
+def timed_send(kernel: socket.socket, count: int, send: Callable[[int], int]) -> tuple[int, float]:
+    """Send ``count`` packets a queue-full at a time (the kernel side drained between, untimed)."""
+    total, elapsed = 0, 0.0
+    while total < count:
+        n, dt = timed(functools.partial(send, count - total))
+        total += n
+        elapsed += dt
+        assert drain_sock(kernel) == n
+    return total, elapsed
+
+
+def drain_sock(sock: socket.socket) -> int:
+    n = 0
+    recv = sock.recv
+    while True:
+        try:
+            recv(0x10009)
+        except BlockingIOError:
+            return n
+        n += 1
+
+
+def drain_plain(fd: int) -> int:
+    read = os.read
+    n = 0
+    while True:
+        try:
+            read(fd, 0x10009)
+        except BlockingIOError:
+            return n
+        n += 1
+
+
+def drain_core(core: Any) -> int:
+    receive = core.receive_packet
+    release = core.release_receive_packet
+    n = 0
+    while True:
+        pkt = receive(False)
+        if pkt is None:
+            return n
+        release(pkt)
+        n += 1
+
+
+def send_plain(fd: int, pkt: bytes, count: int) -> int:
+    writev = os.writev
+    iov = [HDR, pkt]
+    for _ in range(count):
+        writev(fd, iov)
+    return count
+
+
+def send_core(core: Any, pkt: bytes, count: int) -> int:
+    allocate = core.allocate_send_packet
+    send = core.send_packet
+    size = len(pkt)
+    for _ in range(count):
+        buf = allocate(size)
+        buf[:] = pkt
+        send(buf)
+    return count
+
+
+def timed(fn: Callable[[], int]) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    n = fn()
+    return n, time.perf_counter() - t0
+
+
+def private_namespace(qlen: int) -> bool:
+    """As root: a network namespace of this process' own, with room for ``qlen`` queued datagrams."""
+    if os.geteuid() != 0:
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+        return False
+    Path("/proc/sys/net/unix/max_dgram_qlen").write_text(str(qlen))
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--packets", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    count, rounds = max(1000, min(args.packets, 200_000)), max(1, min(args.rounds, 50))
+    private = private_namespace(count + 16)
+    kinds: list[tuple[str, Any]] = [("Python core", PySessionCore)]
+    if CSessionCore is not None:
+        kinds.insert(0, ("C core", CSessionCore))
+    results: dict[tuple[str, int, str], list[float]] = {}
+    for size in (64, 1400):
+        datagram = HDR + bytes(size)
+        pkt = bytes(size)
+        for _ in range(rounds):
+            queue, kernel = pair()
+            try:
+                fd = queue.fileno()
+                n, dt = timed_drain(kernel, datagram, count, functools.partial(drain_plain, fd))
+                results.setdefault(("receive", size, "plain os.read"), []).append(n / dt)
+                n, dt = timed_send(kernel, count, functools.partial(send_plain, fd, pkt))
+                results.setdefault(("send", size, "plain os.writev"), []).append(n / dt)
+                for name, kind in kinds:
+                    core, rx, tx = make_core(kind, fd)
+                    n, dt = timed_drain(kernel, datagram, count, functools.partial(drain_core, core))
+                    results.setdefault(("receive", size, name), []).append(n / dt)
+                    n, dt = timed_send(kernel, count, functools.partial(send_core, core, pkt))
+                    results.setdefault(("send", size, name), []).append(n / dt)
+                    core.end()
+                    rx.close()
+                    tx.close()
+            finally:
+                queue.close()
+                kernel.close()
+    qlen = Path("/proc/sys/net/unix/max_dgram_qlen").read_text().strip()
+    print(f"{count} packets per measurement over an AF_UNIX socketpair (queue of {qlen}"
+          f"{', private namespace' if private else ''}), median of {rounds} rounds\n")
+    print(f"{'direction':<9} {'size':>5}  {'method':<16} {'packets/s':>12}  {'vs plain':>8}")
+    for direction in ("receive", "send"):
+        for size in (64, 1400):
+            rows = [(k[2], statistics.median(v)) for k, v in results.items() if k[:2] == (direction, size)]
+            base = rows[0][1]
+            for name, pps in rows:
+                print(f"{direction:<9} {size:>5}  {name:<16} {pps:>12,.0f}  {pps / base:>7.0%}")
+
+
+if __name__ == "__main__":
+    main()

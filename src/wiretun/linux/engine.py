@@ -1,0 +1,677 @@
+"""The per-packet core of a Linux session: both rings' state and Wintun's calls on them, one call each.
+
+A :class:`SessionCore` holds what a session needs per packet, for its two rings and its TUN queue:
+
+* the **receive ring** (kernel -> caller): :meth:`~SessionCore.receive_packet` reads the next packet from
+  the queue straight into the ring at Tail (when the ring is short of room, through a scratch buffer, and
+  drops it if it does not fit, as Wintun's driver drops when the ring is full), publishes Tail and returns
+  a memoryview of it; :meth:`~SessionCore.release_receive_packet` takes it back in any order: the oldest
+  moves Head, a later one gets Wintun's release bit in its stored Size and is passed over when Head gets
+  there. When every packet is released the ring rewinds to offset 0 (its memory stays in cache).
+* the **send ring** (caller -> kernel): :meth:`~SessionCore.allocate_send_packet` carves a packet at the
+  allocation cursor (its Size carries the release bit: not sent yet), :meth:`~SessionCore.send_packet`
+  clears the bit, moves Tail over the run of sent packets at the front (allocation order is send order)
+  and writes every packet between Head and Tail to the queue with the zero virtio-net header (or the
+  packet's own). EAGAIN/ENOBUFS/ENOMEM leave the rest queued (:attr:`~SessionCore.stalled`; the next send,
+  receive or :meth:`~SessionCore.flush` retries); a packet the kernel rejects is dropped and counted.
+
+Packets are recognised on release and send by identity: the core keeps each packet it handed out with
+its offset, in ring order, and finds it at the front (the usual case) or by binary search on its offset.
+
+Two implementations with the same signatures and results, byte for byte: the C type
+``wiretun._speedups.SessionCore`` and :class:`PySessionCore` here (used when the extension is not built
+or ``WIRETUN_NO_SPEEDUPS=1``); tests/unit/test_engine.py runs both on the same sequences. Errors are
+WintunError subclasses chosen by :class:`Status` (Wintun's error codes, the same numbers in C).
+
+Threads: every call is safe from any thread. The receive side and the send side each have a lock, so a
+receiving thread and a sending thread run at the same time; the C type releases the GIL around its
+system calls. A receive that finds the send side stalled retries it only if the send lock is free.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import threading
+import time
+from enum import IntEnum
+from typing import Callable, Protocol, Sequence
+
+from ..errors import (
+    ERROR_BUFFER_OVERFLOW,
+    ERROR_HANDLE_EOF,
+    ERROR_INVALID_DATA,
+    ERROR_INVALID_PARAMETER,
+    ERROR_NO_MORE_ITEMS,
+    BufferOverflow,
+    EndOfFile,
+    InvalidData,
+    InvalidParameter,
+    NoMoreItems,
+    WintunError,
+)
+from ..ring import DATA_WORD, HEAD_WORD, HEADER_SIZE, MAX_PACKET_SIZE, MAX_RECORD_SIZE, TAIL_WORD, TRAILING_SIZE
+
+__all__ = ["Status", "SessionCore", "PySessionCore", "SPEEDUPS", "Buffer", "error_for"]
+
+VNET_HDR_SIZE = 10
+ZERO_HEADER = bytes(VNET_HDR_SIZE)
+RELEASE_BIT = 0x80000000
+_READ_SPAN = MAX_PACKET_SIZE
+_GONE_ERRNOS = frozenset({errno.EBADFD, errno.EBADF, errno.ENODEV, errno.ENXIO})
+_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM})
+_COMPACT_AT = 64  # entries released at the front before the tracking list is compacted
+
+
+class Status(IntEnum):
+    """What a core call can fail with: Wintun's (Win32) error codes; the C type uses the same numbers."""
+
+    OK = 0
+    INVALID_DATA = ERROR_INVALID_DATA
+    HANDLE_EOF = ERROR_HANDLE_EOF
+    INVALID_PARAMETER = ERROR_INVALID_PARAMETER
+    BUFFER_OVERFLOW = ERROR_BUFFER_OVERFLOW
+    NO_MORE_ITEMS = ERROR_NO_MORE_ITEMS
+
+
+_ERROR_CLASSES: dict[Status, type[WintunError]] = {
+    Status.INVALID_DATA: InvalidData,
+    Status.HANDLE_EOF: EndOfFile,
+    Status.INVALID_PARAMETER: InvalidParameter,
+    Status.BUFFER_OVERFLOW: BufferOverflow,
+    Status.NO_MORE_ITEMS: NoMoreItems,
+}
+
+
+def error_for(status: int, message: str) -> WintunError:
+    """The WintunError subclass for a :class:`Status`, with ``message``."""
+    return _ERROR_CLASSES[Status(status)](message)
+
+
+class Buffer(Protocol):
+    """What the core needs of a ring: ``wiretun.ring.Ring``'s ``words`` and ``data``."""
+
+    @property
+    def words(self) -> memoryview: ...
+    @property
+    def data(self) -> memoryview: ...
+
+
+LostCallback = Callable[[int], BaseException]
+"""Called with the errno when the queue is gone (the adapter was deleted); returns the exception to raise."""
+RejectedCallback = Callable[[int, int], None]
+"""Called with the errno and the packet size when the kernel rejects a packet (it is dropped and counted)."""
+HeaderConverter = Callable[[object], bytes]
+"""Turns a ``header`` argument into 10 bytes; raises InvalidParameter for a bad one."""
+
+
+def _fail(status: Status, message: str) -> WintunError:
+    return _ERROR_CLASSES[status](message)
+
+
+def _not_received(packet: object) -> InvalidParameter:
+    return InvalidParameter(
+        f"{type(packet).__name__} at {id(packet):#x} is not a received, unreleased packet of this session "
+        f"(released twice, never received, or from another session?)"
+    )
+
+
+def _not_allocated(packet: object) -> InvalidParameter:
+    return InvalidParameter(
+        f"{type(packet).__name__} at {id(packet):#x} is not a packet allocated by this session and not yet "
+        f"sent (sent twice, or from another session?)"
+    )
+
+
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise InvalidParameter(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+    return float(timeout)
+
+
+def _release_view(view: memoryview) -> None:
+    try:
+        view.release()
+    except BufferError:
+        pass  # the caller exported it (e.g. to numpy): it keeps the memory alive
+
+
+class _Tracked:
+    """Packets handed out and not yet taken back, in ring order: views and data offsets (a released
+    one out of order leaves None in its place until the front passes it)."""
+
+    __slots__ = ("views", "offsets", "first")
+
+    def __init__(self) -> None:
+        self.views: list[memoryview | None] = []
+        self.offsets: list[int] = []
+        self.first = 0
+
+    def find(self, packet: object, data: memoryview, mask: int) -> int:
+        """The index of ``packet`` (identity), or -1: the front, else a binary search on its offset."""
+        views = self.views
+        first = self.first
+        n = len(views)
+        if first >= n:
+            return -1
+        if views[first] is packet:
+            return first
+        if packet.__class__ is not memoryview:
+            return -1
+        try:
+            offset = _address(packet) - _address(data)
+        except ValueError:
+            return -1
+        offsets = self.offsets
+        base = offsets[first]
+        key = (offset - base) & mask
+        lo, hi = first, n
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if ((offsets[mid] - base) & mask) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < n and views[lo] is packet:
+            return lo
+        return -1
+
+    def drop_front(self) -> None:
+        """Pass the front entry and every taken-back entry after it."""
+        views = self.views
+        first = self.first + 1
+        n = len(views)
+        while first < n and views[first] is None:
+            first += 1
+        if first >= n:
+            views.clear()
+            self.offsets.clear()
+            first = 0
+        elif first > _COMPACT_AT and first * 2 > n:
+            del views[:first]
+            del self.offsets[:first]
+            first = 0
+        self.first = first
+
+    def clear(self) -> None:
+        self.views.clear()
+        self.offsets.clear()
+        self.first = 0
+
+    def __len__(self) -> int:
+        return sum(1 for v in self.views[self.first :] if v is not None)
+
+
+def _address(view: memoryview) -> int:
+    """The address of a byte memoryview's first byte (ValueError for a released view)."""
+    import ctypes
+
+    if view.readonly:
+        raise ValueError("read-only")
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class PySessionCore:
+    """The pure-Python :class:`SessionCore` (see the module docstring); same calls, same results.
+
+    ``fd`` is the TUN queue (non-blocking, with a virtio-net header on every packet), ``wait_fd`` the
+    read-wait descriptor a blocking receive sleeps on (readable when packets may wait or the session
+    ended), ``rx`` and ``tx`` the two rings (empty). ``lost``, ``rejected`` and ``convert_header``: see
+    :data:`LostCallback`, :data:`RejectedCallback`, :data:`HeaderConverter`.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        wait_fd: int,
+        rx: Buffer,
+        tx: Buffer,
+        lost: LostCallback,
+        rejected: RejectedCallback,
+        convert_header: HeaderConverter,
+    ) -> None:
+        self._fd = fd
+        self._wait_fd = wait_fd
+        self._rx_words = rx.words
+        self._rx_data = rx.data
+        self._tx_words = tx.words
+        self._tx_data = tx.data
+        for words in (self._rx_words, self._tx_words):
+            if words.nbytes - HEADER_SIZE - TRAILING_SIZE != self._rx_words.nbytes - HEADER_SIZE - TRAILING_SIZE:
+                raise InvalidParameter("the two rings must have the same capacity")
+        self._cap = self._rx_words.nbytes - HEADER_SIZE - TRAILING_SIZE
+        self._mask = self._cap - 1
+        self._lost_cb = lost
+        self._rejected_cb = rejected
+        self._convert = convert_header
+        self._rx_lock = threading.Lock()
+        self._tx_lock = threading.Lock()
+        self._state = 0  # 0 live, 1 queue lost (no I/O; bookkeeping goes on), 2 ended (nothing)
+        self._rx_out = _Tracked()
+        self._tx_out = _Tracked()
+        self._tx_alloc = 0  # next allocation (record offset)
+        self._tx_release = 0  # first unsent record: the Tail the core publishes
+        self._tx_unsent = 0
+        self._tx_headers: dict[int, bytes | None] = {}  # record -> header (None: drop the packet)
+        self._stalled = False
+        self._hdr = bytearray(VNET_HDR_SIZE)
+        self._scratch = bytearray(_READ_SPAN)
+        self.receive_dropped = 0
+        self.send_dropped = 0
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def stalled(self) -> bool:
+        """The kernel refused a write for now (EAGAIN/ENOBUFS/ENOMEM): packets wait in the send ring."""
+        return self._stalled
+
+    @property
+    def ended(self) -> bool:
+        """The session ended or its queue was lost: no more I/O."""
+        return self._state != 0
+
+    @property
+    def received(self) -> int:
+        """Packets received and not yet released."""
+        return len(self._rx_out)
+
+    @property
+    def allocated(self) -> int:
+        """Packets allocated and not yet sent."""
+        return len(self._tx_out)
+
+    def _lost(self, code: int) -> BaseException:
+        if self._state == 0:
+            self._state = 1
+        return self._lost_cb(code)
+
+    # ------------------------------------------------------------------ receive
+
+    def _ring_indices(self) -> tuple[int, int]:
+        words = self._rx_words
+        tail = words[TAIL_WORD]
+        head = words[HEAD_WORD]
+        for name, value in (("Tail", tail), ("Head", head)):
+            if value >= self._cap or value & 3:
+                raise _fail(
+                    Status.INVALID_DATA,
+                    f"receive ring {name} {value:#x} is not a 4-aligned offset below capacity {self._cap:#x}",
+                )
+        return tail, head
+
+    def _read_one(self) -> memoryview | None:
+        """One packet from the queue into the ring at Tail (rx lock held): its view, or None."""
+        r, head = self._ring_indices()
+        free = (head - r - 4) & self._mask
+        data = self._rx_data
+        try:
+            if free >= MAX_RECORD_SIZE:
+                n = os.readv(self._fd, [self._hdr, data[r + 4 : r + 4 + _READ_SPAN]])
+            else:
+                n = os.readv(self._fd, [self._hdr, self._scratch])
+        except OSError as e:
+            code = e.errno or errno.EIO
+            if code == errno.EAGAIN:
+                return None
+            if code in _GONE_ERRNOS:
+                raise self._lost(code) from e
+            raise
+        n -= VNET_HDR_SIZE
+        if n < 0:
+            raise _fail(
+                Status.INVALID_DATA,
+                f"the TUN queue returned a read shorter than the {VNET_HDR_SIZE}-byte virtio-net header",
+            )
+        rec = (n + 7) & ~3
+        if free < MAX_RECORD_SIZE:
+            if rec > free:
+                self.receive_dropped += 1  # no room (too many packets held), as Wintun's driver drops
+                return None
+            data[r + 4 : r + 4 + n] = memoryview(self._scratch)[:n]
+        self._rx_words[DATA_WORD + (r >> 2)] = n
+        view = data[r + 4 : r + 4 + n]
+        out = self._rx_out
+        out.views.append(view)
+        out.offsets.append(r + 4)
+        self._rx_words[TAIL_WORD] = (r + rec) & self._mask
+        return view
+
+    def _retry_send(self) -> None:
+        lock = self._tx_lock
+        if lock.acquire(False):  # busy: the thread holding it flushes anyway
+            try:
+                if self._state == 0:
+                    self._flush()
+            finally:
+                lock.release()
+
+    def receive_packet(self, block: bool | None = None, timeout: float | None = None) -> memoryview | None:
+        """The next packet (WintunReceivePacket). Empty: NoMoreItems with ``block`` None, None with
+        False; True sleeps on ``wait_fd`` until a packet comes or ``timeout`` seconds pass (then None)."""
+        seconds = _check_timeout(timeout)
+        deadline = -1.0
+        while True:
+            with self._rx_lock:
+                if self._state:
+                    raise _fail(Status.HANDLE_EOF, "the session has ended")
+                if self._stalled:
+                    self._retry_send()
+                view = self._read_one()
+            if view is not None:
+                return view
+            if block is None:
+                raise _fail(Status.NO_MORE_ITEMS, "no packet is waiting")
+            if not block:
+                return None
+            if seconds is not None:
+                now = time.monotonic()
+                if deadline < 0:
+                    deadline = now + seconds
+                elif now >= deadline:
+                    return None
+                ms = int((deadline - now) * 1000 + 0.999)
+            else:
+                ms = -1
+            poller = select.poll()
+            poller.register(self._wait_fd, select.POLLIN)
+            poller.poll(ms)
+
+    def receive_packets(self, max_count: int) -> list[memoryview]:
+        """Up to ``max_count`` packets (an empty list when none is waiting), read one after another."""
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise InvalidParameter(f"max_count {max_count!r} must be an int >= 1")
+        out: list[memoryview] = []
+        with self._rx_lock:
+            if self._state:
+                raise _fail(Status.HANDLE_EOF, "the session has ended")
+            if self._stalled:
+                self._retry_send()
+            dropped = self.receive_dropped
+            while len(out) < max_count:
+                view = self._read_one()
+                if view is None:
+                    if self.receive_dropped == dropped:
+                        break
+                    dropped = self.receive_dropped
+                    continue  # dropped for lack of room: the queue may hold more
+                out.append(view)
+        return out
+
+    def _release_locked(self, packet: object) -> bool:
+        out = self._rx_out
+        index = out.find(packet, self._rx_data, self._mask)
+        if index < 0:
+            return False
+        if index == out.first:
+            out.drop_front()
+            words = self._rx_words
+            if not out.views:  # everything released: rewind so the ring keeps reusing cached memory
+                words[TAIL_WORD] = 0
+                words[HEAD_WORD] = 0
+            else:
+                words[HEAD_WORD] = out.offsets[out.first] - 4
+        else:
+            out.views[index] = None
+            record = out.offsets[index] - 4
+            self._rx_words[DATA_WORD + (record >> 2)] |= RELEASE_BIT  # Wintun's out-of-order release mark
+        return True
+
+    def release_receive_packet(self, packet: memoryview) -> None:
+        """Give a received packet's space back (WintunReleaseReceivePacket), in any order; the view is
+        released. InvalidParameter for one not received or released twice; nothing after the end."""
+        with self._rx_lock:
+            if self._state == 2:
+                return
+            if not self._release_locked(packet):
+                raise _not_received(packet)
+        _release_view(packet)
+
+    def release_receive_packets(self, packets: Sequence[memoryview]) -> None:
+        """Release several packets: all or nothing (one bad or repeated packet releases none)."""
+        with self._rx_lock:
+            if self._state == 2:
+                return
+            out = self._rx_out
+            seen: set[int] = set()
+            for packet in packets:
+                index = out.find(packet, self._rx_data, self._mask)
+                if index < 0 or index in seen:
+                    raise _not_received(packet)
+                seen.add(index)
+            for packet in packets:
+                self._release_locked(packet)
+        for packet in packets:
+            _release_view(packet)
+
+    def holds(self, packet: object) -> bool:
+        """Whether ``packet`` is a received packet of this core not yet released."""
+        with self._rx_lock:
+            return self._state != 2 and self._rx_out.find(packet, self._rx_data, self._mask) >= 0
+
+    # ------------------------------------------------------------------ send
+
+    def _allocate_locked(self, size: int) -> int:
+        """A record for ``size`` bytes (tx lock held): its record offset, or -1 when the ring is full."""
+        words = self._tx_words
+        if not self._tx_unsent and not self._stalled and self._tx_release == self._tx_alloc:
+            head = words[HEAD_WORD]
+            if head == self._tx_release and self._tx_alloc:  # all written: rewind to cached memory
+                words[HEAD_WORD] = 0
+                words[TAIL_WORD] = 0
+                self._tx_alloc = self._tx_release = 0
+        head = words[HEAD_WORD]
+        if head >= self._cap or head & 3:
+            raise _fail(
+                Status.INVALID_DATA, f"send ring Head {head:#x} is not a 4-aligned offset below capacity {self._cap:#x}"
+            )
+        tail = self._tx_alloc
+        rec = (size + 7) & ~3
+        if rec > ((head - tail - 4) & self._mask):
+            return -1
+        words[DATA_WORD + (tail >> 2)] = size | RELEASE_BIT
+        self._tx_alloc = (tail + rec) & self._mask
+        self._tx_unsent += 1
+        return tail
+
+    def allocate_send_packet(self, size: int) -> memoryview:
+        """A writable view of ``size`` bytes in the send ring (WintunAllocateSendPacket); BufferOverflow
+        when the ring is full, EndOfFile after the end."""
+        if size.__class__ is not int or not 0 < size <= MAX_PACKET_SIZE:
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise InvalidParameter(f"packet size must be an int, not {type(size).__name__} ({size!r})")
+            raise InvalidParameter(f"packet size {size} is out of range: must be 1..{MAX_PACKET_SIZE} (0xFFFF)")
+        with self._tx_lock:
+            if self._state:
+                raise _fail(Status.HANDLE_EOF, "the session has ended")
+            record = self._allocate_locked(size)
+            if record < 0:
+                free = (self._tx_words[HEAD_WORD] - self._tx_alloc - 4) & self._mask
+                raise _fail(
+                    Status.BUFFER_OVERFLOW,
+                    f"send ring full: a {size}-byte packet needs {(size + 7) & ~3} bytes, {free} free",
+                )
+            view = self._tx_data[record + 4 : record + 4 + size]
+            out = self._tx_out
+            out.views.append(view)
+            out.offsets.append(record + 4)
+        return view
+
+    def _mark_sent(self, record: int) -> None:
+        """Clear a record's release bit and move Tail over the sent run at the front (Producer.send)."""
+        words = self._tx_words
+        words[DATA_WORD + (record >> 2)] &= ~RELEASE_BIT
+        if record != self._tx_release:
+            return  # an earlier allocation is still unsent: this one waits for it
+        tr = record
+        if self._tx_unsent == 1:
+            self._tx_unsent = 0
+            tr = self._tx_alloc
+        else:
+            mask = self._mask
+            while self._tx_unsent:
+                size = words[DATA_WORD + (tr >> 2)]
+                if size & RELEASE_BIT:
+                    break
+                tr = (tr + ((size + 7) & ~3)) & mask
+                self._tx_unsent -= 1
+        self._tx_release = tr
+        words[TAIL_WORD] = tr
+
+    def send_packet(self, packet: memoryview, header: object = None) -> None:
+        """Send an allocated packet (WintunSendPacket) after every earlier allocation; the view is
+        released. ``header``: None (the zero virtio-net header) or what ``convert_header`` takes; a bad one
+        drops the packet and raises InvalidParameter. Nothing after the end."""
+        hdr: bytes | None = None
+        bad: InvalidParameter | None = None
+        if header is not None:
+            try:
+                hdr = bytes(self._convert(header))
+            except InvalidParameter as exc:
+                bad = exc
+        with self._tx_lock:
+            if self._state:
+                return
+            out = self._tx_out
+            index = out.find(packet, self._tx_data, self._mask)
+            if index < 0:
+                raise _not_allocated(packet)
+            record = out.offsets[index] - 4
+            if index == out.first:
+                out.drop_front()
+            else:
+                out.views[index] = None
+            if bad is not None:
+                self._tx_headers[record] = None
+            elif hdr is not None and hdr != ZERO_HEADER:
+                self._tx_headers[record] = hdr
+            self._mark_sent(record)
+            self._flush()
+        _release_view(packet)
+        if bad is not None:
+            raise InvalidParameter(f"{bad} (the packet was dropped)") from None
+
+    def send_packets(
+        self, packets: Sequence[bytes | bytearray | memoryview], headers: Sequence[bytes] | None = None
+    ) -> int:
+        """Copy packets into the send ring in order and send them (after every earlier allocation); returns
+        how many were taken: the count stops where the ring is full even after writing what it holds.
+        Items are contiguous buffers of 1..0xFFFF bytes, ``headers`` one 10-byte ``bytes`` per packet."""
+        if headers is not None and len(headers) != len(packets):
+            raise InvalidParameter(f"headers holds {len(headers)} item(s) for {len(packets)} packet(s)")
+        count = 0
+        with self._tx_lock:
+            if self._state:
+                raise _fail(Status.HANDLE_EOF, "the session has ended")
+            data = self._tx_data
+            try:
+                if self._stalled:
+                    self._flush()
+                for i, item in enumerate(packets):
+                    src = memoryview(item).cast("B") if not isinstance(item, (bytes, bytearray)) else item
+                    n = len(src)
+                    if not 0 < n <= MAX_PACKET_SIZE:
+                        raise InvalidParameter(
+                            f"packet {i} is {n} bytes; a packet must be 1..{MAX_PACKET_SIZE} bytes"
+                        )
+                    record = self._allocate_locked(n)
+                    if record < 0:
+                        self._flush()  # make room: everything queued so far goes first
+                        record = self._allocate_locked(n)
+                        if record < 0:
+                            break
+                    data[record + 4 : record + 4 + n] = src
+                    if headers is not None:
+                        h = headers[i]
+                        if h.__class__ is not bytes or len(h) != VNET_HDR_SIZE:
+                            raise InvalidParameter(f"header {i} must be {VNET_HDR_SIZE} bytes")
+                        if h != ZERO_HEADER:
+                            self._tx_headers[record] = h
+                    self._mark_sent(record)
+                    count += 1
+            finally:
+                if self._state == 0:
+                    self._flush()
+        return count
+
+    def flush(self) -> None:
+        """Write what waits in the send ring (after a stall); EndOfFile once the queue is lost."""
+        with self._tx_lock:
+            if self._state == 0:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write every packet between Head and Tail to the queue, in order (tx lock held)."""
+        words = self._tx_words
+        head = words[HEAD_WORD]
+        tail = words[TAIL_WORD]
+        if head == tail:
+            self._stalled = False
+            return
+        mask = self._mask
+        data = self._tx_data
+        headers = self._tx_headers
+        iov: list[bytes | memoryview] = [ZERO_HEADER, ZERO_HEADER]
+        try:
+            while head != tail:
+                size = words[DATA_WORD + (head >> 2)]
+                rec = (size + 7) & ~3
+                if size > MAX_PACKET_SIZE or rec > ((tail - head) & mask):
+                    raise _fail(Status.INVALID_DATA, f"send ring packet at {head:#x} claims {size:#x} bytes")
+                hdr = ZERO_HEADER
+                if headers:
+                    own = headers.pop(head, ZERO_HEADER)
+                    if own is None:  # sent with a bad header: dropped, never written
+                        self.send_dropped += 1
+                        head = (head + rec) & mask
+                        continue
+                    hdr = own
+                iov[0] = hdr
+                iov[1] = data[head + 4 : head + 4 + size]
+                try:
+                    os.writev(self._fd, iov)
+                except OSError as e:
+                    code = e.errno or errno.EIO
+                    if code in _RETRY_ERRNOS:
+                        if hdr is not ZERO_HEADER:
+                            headers[head] = hdr
+                        self._stalled = True
+                        return  # stays in the ring; the next send or receive retries
+                    if code in _GONE_ERRNOS:
+                        raise self._lost(code) from e
+                    self.send_dropped += 1
+                    self._rejected_cb(code, size)
+                head = (head + rec) & mask
+            self._stalled = False
+        finally:
+            words[HEAD_WORD] = head
+
+    # ------------------------------------------------------------------ end
+
+    def end(self) -> None:
+        """Stop: forget every packet handed out (their views stay readable); later calls raise EndOfFile
+        (receive, allocate, send_packets) or do nothing (release, send). Waits for running calls."""
+        with self._rx_lock, self._tx_lock:
+            self._state = 2
+            self._rx_out.clear()
+            self._tx_out.clear()
+            self._tx_headers.clear()
+
+
+def _load() -> type[PySessionCore]:
+    if os.environ.get("WIRETUN_NO_SPEEDUPS") == "1":
+        return PySessionCore
+    try:
+        from .. import _speedups
+    except ImportError:
+        return PySessionCore
+    core: type[PySessionCore] | None = getattr(_speedups, "SessionCore", None)
+    return PySessionCore if core is None else core
+
+
+SessionCore: type[PySessionCore] = _load()
+"""The C type when ``wiretun._speedups`` is built (and WIRETUN_NO_SPEEDUPS is not 1), else the twin."""
+SPEEDUPS: bool = SessionCore is not PySessionCore

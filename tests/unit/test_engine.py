@@ -1,0 +1,650 @@
+"""The session core (wiretun.linux.engine): the C type against its pure-Python twin, on the same sequences.
+
+The "TUN queue" is a non-blocking AF_UNIX datagram socketpair: the core reads and writes one end, the
+test plays the kernel on the other (one datagram = virtio-net header + packet, EAGAIN when empty, EAGAIN
+when its buffer is full). Each sequence of Wintun calls runs on a C core and on a Python core from the
+same start, and after every step everything observable must match: the call's result (packet bytes, or
+the exception's class), both rings byte for byte, what the kernel got, the counters.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wiretun import errors
+from wiretun.errors import BufferOverflow, EndOfFile, InvalidData, InvalidParameter, NoMoreItems
+from wiretun.linux import engine
+from wiretun.linux.engine import PySessionCore, Status
+from wiretun.offload import VirtioNetHeader
+from wiretun.ring import DATA_WORD, HEAD_WORD, MIN_CAPACITY, RELEASE_BIT, TAIL_WORD, Ring
+
+HDR = 10
+
+try:
+    from wiretun import _speedups
+except ImportError:  # the extension is not built: only the twin's own behaviour is checked
+    _speedups = None  # type: ignore[assignment]
+
+CoreType = Any
+KINDS: list[Any] = [PySessionCore] + ([_speedups.SessionCore] if _speedups is not None else [])
+needs_c = pytest.mark.skipif(_speedups is None, reason="wiretun._speedups is not built")
+
+
+def convert_header(header: object) -> bytes:
+    if isinstance(header, VirtioNetHeader):
+        return header.pack()
+    raise InvalidParameter(f"header must be a VirtioNetHeader or 10 bytes, not {type(header).__name__}")
+
+
+@dataclass
+class Rig:
+    """One core on its own queue and rings, and the kernel's end of the queue."""
+
+    core: Any
+    kernel: socket.socket
+    queue: socket.socket
+    rx: Ring
+    tx: Ring
+    lost: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, int]] = field(default_factory=list)
+    rx_held: list[Any] = field(default_factory=list)
+    tx_held: list[Any] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.core.end()
+        for sock in (self.kernel, self.queue):
+            sock.close()
+        for ring in (self.rx, self.tx):
+            ring.close()
+
+
+def rig(kind: Any, capacity: int = MIN_CAPACITY, sndbuf: int = 1 << 20) -> Rig:
+    queue, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for sock in (queue, kernel):
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
+    rx, tx = Ring.allocate(capacity), Ring.allocate(capacity)
+    r = Rig(None, kernel, queue, rx, tx)
+
+    def lost(code: int) -> BaseException:
+        r.lost.append(code)
+        return EndOfFile(f"the queue is gone ({os.strerror(code)})")
+
+    def rejected(code: int, size: int) -> None:
+        r.rejected.append((code, size))
+
+    r.core = kind(queue.fileno(), queue.fileno(), rx, tx, lost, rejected, convert_header)
+    return r
+
+
+def pattern(i: int, size: int) -> bytes:
+    return bytes((i * 31 + k * 7 + 3) & 0xFF for k in range(size))
+
+
+def drain(sock: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(0x20000))
+        except BlockingIOError:
+            return out
+
+
+Step = tuple[Any, ...]
+
+
+def apply(r: Rig, step: Step) -> Any:
+    """Run one step on a rig; returns what is observable of the call (bytes, None, count, error class)."""
+    op = step[0]
+    core = r.core
+    try:
+        if op == "inject":  # the kernel queues a datagram (header + packet)
+            r.kernel.send(step[1])
+            return None
+        if op == "recv":
+            view = core.receive_packet(step[1]) if len(step) > 1 else core.receive_packet()
+            if view is None:
+                return None
+            r.rx_held.append(view)
+            return bytes(view)
+        if op == "recv_many":
+            views = core.receive_packets(step[1])
+            r.rx_held.extend(views)
+            return [bytes(v) for v in views]
+        if op == "release":
+            if not r.rx_held:
+                return "nothing held"
+            core.release_receive_packet(r.rx_held[step[1] % len(r.rx_held)])
+            return None
+        if op == "release_many":
+            if not r.rx_held:
+                return "nothing held"
+            core.release_receive_packets([r.rx_held[i % len(r.rx_held)] for i in step[1]])
+            return None
+        if op == "alloc":
+            view = core.allocate_send_packet(step[1])
+            view[:] = pattern(len(r.tx_held), step[1])
+            r.tx_held.append(view)
+            return len(view)
+        if op == "send":
+            if not r.tx_held:
+                return "nothing held"
+            view = r.tx_held[step[1] % len(r.tx_held)]
+            if len(step) > 2:
+                core.send_packet(view, step[2])
+            else:
+                core.send_packet(view)
+            return None
+        if op == "send_many":
+            return core.send_packets(step[1], step[2] if len(step) > 2 else None)
+        if op == "kernel_read":  # the kernel takes what was written
+            return drain(r.kernel)
+        if op == "flush":
+            core.flush()
+            return None
+        if op == "poke":  # another party scribbles on a ring word
+            ring = r.rx if step[1] == "rx" else r.tx
+            ring.words[step[2]] = step[3]
+            return None
+        if op == "close_queue":
+            r.queue.close()
+            return None
+        if op == "end":
+            core.end()
+            return None
+        raise AssertionError(f"unknown step {step!r}")
+    except (errors.WintunError, OSError) as exc:
+        return type(exc).__name__
+
+
+def observe(r: Rig) -> tuple[Any, ...]:
+    rings = tuple(bytes(ring._mv) if not r.core.ended or True else b"" for ring in (r.rx, r.tx))
+    return (
+        rings,
+        r.core.receive_dropped,
+        r.core.send_dropped,
+        r.core.stalled,
+        r.core.ended,
+        r.lost,
+        r.rejected,
+    )
+
+
+def run_both(steps: list[Step], **kw: Any) -> list[Any]:
+    """Run ``steps`` on a C core and a Python core; assert they match after each step; the results."""
+    if _speedups is None:
+        r = rig(PySessionCore, **kw)
+        try:
+            return [apply(r, s) for s in steps]
+        finally:
+            r.close()
+    c, p = rig(_speedups.SessionCore, **kw), rig(PySessionCore, **kw)
+    results = []
+    try:
+        for i, step in enumerate(steps):
+            got_c, got_p = apply(c, step), apply(p, step)
+            assert got_c == got_p, f"step {i} {step[:2]!r}: C {got_c!r} != Python {got_p!r}"
+            if step[0] not in ("end",):
+                assert observe(c) == observe(p), f"state differs after step {i} {step[:2]!r}"
+            results.append(got_c)
+    finally:
+        c.close()
+        p.close()
+    return results
+
+
+def dgram(i: int, size: int, hdr: bytes = bytes(HDR)) -> bytes:
+    return hdr + pattern(i, size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Status codes, one IntEnum for C and Python
+
+
+def test_status_codes_are_wintuns_error_codes_and_match_the_c_constants() -> None:
+    assert Status.INVALID_DATA == errors.InvalidData.code
+    assert Status.HANDLE_EOF == errors.EndOfFile.code
+    assert Status.INVALID_PARAMETER == errors.InvalidParameter.code
+    assert Status.BUFFER_OVERFLOW == errors.BufferOverflow.code
+    assert Status.NO_MORE_ITEMS == errors.NoMoreItems.code
+    for status in Status:
+        if status:
+            assert engine.error_for(status, "x").code == status
+    if _speedups is not None:
+        for status in Status:
+            if status:
+                assert getattr(_speedups, f"STATUS_{status.name}") == status
+
+
+def test_the_c_type_is_chosen_when_built() -> None:
+    if os.environ.get("WIRETUN_NO_SPEEDUPS") == "1" or _speedups is None:
+        assert engine.SessionCore is PySessionCore and not engine.SPEEDUPS
+    else:
+        assert engine.SessionCore is _speedups.SessionCore and engine.SPEEDUPS
+
+
+# ------------------------------------------------------------------------------------------------
+# Receive
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_receive_reads_into_the_ring_and_release_in_order_rewinds(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        for i in range(3):
+            r.kernel.send(dgram(i, 40 + i))
+        views = [r.core.receive_packet() for _ in range(3)]
+        assert [bytes(v) for v in views] == [pattern(i, 40 + i) for i in range(3)]
+        words = r.rx.words
+        assert words[DATA_WORD] == 40 and words[TAIL_WORD] == 44 + 48 + 48
+        with pytest.raises(NoMoreItems):
+            r.core.receive_packet()
+        assert r.core.receive_packet(False) is None
+        assert r.core.received == 3
+        r.core.release_receive_packet(views[0])
+        assert words[HEAD_WORD] == 44  # the next packet's record
+        with pytest.raises(ValueError):
+            bytes(views[0])  # released
+        r.core.release_receive_packet(views[1])
+        r.core.release_receive_packet(views[2])
+        assert words[HEAD_WORD] == 0 and words[TAIL_WORD] == 0  # all released: rewound
+        assert r.core.received == 0
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_out_of_order_release_sets_the_release_bit_and_head_waits(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        for i in range(4):
+            r.kernel.send(dgram(i, 100))
+        views = [r.core.receive_packet() for _ in range(4)]
+        words = r.rx.words
+        r.core.release_receive_packet(views[2])
+        assert words[DATA_WORD + 2 * 104 // 4] == 100 | RELEASE_BIT
+        assert words[HEAD_WORD] == 0
+        r.core.release_receive_packet(views[1])
+        r.core.release_receive_packet(views[0])
+        assert words[HEAD_WORD] == 3 * 104  # passed over the released ones
+        with pytest.raises(InvalidParameter):
+            r.core.release_receive_packet(views[2])  # twice
+        with pytest.raises(InvalidParameter):
+            r.core.release_receive_packet(memoryview(bytearray(100)))  # not ours
+        with pytest.raises(InvalidParameter):
+            r.core.release_receive_packet(views[3][1:])  # a slice of ours is not the packet
+        with pytest.raises(InvalidParameter):
+            r.core.release_receive_packet(b"x")  # type: ignore[arg-type]
+        assert r.core.holds(views[3]) and not r.core.holds(views[0])
+        r.core.release_receive_packet(views[3])
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_release_many_is_all_or_nothing(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        for i in range(5):
+            r.kernel.send(dgram(i, 60))
+        views = r.core.receive_packets(64)
+        assert len(views) == 5
+        with pytest.raises(InvalidParameter):
+            r.core.release_receive_packets([views[0], views[1], views[1]])
+        with pytest.raises(InvalidParameter):
+            r.core.release_receive_packets([views[0], memoryview(bytearray(3))])
+        assert r.core.received == 5 and bytes(views[0]) == pattern(0, 60)
+        r.core.release_receive_packets([views[3], views[1]])
+        r.core.release_receive_packets(views[0:1] + views[2:3] + views[4:])
+        assert r.rx.words[HEAD_WORD] == 0 and r.core.received == 0
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocking_receive_waits_and_times_out(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        t0 = time.monotonic()
+        assert r.core.receive_packet(True, 0.05) is None
+        assert 0.04 <= time.monotonic() - t0 < 5
+        timer = threading.Timer(0.05, lambda: r.kernel.send(dgram(1, 30)))
+        timer.start()
+        view = r.core.receive_packet(block=True, timeout=10)
+        timer.join()
+        assert view is not None and bytes(view) == pattern(1, 30)
+        for bad in (-1, "1", True, float("nan")):
+            with pytest.raises(InvalidParameter):
+                r.core.receive_packet(True, bad)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_receive_ring_drops_and_counts(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        held = []
+        # 0x20000 bytes of ring: 1400-byte packets take 1408 each; hold them all until it is full
+        for i in range(200):
+            r.kernel.send(dgram(i, 1400))
+            view = r.core.receive_packet(False)
+            if view is None:
+                break
+            held.append(view)
+        assert r.core.receive_dropped == 1
+        assert len(held) == (MIN_CAPACITY - 4) // 1408
+        r.core.release_receive_packets(held)
+        r.kernel.send(dgram(7, 1400))
+        assert bytes(r.core.receive_packet()) == pattern(7, 1400)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bogus_receive_ring_is_invalid_data(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        r.kernel.send(dgram(0, 20))
+        r.rx.words[TAIL_WORD] = 6
+        with pytest.raises(InvalidData):
+            r.core.receive_packet()
+        with pytest.raises(InvalidData):
+            r.core.receive_packets(4)
+        r.rx.words[TAIL_WORD] = 0
+        r.rx.words[HEAD_WORD] = MIN_CAPACITY
+        with pytest.raises(InvalidData):
+            r.core.receive_packet()
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_short_read_is_invalid_data_and_lost_queue_ends(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        r.kernel.send(b"abc")
+        with pytest.raises(InvalidData):
+            r.core.receive_packet()
+        r.queue.close()
+        with pytest.raises(EndOfFile):
+            r.core.receive_packet()
+        assert r.lost and r.core.ended
+        with pytest.raises(EndOfFile):
+            r.core.receive_packet()
+        with pytest.raises(EndOfFile):
+            r.core.allocate_send_packet(10)
+    finally:
+        r.core.end()
+        r.kernel.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Send
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_allocate_send_in_order_and_out_of_order(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        a = r.core.allocate_send_packet(20)
+        b = r.core.allocate_send_packet(30)
+        c = r.core.allocate_send_packet(40)
+        for i, v in enumerate((a, b, c)):
+            v[:] = pattern(i, len(v))
+        words = r.tx.words
+        assert words[DATA_WORD] == 20 | RELEASE_BIT
+        r.core.send_packet(b)  # waits for a
+        assert drain(r.kernel) == [] and words[TAIL_WORD] == 0 and r.core.allocated == 2
+        r.core.send_packet(a)
+        assert drain(r.kernel) == [bytes(HDR) + pattern(0, 20), bytes(HDR) + pattern(1, 30)]
+        with pytest.raises(InvalidParameter):
+            r.core.send_packet(a)  # twice
+        with pytest.raises(InvalidParameter):
+            r.core.send_packet(memoryview(bytearray(40)))
+        hdr = VirtioNetHeader(flags=1, gso_type=0, hdr_len=0, gso_size=0, csum_start=20, csum_offset=6)
+        r.core.send_packet(c, header=hdr)
+        assert drain(r.kernel) == [hdr.pack() + pattern(2, 40)]
+        with pytest.raises(ValueError):
+            bytes(c)
+        d = r.core.allocate_send_packet(8)
+        with pytest.raises(InvalidParameter):
+            r.core.send_packet(d, header="nonsense")  # dropped, counted, and said so
+        assert drain(r.kernel) == [] and r.core.send_dropped == 1 and r.core.allocated == 0
+        for bad in (0, 0x10000, -1, True, 1.5, "3"):
+            with pytest.raises(InvalidParameter):
+                r.core.allocate_send_packet(bad)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_send_ring_is_buffer_overflow_and_stall_retries(kind: Any) -> None:
+    r = rig(kind, sndbuf=4096)
+    try:
+        sent = 0
+        with pytest.raises(BufferOverflow):
+            for _ in range(1000):
+                v = r.core.allocate_send_packet(1400)
+                v[:] = pattern(sent, 1400)
+                r.core.send_packet(v)
+                sent += 1
+        assert r.core.stalled
+        got = drain(r.kernel)
+        r.core.flush()
+        while r.core.stalled:
+            got += drain(r.kernel)
+            r.core.flush()
+        got += drain(r.kernel)
+        assert got == [bytes(HDR) + pattern(i, 1400) for i in range(sent)]
+        assert r.tx.words[HEAD_WORD] == r.tx.words[TAIL_WORD]
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_send_packets_copies_and_sends_after_earlier_allocations(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        early = r.core.allocate_send_packet(5)
+        early[:] = b"early"
+        hdr = bytes(range(1, 11))
+        items = [b"one", bytearray(b"two"), memoryview(b"three")]
+        assert r.core.send_packets(items, [bytes(HDR), hdr, bytes(HDR)]) == 3
+        assert drain(r.kernel) == []
+        r.core.send_packet(early)
+        assert drain(r.kernel) == [bytes(HDR) + b"early", bytes(HDR) + b"one", hdr + b"two", bytes(HDR) + b"three"]
+        with pytest.raises(InvalidParameter):
+            r.core.send_packets([b"x"], [b"short"])
+        with pytest.raises(InvalidParameter):
+            r.core.send_packets([b""])
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bogus_send_ring_is_invalid_data(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        r.tx.words[HEAD_WORD] = 3
+        with pytest.raises(InvalidData):
+            r.core.allocate_send_packet(10)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rejected_packet_is_dropped_and_reported(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        r.kernel.close()  # a datagram socket whose peer is gone: ECONNREFUSED on write
+        v = r.core.allocate_send_packet(10)
+        r.core.send_packet(v)
+        assert r.core.send_dropped == 1 and r.rejected and r.rejected[0][1] == 10
+    finally:
+        r.core.end()
+        r.queue.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_end_forgets_packets_and_later_calls(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        r.kernel.send(dgram(0, 10))
+        view = r.core.receive_packet()
+        out = r.core.allocate_send_packet(10)
+        r.core.end()
+        assert r.core.ended
+        assert bytes(view) == pattern(0, 10)  # still readable
+        r.core.release_receive_packet(view)  # nothing
+        r.core.send_packet(out)  # nothing
+        with pytest.raises(EndOfFile):
+            r.core.receive_packet()
+        with pytest.raises(EndOfFile):
+            r.core.receive_packets(3)
+        with pytest.raises(EndOfFile):
+            r.core.allocate_send_packet(10)
+        with pytest.raises(EndOfFile):
+            r.core.send_packets([b"x"])
+        r.core.end()  # again: nothing
+        assert drain(r.kernel) == []
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_receive_and_send_from_two_threads(kind: Any) -> None:
+    """A thread per direction, as a forwarder runs: nothing lost, reordered or duplicated."""
+    r = rig(kind)
+    count = 3000
+    received: list[bytes] = []
+    failures: list[BaseException] = []
+
+    def receiver() -> None:
+        try:
+            deadline = time.monotonic() + 20
+            while len(received) < count and time.monotonic() < deadline:
+                view = r.core.receive_packet(True, 0.5)
+                if view is None:
+                    continue
+                received.append(bytes(view))
+                r.core.release_receive_packet(view)
+        except BaseException as exc:
+            failures.append(exc)
+
+    def sender() -> None:
+        try:
+            for i in range(count):
+                while True:
+                    try:
+                        v = r.core.allocate_send_packet(64)
+                        break
+                    except BufferOverflow:
+                        time.sleep(0.001)
+                        r.core.flush()
+                v[:] = pattern(i, 64)
+                r.core.send_packet(v)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=receiver), threading.Thread(target=sender)]
+    try:
+        for t in threads:
+            t.start()
+        # the "kernel" loops everything the core sends back into its queue
+        echoed = 0
+        deadline = time.monotonic() + 20
+        while echoed < count and time.monotonic() < deadline:
+            for d in drain(r.kernel):
+                while True:
+                    try:
+                        r.kernel.send(d)
+                        break
+                    except BlockingIOError:
+                        time.sleep(0.001)
+                echoed += 1
+            r.core.flush()
+            time.sleep(0.0005)
+        for t in threads:
+            t.join(30)
+        assert not failures, failures
+        assert received == [pattern(i, 64) for i in range(count)]
+    finally:
+        r.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# C against Python, step by step
+
+
+@needs_c
+def test_scripted_sequence_matches() -> None:
+    hdr = VirtioNetHeader(flags=1, gso_type=0, hdr_len=0, gso_size=0, csum_start=20, csum_offset=6)
+    steps: list[Step] = [("inject", dgram(i, 50 + 13 * i)) for i in range(6)]
+    steps += [("recv",), ("recv",), ("recv_many", 3), ("recv", False), ("recv",)]
+    steps += [("release", 2), ("release", 2), ("release", 0), ("release_many", [1, 3]), ("release", 4)]
+    steps += [("alloc", 100), ("alloc", 7), ("alloc", 1), ("send", 1), ("send", 1), ("send", 2, hdr),
+              ("send", 0), ("kernel_read",), ("send_many", [b"abc", b"defgh"]), ("kernel_read",),
+              ("alloc", 9), ("send", 3, "bad header"), ("kernel_read",)]
+    steps += [("poke", "tx", HEAD_WORD, 5), ("alloc", 10), ("poke", "tx", HEAD_WORD, 0)]
+    steps += [("inject", dgram(9, 3)), ("poke", "rx", TAIL_WORD, MIN_CAPACITY + 4), ("recv",),
+              ("poke", "rx", TAIL_WORD, 0), ("recv",), ("inject", b"short"), ("recv",)]
+    steps += [("end",), ("recv",), ("release", 0), ("alloc", 3), ("send", 0), ("send_many", [b"x"])]
+    run_both(steps)
+
+
+@needs_c
+def test_wrap_around_matches() -> None:
+    """Packets of many sizes round and round a small ring, some held across the wrap, released out of
+    order; the send ring wraps too."""
+    steps: list[Step] = []
+    for i in range(400):
+        size = 200 + (i * 397) % 1300
+        steps += [("inject", dgram(i, size)), ("recv",)]
+        if i % 3 == 2:
+            steps += [("release", 1), ("release", 0)]
+        if i % 7 == 6:
+            steps += [("release_many", [0, 1])] if i % 2 else [("release", 0)]
+        steps += [("alloc", size), ("alloc", 1 + i % 50), ("send", 1), ("send", 0)]
+        if i % 5 == 4:
+            steps += [("kernel_read",)]
+    steps += [("kernel_read",)]
+    run_both(steps)
+
+
+@needs_c
+def test_lost_queue_matches() -> None:
+    steps: list[Step] = [("inject", dgram(0, 20)), ("recv",), ("alloc", 5), ("close_queue",), ("recv",),
+                         ("release", 0), ("send", 0), ("alloc", 3), ("recv",)]
+    run_both(steps)
+
+
+_step = st.one_of(
+    st.tuples(st.just("inject"), st.integers(0, 2000).map(lambda n: dgram(n, n % 1500 + 1))),
+    st.tuples(st.just("recv"), st.sampled_from([False, None])),
+    st.tuples(st.just("recv_many"), st.integers(1, 8)),
+    st.tuples(st.just("release"), st.integers(0, 50)),
+    st.tuples(st.just("release_many"), st.lists(st.integers(0, 50), max_size=4)),
+    st.tuples(st.just("alloc"), st.integers(1, 3000)),
+    st.tuples(st.just("send"), st.integers(0, 50)),
+    st.tuples(st.just("send_many"), st.lists(st.binary(min_size=1, max_size=1500), max_size=5)),
+    st.tuples(st.just("kernel_read")),
+    st.tuples(st.just("flush")),
+)
+
+
+@needs_c
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_step, max_size=120))
+def test_random_sequences_match(steps: list[Step]) -> None:
+    run_both(steps, sndbuf=8192)
