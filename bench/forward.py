@@ -10,6 +10,8 @@ payloads (packets/s received) from A to B. Forwarders, all in one run:
 * ``wiretun plain``  wiretun sessions without offloads, a thread per direction, batch receive/send
 * ``wiretun offload`` the same with ``offload=True`` (virtio-net header, TSO/USO): super-packets of
                      up to 64 KiB pass from one adapter to the other with their header unchanged
+* ``wiretun per-packet`` Wintun's own loop (example.c's): receive_packet, allocate_send_packet, copy,
+                     send_packet, release_receive_packet, one packet per call, a thread per direction
 * ``C plain``        bench/c/forward.c compiled with gcc into bench/out/: thread per direction
 * ``C offload``      the same with IFF_VNET_HDR + TUNSETOFFLOAD, headers passed through
 
@@ -57,10 +59,11 @@ ADDR_A, ADDR_B = "198.18.0.1", "198.18.0.2"
 PREFIX = 24
 IPERF_PORT = 5201
 
-KINDS = ["python-pytun", "wiretun plain", "wiretun offload", "C plain", "C offload"]
+KINDS = ["python-pytun", "wiretun plain", "wiretun per-packet", "wiretun offload", "C plain", "C offload"]
 SERVE_NAMES = {
     "python-pytun": "pytun",
     "wiretun plain": "wiretun",
+    "wiretun per-packet": "wiretun-single",
     "wiretun offload": "wiretun-offload",
     "C plain": "c",
     "C offload": "c-offload",
@@ -103,7 +106,7 @@ def serve_pytun(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
         b = pytun.TunTapDevice(name=dev_b, flags=flags)
         mtu_b = b.mtu
 
-    def pump(src: "pytun.TunTapDevice", dst: "pytun.TunTapDevice", size: int) -> None:
+    def pump(src: pytun.TunTapDevice, dst: pytun.TunTapDevice, size: int) -> None:
         read, write = src.read, dst.write
         while True:
             try:
@@ -201,6 +204,50 @@ def serve_wiretun(ns_a: str, dev_a: str, ns_b: str, dev_b: str, offload: bool) -
     os._exit(0)
 
 
+def serve_wiretun_single(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
+    """wiretun with Wintun's per-packet calls, as a port of example.c forwards: a thread per direction,
+    each receiving one packet (sleeping on the read-wait handle while none waits), allocating its room
+    in the other session's send ring, copying it there, sending it and releasing the received packet.
+    A full send ring drops the packet (BufferOverflow), as a Wintun program does."""
+    from wiretun import Adapter
+    from wiretun.errors import BufferOverflow, EndOfFile, NoMoreItems
+    from wiretun.linux import netns
+
+    with netns.entered(ns_a):
+        a = Adapter.create(dev_a, "Bench")
+    with netns.entered(ns_b):
+        b = Adapter.create(dev_b, "Bench")
+    sa = a.start_session(0x800000)
+    sb = b.start_session(0x800000)
+
+    def pump(src, dst) -> None:  # type: ignore[no-untyped-def]
+        receive, release, wait = src.receive_packet, src.release_receive_packet, src.wait
+        allocate, send = dst.allocate_send_packet, dst.send_packet
+        try:
+            while True:
+                try:
+                    packet = receive()
+                except NoMoreItems:
+                    wait()
+                    continue
+                try:
+                    out = allocate(len(packet))
+                except BufferOverflow:
+                    release(packet)
+                    continue
+                out[:] = packet
+                send(out)
+                release(packet)
+        except EndOfFile as exc:
+            print(f"forwarder {src.adapter.kernel_name}: {exc}", file=sys.stderr, flush=True)
+
+    for args in ((sa, sb), (sb, sa)):
+        threading.Thread(target=pump, args=args, daemon=True).start()
+    print("ready 0x0", flush=True)
+    _wait_for_stdin_eof()
+    os._exit(0)
+
+
 def serve(kind: str, ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
@@ -209,6 +256,8 @@ def serve(kind: str, ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     elif kind in ("wiretun", "wiretun-offload"):
         sys.path.insert(0, str(HERE))
         serve_wiretun(ns_a, dev_a, ns_b, dev_b, kind == "wiretun-offload")
+    elif kind == "wiretun-single":
+        serve_wiretun_single(ns_a, dev_a, ns_b, dev_b)
     else:
         raise SystemExit(f"unknown forwarder kind {kind!r}")
 
@@ -461,7 +510,7 @@ def table(results: list[Result], seconds: float, rounds: int = 1) -> str:
         f"median of {rounds} interleaved round{'s' if rounds != 1 else ''})",
         machine_line(),
         "",
-        f"{'forwarder':<16} {'TCP Gbit/s':>10} {'x pytun':>8} {'x C':>7} {'x C off':>8} {'B/read':>7} {'CPU':>5}"
+        f"{'forwarder':<18} {'TCP Gbit/s':>10} {'x pytun':>8} {'x C':>7} {'x C off':>8} {'B/read':>7} {'CPU':>5}"
         f" {'us/pkt':>6}"
         f" {'UDP-64 kpps':>11} {'x pytun':>8} {'x C':>7} {'rcvd kpps':>9}  offloads",
     ]
@@ -470,7 +519,7 @@ def table(results: list[Result], seconds: float, rounds: int = 1) -> str:
         if r is None:
             continue
         if r.error:
-            lines.append(f"{kind:<16} failed: {r.error}")
+            lines.append(f"{kind:<18} failed: {r.error}")
             continue
         gbit = f"{r.tcp_bps / 1e9:.2f}" if r.tcp_bps is not None else "-"
         kpps = f"{r.udp_pps / 1e3:.1f}" if r.udp_pps is not None else "-"
@@ -479,7 +528,7 @@ def table(results: list[Result], seconds: float, rounds: int = 1) -> str:
         cpu = f"{r.tcp_cpu * 100:.0f}%" if r.tcp_cpu is not None else "-"
         per = f"{r.tcp_us_per_packet:.1f}" if r.tcp_us_per_packet is not None else "-"
         lines.append(
-            f"{kind:<16} {gbit:>10} {_ratio(r.tcp_bps, tcp('python-pytun')):>8} "
+            f"{kind:<18} {gbit:>10} {_ratio(r.tcp_bps, tcp('python-pytun')):>8} "
             f"{_ratio(r.tcp_bps, tcp('C plain')):>7} {_ratio(r.tcp_bps, tcp('C offload')):>8} {avg:>7} "
             f"{cpu:>5} {per:>6}"
             f" {kpps:>11} {_ratio(r.udp_pps, pps('python-pytun')):>8} {_ratio(r.udp_pps, pps('C plain')):>7}"
@@ -498,6 +547,7 @@ def table(results: list[Result], seconds: float, rounds: int = 1) -> str:
         ("wiretun offload >= 5x python-pytun (TCP)", tcp("wiretun offload"), tcp("python-pytun"), 5.0),
         ("wiretun offload >= 0.8x C offload (TCP)", tcp("wiretun offload"), tcp("C offload"), 0.8),
         ("wiretun plain >= 1x python-pytun (TCP)", tcp("wiretun plain"), tcp("python-pytun"), 1.0),
+        ("wiretun per-packet >= 1x python-pytun (TCP)", tcp("wiretun per-packet"), tcp("python-pytun"), 1.0),
     ]
     for label, value, base, target in checks:
         if value is None or not base:
