@@ -1,7 +1,9 @@
 """Build hook for the optional C accelerator ``wiretun._speedups`` (all metadata is in pyproject.toml).
 
 The extension is optional: wiretun.session has the same loops in pure Python. If it cannot be built (no
-compiler, no Python headers, a big-endian host) the install goes on without it and says so.
+compiler, no Python headers, a big-endian host) the install goes on without it and says so. Its loops
+drive a Linux TUN queue (readv/writev), so it is built on Linux only: on Windows wiretun talks to
+wintun.dll through ctypes and there is nothing to compile.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class OptionalBuildExt(build_ext):
         )
 
 
+_LINUX = sys.platform.startswith("linux")
+
 setup(
-    ext_modules=[
+    ext_modules=[] if not _LINUX else [
         Extension(
             "wiretun._speedups",
             sources=["src/wiretun/_speedups.c"],

@@ -19,7 +19,8 @@ def _system_ready() -> str | None:
 def pytest_collection_modifyitems(config, items):
     reason = _system_ready()
     for item in items:
-        if "tests/system" in str(item.fspath).replace(os.sep, "/"):
+        path = str(item.fspath).replace(os.sep, "/")
+        if "tests/system" in path or "tests/windows/" in path:  # tests/windows: the wintun.dll stand-in
             item.add_marker(pytest.mark.system)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
