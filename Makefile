@@ -38,10 +38,12 @@ demo-wireguard-go: venv
 demo-example: venv
 	$(BIN)/python demo/example_in_netns.py
 
-# Static checks (versions pinned in pyproject's test extra, rules in [tool.mypy] and [tool.ruff]).
+# Static checks (versions pinned in pyproject's test extra, rules in [tool.mypy] and [tool.ruff]). The
+# Windows backend is checked a second time as on Windows (its Windows-only ctypes names included).
 lint: venv
 	@status=0; \
 	$(BIN)/python -m mypy || status=1; \
+	$(BIN)/python -m mypy --platform win32 src/wiretun/windows || status=1; \
 	$(BIN)/python -m ruff check src tests bench demo || status=1; \
 	exit $$status
 

@@ -217,7 +217,7 @@ def test_setup_builds_the_c_extension_on_linux_only(platform, built, monkeypatch
     import sysconfig
 
     import setuptools
-    import setuptools.command.build_ext  # noqa: F401  (imported before sys.platform is faked)
+    import setuptools.command.build_ext
 
     sysconfig.get_config_vars()
     captured: dict[str, Any] = {}

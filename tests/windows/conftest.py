@@ -7,7 +7,6 @@ shim, exactly as wintun.dll is on Windows.
 
 from __future__ import annotations
 
-
 import shutil
 import subprocess
 from pathlib import Path

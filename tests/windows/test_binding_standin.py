@@ -14,7 +14,7 @@ import time
 import pytest
 
 from wiretun import errors, log, packet
-from wiretun.windows import _platform, wintun_dll
+from wiretun.windows import _platform
 
 from .conftest import ip
 

@@ -272,7 +272,7 @@ class WintunDLL:
         """WintunSetLogger: ``callback(level, timestamp, message)`` (None disables). The callback is kept
         alive here for as long as it is registered."""
         if callback is None:
-            self._set_logger(ctypes.cast(None, LOGGER_CALLBACK))
+            self._set_logger(LOGGER_CALLBACK())  # a NULL function pointer
             self._logger = None
             return
 
