@@ -114,6 +114,27 @@ class Namespace:
         st = os.fstat(self._fd)
         self._id = (st.st_dev, st.st_ino)
 
+    @classmethod
+    def adopt(cls, fd: int) -> Namespace:
+        """A Namespace for a namespace descriptor (e.g. from ``TUNGETDEVNETNS``); it owns ``fd`` and
+        closes it in :meth:`close`."""
+        self = cls.__new__(cls)
+        self._fd = fd
+        st = os.fstat(fd)
+        self._id = (st.st_dev, st.st_ino)
+        return self
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        """(device, inode) of the namespace: equal for two handles of one namespace."""
+        return self._id
+
+    def fileno(self) -> int:
+        fd = self._fd
+        if fd is None:
+            raise OSError(9, "network namespace handle is closed")
+        return fd
+
     @property
     def closed(self) -> bool:
         return self._fd is None
@@ -150,6 +171,12 @@ class Namespace:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+    def __enter__(self) -> Namespace:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 # --- plumbing -------------------------------------------------------------------------------------
@@ -312,6 +339,24 @@ def set_mtu(index: int, mtu: int) -> None:
 def delete_link(index: int) -> None:
     with _rtnl() as ip:
         ip.link("del", index=index)
+
+
+@_netlink_errors
+def peer_nsid(fd: int) -> int:
+    """The id the calling thread's namespace gives the namespace ``fd`` refers to (``ip netns
+    list-id``); one is assigned if it has none. -1 for the calling thread's own namespace."""
+    with _rtnl() as ip:
+        reply = ip.get_netnsid(fd=fd)
+        nsid = None if reply is None else reply.get("nsid")
+        if nsid is None or nsid < 0 or nsid == 0xFFFFFFFF:
+            if os.fstat(fd).st_ino == os.stat(_THREAD_NETNS).st_ino:
+                return -1
+            ip.set_netnsid(fd=fd)
+            reply = ip.get_netnsid(fd=fd)
+            nsid = None if reply is None else reply.get("nsid")
+    if nsid is None or nsid < 0 or nsid == 0xFFFFFFFF:
+        raise OSError(95, "the kernel assigned no id to the namespace")  # EOPNOTSUPP
+    return int(nsid)
 
 
 # --- addresses ------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ TUNGETIFF = 0x800454D2
 TUNGETVNETHDRSZ = 0x800454D7
 TUNSETVNETHDRSZ = 0x400454D8
 TUNSETQUEUE = 0x400454D9
+TUNGETDEVNETNS = 0x54E3  # _IO('T', 227), Linux 5.2
 
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
@@ -95,6 +96,12 @@ def attached_name(fd: int) -> str:
     """The kernel name of the device ``fd`` is attached to (TUNGETIFF)."""
     out = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
     return _IFREQ.unpack(out)[0].rstrip(b"\0").decode()
+
+
+def device_netns(fd: int) -> int:
+    """A new descriptor (close-on-exec) of the network namespace the device of ``fd`` is in *now*
+    (TUNGETDEVNETNS; attached or detached queue alike). OSError EBADFD once the device is gone."""
+    return fcntl.ioctl(fd, TUNGETDEVNETNS)
 
 
 def attached_flags(fd: int) -> int:
