@@ -48,6 +48,7 @@ from .errors import (
     WintunError,
 )
 from .linux import netlink, tun
+from .linux.links import LinkMonitor
 
 if TYPE_CHECKING:
     from .session import Session
@@ -131,7 +132,7 @@ def derived_kernel_name(name: str, attempt: int = 0) -> str:
 
     ``attempt`` > 0 gives the alternatives tried when the first is taken.
     """
-    seed = name.encode("utf-8") if attempt == 0 else f"{attempt}\0{name}".encode("utf-8")
+    seed = name.encode("utf-8") if attempt == 0 else f"{attempt}\0{name}".encode()
     return DERIVED_PREFIX + hashlib.sha256(seed).hexdigest()[: MAX_KERNEL_NAME_BYTES - len(DERIVED_PREFIX)]
 
 
@@ -577,6 +578,26 @@ class Adapter:
     def routes(self) -> list[Route]:
         """Main-table unicast routes through this adapter: ``Route(destination, gateway, metric)``."""
         return self._call(netlink.routes, f"cannot read routes of adapter {self._last_name}", self._index)
+
+    # -- link events --
+
+    def link_monitor(self) -> LinkMonitor:
+        """Link events of this adapter (up/down, MTU, deleted, moved to another namespace): a
+        :class:`wiretun.linux.links.LinkMonitor` with a descriptor to wait on. Close it when done."""
+        self._check_open()
+        fd = self._res.anchor
+        opened = None
+        if fd is None:  # a handle that did not create the adapter: a detached queue of its own
+            fd = opened = self._open_queue()
+        try:
+            if opened is not None:
+                tun.detach_queue(opened)
+            return LinkMonitor(fd, self._index, self._res.ns)
+        except OSError as exc:
+            raise _error(exc, f"cannot watch link events of adapter {self._last_name}") from None
+        finally:
+            if opened is not None:
+                os.close(opened)
 
     # -- sessions --
 

@@ -29,6 +29,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from . import netlink, tun

@@ -28,7 +28,6 @@ import os
 import platform
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -159,14 +158,6 @@ class _Ready:
         self._send(f"error {message}\n")
 
 
-def _interface_present(ifindex: int) -> bool:
-    try:
-        socket.if_indextoname(ifindex)
-    except OSError:
-        return False
-    return True
-
-
 def run_foreground(interface: str, logger: Logger) -> int:
     """Create the adapter, device and UAPI socket; serve until told to stop; clean up."""
     ready = _Ready()
@@ -222,22 +213,17 @@ def run_foreground(interface: str, logger: Logger) -> int:
         except Exception as e:
             return fail(f"Failed to start device: {e}")
         logger.verbose("Device started")
-        try:
-            ifindex = socket.if_nametoindex(name)
-        except OSError as e:
-            return fail(f"Interface {name} vanished while starting: {e}")
-
         logger.verbose("UAPI listener started")
         ready.ready()
 
         while not stop.wait(POLL_INTERVAL):
-            # A deleted interface is the normal way to stop (wg-quick down): info, not an error. The
-            # device notices first (its queue goes), so ask about the interface before blaming the device.
-            if not _interface_present(ifindex):
-                logger.verbose(f"Interface {name} deleted; shutting down")
-                break
+            # A deleted interface is the normal way to stop (wg-quick down): info, not an error. A move
+            # to another namespace is not a deletion: the device follows the interface there.
             if device.closed.is_set():
-                logger.warning("Device closed while its interface still exists; shutting down")
+                if device.interface_deleted:
+                    logger.verbose(f"Interface {name} deleted; shutting down")
+                else:
+                    logger.warning("Device closed while its interface still exists; shutting down")
                 break
             if not server.socket_intact:
                 logger.verbose(f"UAPI socket {server.path} was deleted")

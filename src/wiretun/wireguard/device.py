@@ -54,7 +54,6 @@ import ipaddress
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -64,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 from .. import log
 from ..errors import EndOfFile, InvalidParameter, WintunError
 from ..linux import netlink
+from ..linux.links import LinkEventKind, LinkMonitor
 from . import keys as _keys
 from . import messages as _messages
 from .config import (
@@ -94,14 +94,6 @@ BATCH = 64  # packets or datagrams handled per batch before the core's lock is l
 MAX_WAIT = 1.0  # longest epoll sleep, so a lost wake-up can never stall the loop for long
 JOIN_TIMEOUT = 10.0
 
-# rtnetlink, for link events (wireguard-go's netlink listener).
-_RTMGRP_LINK = 1
-_RTM_NEWLINK = 16
-_NLMSG_HDR = struct.Struct("=IHHII")
-_IFINFO = struct.Struct("=BxHiII")
-_RTATTR = struct.Struct("=HH")
-_IFLA_MTU = 4
-_IFF_UP = 0x1
 
 _ZERO_KEY = bytes(KEY_SIZE)
 
@@ -226,8 +218,10 @@ class Device:
         self._session: Session | None = None
         self._conn: Conn | None = None
         self._wake_fd = -1
-        self._netlink: socket.socket | None = None
-        self._link_up = True  # the interface's administrative state, followed through rtnetlink
+        self._links: LinkMonitor | None = None
+        self._link_up = True  # the interface's administrative state, followed through link events
+        self._interface_deleted = False
+        self._link_errors_logged: set[int] = set()
         try:
             self._ns = netlink.Namespace()  # where sockets go, also those made later (rebinds)
             mtu = adapter.mtu
@@ -239,9 +233,12 @@ class Device:
             self._conn = Conn(self._name, self._ns)
             self._conn.bind(0, 0)
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._netlink = self._namespace().call(self._link_monitor)
+            try:
+                self._links = adapter.link_monitor()
+            except (WintunError, OSError) as e:
+                log.warn(f"Device {self._name}: cannot watch link events ({e}); staying up")
             # Subscribed first, then read: a change in between arrives as an event.
-            if self._netlink is not None and not adapter.is_up:
+            if self._links is not None and not self._links.state.up:
                 self._link_up = False
                 self._core.down()
         except BaseException:
@@ -263,6 +260,11 @@ class Device:
     @property
     def adapter(self) -> Adapter:
         return self._adapter
+
+    @property
+    def interface_deleted(self) -> bool:
+        """True once the interface was deleted (not merely moved to another namespace)."""
+        return self._interface_deleted
 
     @property
     def closed(self) -> threading.Event:
@@ -332,9 +334,9 @@ class Device:
             self._core.down()  # forget session keys and queued packets
             self._core.take_datagrams()
             self._core.take_packets()
-        if self._netlink is not None:
-            self._netlink.close()
-            self._netlink = None
+        links, self._links = self._links, None
+        if links is not None:
+            links.close()
         session, self._session = self._session, None
         if session is not None:
             try:
@@ -604,27 +606,12 @@ class Device:
         elif name == "handshake_gave_up":
             log.info(f"Device {self._name}: {peer!r} handshake did not complete; giving up for now")
 
-    def _link_monitor(self) -> socket.socket | None:
-        """An rtnetlink socket for link events (up/down, MTU), in this namespace; None if refused."""
-        try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        except OSError as e:
-            log.warn(f"Device {self._name}: cannot watch link events ({e.strerror}); staying up")
-            return None
-        try:
-            sock.setblocking(False)
-            sock.bind((0, _RTMGRP_LINK))
-        except OSError as e:
-            sock.close()
-            log.warn(f"Device {self._name}: cannot watch link events ({e.strerror}); staying up")
-            return None
-        return sock
-
     def _run(self) -> None:
         try:
             self._loop()
         except EndOfFile:
-            log.info(f"Device {self._name}: the adapter is gone; closing")
+            self._interface_deleted = True
+            log.info(f"Device {self._name}: the interface is gone; closing")
         except Exception as e:  # a bug must not leave a daemon running without a data path
             log.err(f"Device {self._name}: event loop failed: {e!r}; closing")
         finally:
@@ -639,8 +626,8 @@ class Device:
             return
         session_fd = session.get_read_wait_event()
         wake_fd = self._wake_fd
-        netlink_sock = self._netlink
-        netlink_fd = netlink_sock.fileno() if netlink_sock is not None else -1
+        links = self._links
+        netlink_fd = links.fileno() if links is not None else -1
         poller = select.epoll()
         try:
             poller.register(session_fd, select.EPOLLIN)
@@ -752,62 +739,45 @@ class Device:
                 conn.send(datagrams)
 
     def _link_events(self) -> None:
-        """Follow the interface's up/down state and MTU from rtnetlink (wireguard-go's tun events)."""
-        sock = self._netlink
-        if sock is None:
+        """Follow the interface's up/down state and MTU (wireguard-go's tun events), wherever it is:
+        a move to another namespace is followed, a deletion ends the loop (EndOfFile)."""
+        links = self._links
+        if links is None:
             return
-        index = self._adapter.luid
-        up: bool | None = None
-        mtu: int | None = None
-        resync = False
-        while True:
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    resync = True  # events were lost: read the link's state instead
-                    continue
-                break
-            offset = 0
-            while offset + _NLMSG_HDR.size <= len(data):
-                length, mtype, _, _, _ = _NLMSG_HDR.unpack_from(data, offset)
-                if length < _NLMSG_HDR.size:
-                    break
-                body = offset + _NLMSG_HDR.size
-                if mtype == _RTM_NEWLINK and length >= _NLMSG_HDR.size + _IFINFO.size:
-                    _, _, ifindex, flags, _ = _IFINFO.unpack_from(data, body)
-                    if ifindex == index:
-                        up = bool(flags & _IFF_UP)
-                        attr = body + _IFINFO.size
-                        end = offset + length
-                        while attr + _RTATTR.size <= end:
-                            alen, atype = _RTATTR.unpack_from(data, attr)
-                            if alen < _RTATTR.size:
-                                break
-                            if atype == _IFLA_MTU and alen >= 8:
-                                mtu = struct.unpack_from("=I", data, attr + 4)[0]
-                            attr += (alen + 3) & ~3
-                offset += (length + 3) & ~3
-        if resync:
-            try:
-                up = self._adapter.is_up
-                mtu = self._adapter.mtu
-            except (WintunError, OSError):
-                pass
-        if up is None and mtu is None:
+        try:
+            events = links.read_events()
+        except OSError as e:
+            code = e.errno or 0
+            if code not in self._link_errors_logged:
+                self._link_errors_logged.add(code)
+                log.warn(f"Device {self._name}: cannot follow the interface ({e.strerror or e}); "
+                         "keeping its last known state (logged once)")
+            return
+        if not events:
             return
         with self._lock:
             core = self._core
-            if mtu is not None and mtu != core.mtu:
-                core.mtu = min(mtu, _messages.MAX_CONTENT_SIZE)
-            if up is not None and up != self._link_up:
-                self._link_up = up
-                if up:
-                    core.up(time.monotonic())
-                    log.info(f"Device {self._name}: interface up")
-                else:
-                    core.down()
-                    log.info(f"Device {self._name}: interface down")
-                self._flush()
+            for event in events:
+                kind = event.kind
+                if kind is LinkEventKind.MTU and event.mtu is not None:
+                    if event.mtu != core.mtu:
+                        core.mtu = min(event.mtu, _messages.MAX_CONTENT_SIZE)
+                        log.info(f"Device {self._name}: MTU {event.mtu}")
+                elif kind is LinkEventKind.UP or kind is LinkEventKind.DOWN:
+                    up = kind is LinkEventKind.UP
+                    if up != self._link_up:
+                        self._link_up = up
+                        if up:
+                            core.up(time.monotonic())
+                            log.info(f"Device {self._name}: interface up")
+                        else:
+                            core.down()
+                            log.info(f"Device {self._name}: interface down")
+                elif kind is LinkEventKind.MOVED:
+                    log.info(f"Device {self._name}: the interface moved to another network namespace "
+                             f"(now {links.state.name}, index {links.state.index}); "
+                             "following it, the UDP sockets stay")
+                elif kind is LinkEventKind.DELETED:
+                    self._interface_deleted = True
+                    raise EndOfFile(f"interface {self._name} deleted")
+            self._flush()
