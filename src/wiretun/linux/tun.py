@@ -101,7 +101,7 @@ def attached_name(fd: int) -> str:
 def device_netns(fd: int) -> int:
     """A new descriptor (close-on-exec) of the network namespace the device of ``fd`` is in *now*
     (TUNGETDEVNETNS; attached or detached queue alike). OSError EBADFD once the device is gone."""
-    return fcntl.ioctl(fd, TUNGETDEVNETNS)
+    return int(fcntl.ioctl(fd, TUNGETDEVNETNS))
 
 
 def attached_flags(fd: int) -> int:
