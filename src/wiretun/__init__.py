@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     AccessDenied,
     AlreadyExists,
-    Busy,
     BufferOverflow,
+    Busy,
     EndOfFile,
     InvalidData,
     InvalidParameter,
@@ -27,6 +27,13 @@ MAX_RING_CAPACITY = 0x4000000  # 64 MiB
 MAX_IP_PACKET_SIZE = 0xFFFF
 
 # Imported on first use so that `import wiretun` stays cheap and pure modules work without pyroute2.
+# Type checkers and IDEs see the real objects through the TYPE_CHECKING imports (keep both in step;
+# tests/unit/test_typing.py checks that they agree).
+if TYPE_CHECKING:
+    from .adapter import Adapter, delete_driver, get_running_driver_version
+    from .session import Packet as Packet  # not in __all__, importable by name
+    from .session import Session
+
 _LAZY = {
     "Adapter": "adapter",
     "get_running_driver_version": "adapter",

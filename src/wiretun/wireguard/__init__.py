@@ -7,7 +7,16 @@ state machine with no I/O, usable on its own.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use (the device needs pyroute2 and the C crypto; the core does not). Type
+# checkers and IDEs see the real objects through the TYPE_CHECKING imports (keep both in step;
+# tests/unit/test_typing.py checks that they agree).
+if TYPE_CHECKING:
+    from .config import UAPIError
+    from .core import Peer, WireGuard
+    from .device import Device
+    from .uapi import UAPIServer
 
 _LAZY = {"Device": "device", "WireGuard": "core", "Peer": "core", "UAPIServer": "uapi", "UAPIError": "config"}
 
@@ -21,4 +30,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = sorted(_LAZY)
+__all__ = ["Device", "Peer", "UAPIError", "UAPIServer", "WireGuard"]
