@@ -63,6 +63,9 @@ class VirtioNetHeader(NamedTuple):
 
     @classmethod
     def unpack_from(cls, buffer: Buffer, offset: int = 0) -> VirtioNetHeader:
+        """The header at ``offset``: InvalidParameter for a negative offset (it would read from the end),
+        InvalidData when fewer than 10 bytes follow it."""
+        _check_offset(offset, "offset")
         if len(buffer) - offset < VIRTIO_NET_HDR_LEN:
             raise InvalidData(
                 f"virtio-net header needs {VIRTIO_NET_HDR_LEN} bytes, {len(buffer) - offset} given"
@@ -70,10 +73,32 @@ class VirtioNetHeader(NamedTuple):
         return cls._make(_HDR.unpack_from(buffer, offset))
 
     def pack_into(self, buffer: WritableBuffer, offset: int = 0) -> None:
-        _HDR.pack_into(buffer, offset, *self)
+        """Write the header at ``offset``; InvalidParameter when a field or the offset is out of range."""
+        _check_offset(offset, "offset")
+        if len(buffer) - offset < VIRTIO_NET_HDR_LEN:
+            raise InvalidParameter(f"virtio-net header needs {VIRTIO_NET_HDR_LEN} bytes at offset {offset}, "
+                                   f"the buffer has {max(0, len(buffer) - offset)}")
+        _HDR.pack_into(buffer, offset, *self._checked())
 
     def pack(self) -> bytes:
-        return _HDR.pack(*self)
+        """The 10 bytes; InvalidParameter when a field is out of range (flags and gso_type are 8-bit)."""
+        return _HDR.pack(*self._checked())
+
+    def _checked(self) -> VirtioNetHeader:
+        for name, value, limit in zip(self._fields, self, _FIELD_LIMITS):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+                raise InvalidParameter(f"virtio-net header field {name} must be an int in 0..{limit:#x}, "
+                                       f"not {value!r}")
+        return self
+
+
+_FIELD_LIMITS = (0xFF, 0xFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF)
+
+
+def _check_offset(value: object, what: str) -> None:
+    # A negative offset would index from the end: refuse it rather than read or write elsewhere.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidParameter(f"{what} must be an int >= 0, not {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +111,11 @@ def finish_checksum(packet: WritableBuffer, csum_start: int, csum_offset: int) -
     The field at ``csum_start + csum_offset`` holds a partial sum (the pseudo header); the result
     is the one's complement of the sum of everything from ``csum_start`` to the end. A zero result
     is stored as 0xFFFF (equal in one's complement, and UDP reserves 0 for "no checksum").
+    InvalidParameter for a negative ``csum_start`` or ``csum_offset``, InvalidData when the field
+    lies beyond the packet; the packet is unchanged then.
     """
+    _check_offset(csum_start, "csum_start")
+    _check_offset(csum_offset, "csum_offset")
     n = len(packet)
     at = csum_start + csum_offset
     if at + 2 > n:
@@ -193,6 +222,7 @@ def split(
     ``NEEDS_CSUM``. Raises :class:`InvalidParameter` when ``out``/``sizes`` are too few or a buffer
     too small (nothing is truncated), :class:`InvalidData` when header and packet disagree.
     """
+    _check_offset(offset, "offset")
     pkt = memoryview(packet)
     n = len(pkt)
     if header.gso_type & ~GSO_ECN == GSO_NONE:

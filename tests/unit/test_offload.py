@@ -575,3 +575,43 @@ def test_split_short_ipv6_super_packet_is_invalid_data():
     for n in (1, 6, 39):
         with pytest.raises(InvalidData, match="shorter than its header"):
             O.split_packets(header, b"\x60" + bytes(n - 1))
+
+
+# --- hostile offsets and fields (found by fuzz/library.py) -------------------------------------
+
+
+@pytest.mark.parametrize("offset", [-1, -2, -10, -12, 2**63, 1.5, None])
+def test_virtio_header_offsets_out_of_range_are_refused(offset):
+    buf = bytearray(range(24))
+    with pytest.raises((InvalidParameter, InvalidData)):
+        O.VirtioNetHeader.unpack_from(buf, offset)
+    with pytest.raises((InvalidParameter, InvalidData)):
+        O.VirtioNetHeader(1, 2, 3, 4, 5, 6).pack_into(buf, offset)
+    assert buf == bytearray(range(24))
+
+
+@pytest.mark.parametrize("fields", [(256, 0, 0, 0, 0, 0), (0, -1, 0, 0, 0, 0), (0, 0, 0x10000, 0, 0, 0),
+                                    (0, 0, 0, 0, 0, -5), (0, 0, 0, 1.0, 0, 0)])
+def test_virtio_header_fields_out_of_range_are_refused(fields):
+    with pytest.raises(InvalidParameter, match="virtio-net header field"):
+        O.VirtioNetHeader(*fields).pack()
+    buf = bytearray(10)
+    with pytest.raises(InvalidParameter):
+        O.VirtioNetHeader(*fields).pack_into(buf)
+    assert buf == bytearray(10)
+
+
+@pytest.mark.parametrize("start, where", [(-10, 2), (3, -2), (-1, 0), (2**63, 0), (0, 2**63)])
+def test_finish_checksum_refuses_negative_or_huge_offsets_and_leaves_the_packet(start, where):
+    pkt = bytearray(range(40))
+    with pytest.raises((InvalidParameter, InvalidData)):
+        O.finish_checksum(pkt, start, where)
+    assert pkt == bytearray(range(40))
+
+
+def test_split_refuses_a_negative_offset():
+    pkt = P.ipv4_udp("10.0.0.1", "10.0.0.2", 1, 2, b"x" * 100)
+    out = [bytearray(2000)]
+    with pytest.raises(InvalidParameter, match="offset"):
+        O.split(O.VirtioNetHeader(), pkt, out, [0], -16)
+    assert out[0] == bytearray(2000)
