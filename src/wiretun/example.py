@@ -15,10 +15,14 @@ import signal
 import sys
 import threading
 import uuid
+from typing import TYPE_CHECKING
 
 from . import log, packet
 from .errors import BufferOverflow, EndOfFile, WintunError
 from .log import LogLevel
+
+if TYPE_CHECKING:
+    from .session import Session
 
 EXAMPLE_GUID = uuid.UUID("deadbabe-cafe-beef-0123-456789abcdef")
 ADAPTER_NAME = "Demo"
@@ -56,7 +60,7 @@ def describe(data: memoryview | bytes) -> str:
     return f"Received IPv{info.version} proto 0x{info.protocol:x} packet from {info.src} to {info.dst}"
 
 
-def _receive_packets(session, quit_event: threading.Event, counts: dict) -> None:
+def _receive_packets(session: Session, quit_event: threading.Event, counts: dict[str, int]) -> None:
     wait_fd = session.get_read_wait_event()
     while not quit_event.is_set():
         try:
@@ -76,7 +80,7 @@ def _receive_packets(session, quit_event: threading.Event, counts: dict) -> None
         log.info(line)
 
 
-def _send_packets(session, quit_event: threading.Event, ipv6: bool, counts: dict) -> None:
+def _send_packets(session: Session, quit_event: threading.Event, ipv6: bool, counts: dict[str, int]) -> None:
     seq = 0
     while not quit_event.is_set():
         seq += 1
@@ -99,7 +103,7 @@ def _send_packets(session, quit_event: threading.Event, ipv6: bool, counts: dict
         quit_event.wait(1.0)
 
 
-def run(seconds: float | None = None, *, ipv6: bool = True) -> dict:
+def run(seconds: float | None = None, *, ipv6: bool = True) -> dict[str, int]:
     """Run the example; returns counts of echo requests sent and replies received."""
     from .adapter import Adapter, get_running_driver_version
 
@@ -146,7 +150,9 @@ def run(seconds: float | None = None, *, ipv6: bool = True) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wiretun example", description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)"
+    )
     parser.add_argument("--no-ipv6", action="store_true", help="send only the IPv4 echo request, as example.c does")
     args = parser.parse_args(argv)
     if args.seconds is not None and args.seconds <= 0:
