@@ -7,11 +7,18 @@ known to test something real.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
+import subprocess
+import time
+from typing import Iterator
 
 import pytest
 
-from .wgutil import WIREGUARD_GO, Lab, Node, nsx
+from ..uapi_client import connect, read_reply
+from .wgutil import WIREGUARD_GO, Lab, Node, nsx, pair, ping, wait_for
 
 KINDS = ["daemon", pytest.param("wggo", marks=pytest.mark.skipif(WIREGUARD_GO is None,
                                                                  reason="wireguard-go is not installed"))]
@@ -61,3 +68,139 @@ def test_every_fwmark_from_python(lab: Lab) -> None:
     node.port = 51822
     assert socket_marks(node) == [0x80000001, 0x80000001]
     assert shown_fwmark(node) == 0x80000001
+
+
+# ------------------------------------------------------------------------------ long-lived clients
+
+
+def get_on(sock: socket.socket) -> str:
+    sock.sendall(b"get=1\n\n")
+    return read_reply(sock)
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def connect_blocking(node: Node) -> socket.socket:
+    """Connect as wg does (a blocking connect waits while the listen backlog is full)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(None)
+        s.connect(str(node.socket_path))
+        s.settimeout(10)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@contextlib.contextmanager
+def clients(node: Node, count: int) -> Iterator[list[socket.socket]]:
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(connect_blocking(node))
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_idle_clients_stay_connected_and_stuck_ones_are_cut_off(lab: Lab) -> None:
+    """One 35 s wait (past the 30 s a request may take) for wiretun-wg and wireguard-go alike: a client
+    idle between requests keeps its connection; one stuck inside a request is cut off (wiretun-wg)."""
+    ns = lab.namespace()
+    nodes = [lab.node("daemon", ns, 51820)]
+    if WIREGUARD_GO is not None:
+        nodes.append(lab.node("wggo", ns, 51821))
+    idle = {node.kind: connect(node.socket_path, timeout=10) for node in nodes}
+    stuck = connect(nodes[0].socket_path, timeout=40)
+    try:
+        for node in nodes:
+            assert f"listen_port={node.port}\n" in get_on(idle[node.kind])
+        stuck.sendall(b"set=1\nlisten_port=9\n")  # never sends the blank line that ends it
+        t0 = time.monotonic()
+        time.sleep(35)
+        for node in nodes:
+            reply = get_on(idle[node.kind])  # the same connection, after 35 s of silence
+            assert reply.endswith("errno=0\n\n") and f"listen_port={node.port}\n" in reply, node.kind
+        assert stuck.recv(100) == b""  # disconnected (30 s after it began the request)
+        assert time.monotonic() - t0 < 45
+        assert nodes[0].wg("show", nodes[0].ifname, "listen-port").stdout == "51820\n"  # not applied
+    finally:
+        stuck.close()
+        for sock in idle.values():
+            sock.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_300_idle_clients_do_not_lock_out_wg(lab: Lab, kind: str) -> None:
+    node = lab.node(kind, lab.namespace(), 51820)
+    assert node.proc is not None
+    threads = thread_count(node.proc.pid)
+    with clients(node, 300) as socks:
+        for s in socks[::50]:
+            assert get_on(s).endswith("errno=0\n\n")
+        if kind == "daemon":
+            # And some dribbling, never finishing. (wireguard-go holds its ipcMutex while it reads a
+            # set, so there an unfinished set locks every other client out until it hangs up.)
+            socks[1].sendall(b"set=1\nlisten_port=")
+            socks[2].sendall(b"ge")
+        t0 = time.monotonic()
+        assert node.wg("show", node.ifname, "listen-port").stdout == "51820\n"
+        node.set("listen-port", "51822")
+        assert node.wg("show", node.ifname, "listen-port").stdout == "51822\n"
+        assert time.monotonic() - t0 < 5
+        reply = get_on(socks[299])  # the last client, idle until now, gets a whole reply
+        assert "listen_port=51822\n" in reply and reply.endswith("errno=0\n\n")
+        if kind == "daemon":  # one thread serves every client
+            assert thread_count(node.proc.pid) <= threads + 1
+
+
+def test_out_of_file_descriptors_refuses_new_clients_only(lab: Lab) -> None:
+    left, right, _ = pair(lab, "daemon", "wggo" if WIREGUARD_GO is not None else "daemon")
+    wait_for(lambda: ping(right.ns, left.inner4, count=1) == 1, 15, "the tunnel to come up")
+    assert ping(left.ns, right.inner4) == 3
+    assert left.proc is not None and left.log_path is not None
+    pid = left.proc.pid
+    with clients(left, 5) as existing, clients(left, 0) as extra:
+        for s in existing:
+            assert get_on(s).endswith("errno=0\n\n")
+        soft = next(line.split()[3] for line in open(f"/proc/{pid}/limits") if line.startswith("Max open files"))
+        limit = fd_count(pid) + 8
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:"], check=True)
+        try:
+            refused = 0
+            for _ in range(40):  # bounded: the limit is a few descriptors away
+                s = connect_blocking(left)
+                extra.append(s)
+                try:
+                    s.sendall(b"get=1\n\n")
+                    answer = read_reply(s)
+                except (ConnectionResetError, BrokenPipeError):
+                    answer = ""  # accepted and closed with our request unread: refused
+                if answer == "":
+                    refused += 1
+                    if refused >= 3:
+                        break
+            assert refused >= 3, "the daemon never ran out of descriptors"
+            # Existing clients, wg through a connection it already holds, and the tunnel carry on.
+            for s in existing:
+                assert get_on(s).endswith("errno=0\n\n")
+            assert ping(right.ns, left.inner4) == 3 and ping(left.ns, right.inner4) == 3
+            assert left.proc.poll() is None
+            wait_for(lambda: "UAPI: out of file descriptors" in left.log_path.read_text(), 5, "the log line")
+            # Descriptors free again: new clients are served.
+            for s in extra:
+                s.close()
+            extra.clear()
+            wait_for(lambda: left.wg("show", left.ifname, "listen-port", check=False).stdout == "51001\n", 5,
+                     "wg to be served again")
+        finally:
+            subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:"], check=False)
+    assert ping(right.ns, left.inner4) == 3

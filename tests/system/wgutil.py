@@ -201,6 +201,7 @@ class Node:
         self.adapter: Any = None
         self.server: Any = None
         self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.ifname} in {self.ns}>"
@@ -329,8 +330,10 @@ class Lab:
 
     def _start_process(self, node: Node, argv: list[str]) -> None:
         env = dict(os.environ, LOG_LEVEL="error", WG_PROCESS_FOREGROUND="1")
-        node.proc = subprocess.Popen(["ip", "netns", "exec", node.ns, *argv], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        node.log_path = self.tmp / f"{node.ifname}.log"  # what the process printed (error level)
+        with open(node.log_path, "w") as out:
+            node.proc = subprocess.Popen(["ip", "netns", "exec", node.ns, *argv], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT)
         wait_for(lambda: node.socket_path.exists() or node.proc.poll() is not None, 20, f"{node} to start")
         assert node.proc.poll() is None, f"{node} exited with {node.proc.returncode}"
 

@@ -16,8 +16,9 @@ Deliberate differences, all on malformed input:
 * after a bad line the rest of the request is still read up to its blank line, so the connection
   stays usable (wireguard-go loses track of the stream and usually closes it);
 * a line longer than :data:`MAX_LINE_LENGTH` (wireguard-go's scanner limit) is answered with
-  ``errno=-5`` (EIO, as wireguard-go) and the connection is closed; an idle client is disconnected
-  after ``timeout`` seconds.
+  ``errno=-5`` (EIO, as wireguard-go) and the connection is closed; a client that stops in the middle
+  of a request (or does not read its reply) is disconnected after ``timeout`` seconds; one idle
+  between requests never is (as in wireguard-go).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from typing import Iterable, Protocol
 
 from .. import log
@@ -392,46 +394,47 @@ def socket_in_use(path: str) -> bool:
     return True
 
 
-class _Overlong(Exception):
-    pass
+_IDLE, _GET, _SET = 0, 1, 2  # what a client's next line is: an operation, get's blank line, a set line
+_RECV_SIZE = 256 * 1024
+_MAX_PENDING_REPLY = 1 << 20  # pipelined requests wait while this much of their replies is unsent
+_FD_LOG_INTERVAL = 10.0  # seconds between "out of file descriptors" log lines
+_ACCEPT_PAUSE = 0.5  # seconds without accepting when even the spare descriptor is gone
+_FD_EXHAUSTED = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM})
 
 
-class _LineReader:
-    """Buffered ``\\n``-terminated lines from a socket, each at most MAX_LINE_LENGTH bytes."""
+class _Client:
+    """One connection: bytes not yet read as lines, the reply not yet sent, and where in a request it is."""
 
-    def __init__(self, conn: socket.socket) -> None:
-        self._conn = conn
-        self._buf = bytearray()
-        self._scan = 0  # bytes of _buf already known to hold no newline
+    __slots__ = ("sock", "inbuf", "outbuf", "mode", "parser", "error", "deadline", "hangup", "eof", "events")
 
-    def readline(self) -> bytes | None:
-        """The next line without its newline; None at end of stream. Raises _Overlong, OSError."""
-        while True:
-            i = self._buf.find(b"\n", self._scan)
-            if i >= 0:
-                line = bytes(self._buf[:i])
-                del self._buf[: i + 1]
-                self._scan = 0
-                if len(line) > MAX_LINE_LENGTH:
-                    raise _Overlong(len(line))
-                return line
-            self._scan = len(self._buf)
-            if self._scan > MAX_LINE_LENGTH:
-                raise _Overlong(self._scan)
-            chunk = self._conn.recv(65536)
-            if not chunk:
-                return None  # a partial last line without "\n" is dropped, as by ReadString/Scanner
-            self._buf += chunk
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.mode = _IDLE
+        self.parser: SetParser | None = None
+        self.error: UAPIError | None = None
+        # Set while the client is inside a request or owes us reading a reply; None while idle
+        # between requests: an idle client is never cut off.
+        self.deadline: float | None = None
+        self.hangup = False  # close once the pending reply is out
+        self.eof = False  # the client has shut down its side: answer what it sent, then close
+        self.events = selectors.EVENT_READ
 
 
 class UAPIServer:
-    """Serves the UAPI for ``device`` on ``<directory>/<interface_name>.sock`` from its own threads.
+    """Serves the UAPI for ``device`` on ``<directory>/<interface_name>.sock`` from one thread.
 
     The socket is bound at construction (the directory is created 0755, the socket 0700 like
     wireguard-go's umask 077). A stale socket whose process is gone is replaced; a live one raises
-    :class:`~wiretun.errors.AlreadyExists`. Each client has its own thread, so a slow or stuck client
-    never delays another; requests to the device are serialised. :meth:`close` stops serving and
-    removes the socket file (if it is still this server's).
+    :class:`~wiretun.errors.AlreadyExists`. One thread serves every client with ``selectors``, so
+    requests to the device are serialised (wireguard-go's ipcMutex) and there is no limit on clients
+    but the process's file descriptors. A client may stay connected and idle between requests for as
+    long as it likes (wg's library users keep one connection open); a client that stops in the middle
+    of a request, or does not read its reply, is disconnected after ``timeout`` seconds. When the
+    process runs out of file descriptors, new clients are refused (accepted and closed at once, with a
+    log line) and nothing else changes. :meth:`close` stops serving and removes the socket file (if it
+    is still this server's).
     """
 
     def __init__(
@@ -441,21 +444,18 @@ class UAPIServer:
         *,
         directory: str = DEFAULT_SOCKET_DIRECTORY,
         timeout: float = 30.0,
-        max_clients: int = 128,
     ) -> None:
         if not timeout > 0:
             raise InvalidParameter(f"timeout must be > 0 seconds, not {timeout!r}")
-        if max_clients < 1:
-            raise InvalidParameter(f"max_clients must be >= 1, not {max_clients!r}")
         self._path = socket_path(interface_name, directory)
         self._name = interface_name
         self._device = device
         self._timeout = float(timeout)
-        self._max_clients = max_clients
-        self._device_lock = threading.Lock()  # wireguard-go's ipcMutex: one request at a time
-        self._clients_lock = threading.Lock()
-        self._clients: dict[socket.socket, threading.Thread] = {}
+        self._clients: dict[int, _Client] = {}
         self._closed = threading.Event()
+        self._next_fd_log = 0.0
+        self._accept_paused_until = 0.0
+        self._refused = 0
 
         try:
             os.makedirs(directory, mode=0o755)
@@ -477,15 +477,21 @@ class UAPIServer:
                 listener.bind(self._path)
             st = os.lstat(self._path)
             self._identity = (st.st_dev, st.st_ino)
-            listener.listen(64)
+            listener.listen(socket.SOMAXCONN)  # as Go's net.Listen: bursts of clients wait, not fail
             listener.setblocking(False)
         except BaseException:
             listener.close()
             raise
         self._listener = listener
+        # A descriptor held in reserve: when accept() fails for want of descriptors, it is let go for a
+        # moment to accept the waiting client and close it (a clean refusal instead of a busy loop).
+        self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._acceptor = threading.Thread(target=self._accept_loop, name=f"uapi-{interface_name}", daemon=True)
-        self._acceptor.start()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(listener, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        self._thread = threading.Thread(target=self._serve, name=f"uapi-{interface_name}", daemon=True)
+        self._thread.start()
         log.info(f"UAPI: listening on {self._path}")
 
     # -- public ---------------------------------------------------------------------------------
@@ -524,21 +530,8 @@ class UAPIServer:
                 os.unlink(self._path)
             except FileNotFoundError:
                 pass
-        if self._acceptor is not threading.current_thread():
-            self._acceptor.join(5)
-        with self._clients_lock:
-            clients = list(self._clients.items())
-        for conn, _ in clients:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)  # wakes the client's thread out of recv()
-            except OSError:
-                pass
-        for _, thread in clients:
-            if thread is not threading.current_thread():
-                thread.join(5)
-        self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        if self._thread is not threading.current_thread():
+            self._thread.join(10)
         log.info(f"UAPI: closed {self._path}")
 
     def __enter__(self) -> UAPIServer:
@@ -566,125 +559,325 @@ class UAPIServer:
         except FileNotFoundError:
             pass
 
-    def _accept_loop(self) -> None:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._listener, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
+    def _serve(self) -> None:
+        try:
             while not self._closed.is_set():
                 try:
-                    sel.select()
-                    if self._closed.is_set():
-                        return
-                    conn, _ = self._listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as e:
-                    if self._closed.is_set():
-                        return
-                    log.err(f"UAPI: accept failed: {e}")  # e.g. EMFILE; back off a little
+                    self._serve_once()
+                except Exception as e:  # a bug must not stop the UAPI; never spin on it either
+                    log.err(f"UAPI: unexpected error: {e!r}")
                     self._closed.wait(0.1)
-                    continue
-                self._start_client(conn)
-
-    def _start_client(self, conn: socket.socket) -> None:
-        with self._clients_lock:
-            if len(self._clients) >= self._max_clients:
-                log.err(f"UAPI: refusing a client: {self._max_clients} already connected")
-                conn.close()
-                return
-            thread = threading.Thread(target=self._serve_client, args=(conn,), name=f"uapi-{self._name}-client",
-                                      daemon=True)
-            self._clients[conn] = thread
-        thread.start()
-
-    def _serve_client(self, conn: socket.socket) -> None:
-        try:
-            conn.settimeout(self._timeout)
-            self._converse(conn, _LineReader(conn))
-        except TimeoutError:
-            log.err(f"UAPI: client idle for {self._timeout:g} s; disconnecting it")
-        except _Overlong as e:
-            log.err(f"UAPI: line of at least {e.args[0]} bytes is longer than {MAX_LINE_LENGTH}; disconnecting")
-        except OSError:
-            pass  # the client went away (reset, broken pipe) or we are closing
-        except Exception as e:  # never let a client take the server down
-            log.err(f"UAPI: unexpected error serving a client: {e!r}")
         finally:
-            with self._clients_lock:
-                self._clients.pop(conn, None)
-            conn.close()
+            for client in list(self._clients.values()):
+                self._drop(client)
+            self._selector.close()
+            self._listener.close()
+            for fd in (self._wake_r, self._wake_w, self._spare):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
-    def _converse(self, conn: socket.socket, reader: _LineReader) -> None:
-        while not self._closed.is_set():
-            op = reader.readline()
-            if op is None:
+    def _serve_once(self) -> None:
+        now = time.monotonic()
+        timeout: float | None = None
+        for client in self._clients.values():
+            if client.deadline is not None:
+                left = client.deadline - now
+                timeout = left if timeout is None else min(timeout, left)
+        if self._accept_paused_until:
+            left = self._accept_paused_until - now
+            timeout = left if timeout is None else min(timeout, left)
+        events = self._selector.select(None if timeout is None else max(0.0, timeout))
+        for key, mask in events:
+            if self._closed.is_set():
                 return
-            if op == b"get=1":
-                terminator = reader.readline()
-                if terminator is None:
+            data = key.data
+            if data is None:
+                self._accept()
+            elif isinstance(data, _Client):
+                if data.sock.fileno() < 0 or self._clients.get(data.sock.fileno()) is not data:
+                    continue  # dropped by an earlier event of this round
+                try:
+                    if mask & selectors.EVENT_WRITE:
+                        self._writable(data)
+                    elif mask & selectors.EVENT_READ:
+                        self._readable(data)
+                except Exception as e:  # never let one client take the server down
+                    log.err(f"UAPI: unexpected error serving a client: {e!r}")
+                    self._drop(data)
+            else:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+        now = time.monotonic()
+        for client in [c for c in self._clients.values() if c.deadline is not None and c.deadline <= now]:
+            what = "reading its reply" if client.outbuf else "in the middle of a request"
+            log.err(f"UAPI: client stuck {what} for {self._timeout:g} s; disconnecting it")
+            self._drop(client)
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._selector.register(self._listener, selectors.EVENT_READ, None)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno == _errno.ECONNABORTED:
+                    continue
+                if e.errno in _FD_EXHAUSTED:
+                    self._refuse_one(e)
+                    if self._accept_paused_until:
+                        return
+                    continue
+                log.err(f"UAPI: accept failed: {e}")
+                self._pause_accepting()
+                return
+            try:
+                conn.setblocking(False)
+                client = _Client(conn)
+                self._selector.register(conn, selectors.EVENT_READ, client)
+            except (OSError, ValueError) as e:  # e.g. epoll out of memory: refuse this one
+                log.err(f"UAPI: cannot serve a new client: {e}")
+                conn.close()
+                continue
+            self._clients[conn.fileno()] = client
+
+    def _refuse_one(self, error: OSError) -> None:
+        """Out of descriptors: refuse the waiting client (accept it with the spare and close it)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now >= self._next_fd_log:
+            self._next_fd_log = now + _FD_LOG_INTERVAL
+            log.err(f"UAPI: out of file descriptors ({error.strerror or error}); refusing new clients "
+                    f"({self._refused} so far); connected clients and the tunnel carry on")
+        if self._spare < 0:
+            self._pause_accepting()
+            return
+        os.close(self._spare)
+        self._spare = -1
+        try:
+            conn, _ = self._listener.accept()
+            conn.close()
+        except OSError:
+            pass
+        try:
+            self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._pause_accepting()
+
+    def _pause_accepting(self) -> None:
+        if not self._accept_paused_until:
+            self._selector.unregister(self._listener)
+        self._accept_paused_until = time.monotonic() + _ACCEPT_PAUSE
+
+    def _drop(self, client: _Client) -> None:
+        fd = client.sock.fileno()
+        if fd >= 0 and self._clients.get(fd) is client:
+            del self._clients[fd]
+            try:
+                self._selector.unregister(client.sock)
+            except (KeyError, ValueError):
+                pass
+        client.sock.close()
+
+    def _want(self, client: _Client, events: int) -> None:
+        if client.events != events:
+            client.events = events
+            self._selector.modify(client.sock, events, client)
+
+    def _readable(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(client)  # reset by the client
+            return
+        if data:
+            client.inbuf += data
+            self._process(client)
+        else:
+            client.eof = True
+            if not client.outbuf:
+                self._process(client)
+                if not client.outbuf:
+                    self._end_of_input(client)
+        if client.deadline is None and (client.mode != _IDLE or client.inbuf):
+            client.deadline = time.monotonic() + self._timeout  # a request has begun
+
+    def _writable(self, client: _Client) -> None:
+        self._flush(client)
+        if client.outbuf or client.sock.fileno() < 0:
+            return
+        if client.hangup:
+            self._drop(client)
+            return
+        if not client.eof:
+            self._want(client, selectors.EVENT_READ)
+        client.deadline = None
+        self._process(client)  # pipelined requests that waited for the reply to go out
+        if client.eof and not client.outbuf:
+            self._end_of_input(client)
+            return
+        if client.deadline is None and (client.mode != _IDLE or client.inbuf):
+            client.deadline = time.monotonic() + self._timeout
+
+    def _flush(self, client: _Client) -> None:
+        out = client.outbuf
+        while out:
+            try:
+                sent = client.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                out.clear()
+                client.hangup = True  # the client went away
+                self._drop(client)
+                return
+            del out[:sent]
+            client.deadline = time.monotonic() + self._timeout  # progress: the reader is alive
+        if out:
+            self._want(client, selectors.EVENT_WRITE)
+        else:
+            client.deadline = None if client.mode == _IDLE and not client.inbuf else client.deadline
+
+    def _reply(self, client: _Client, text: str) -> None:
+        client.outbuf += text.encode("ascii")
+        self._flush(client)
+
+    def _process(self, client: _Client) -> None:
+        """Act on every complete line received, in order; stop while a reply is waiting to go out."""
+        buf = client.inbuf
+        end = buf.rfind(b"\n")
+        if end >= 0 and not client.outbuf and not client.hangup:
+            lines = buf[:end].decode("latin-1").split("\n")
+            del buf[: end + 1]
+            n = len(lines)
+            i = 0
+            while i < n:
+                line = lines[i]
+                i += 1
+                if len(line) > MAX_LINE_LENGTH:
+                    self._overlong(client, len(line))
                     return
-                if terminator:
-                    reply = self._error_reply(UAPIError(EINVAL, "get: trailing characters after get=1"))
+                if client.mode == _SET:
+                    i = self._set_lines(client, lines, i - 1)
                 else:
-                    reply = self._get()
-            elif op == b"set=1":
-                reply, ended = self._set(reader, conn)
-                if ended:  # the client half-closed: answer if it still listens, then hang up
-                    conn.sendall(reply.encode("ascii"))
+                    self._line(client, line[:-1] if line.endswith("\r") else line)
+                if client.hangup or client.sock.fileno() < 0:
                     return
+                if client.outbuf and i < n:
+                    # The reply is not out yet: keep the rest for when it is (bounded memory).
+                    rest = "\n".join(lines[i:]).encode("latin-1") + b"\n"
+                    buf[:0] = rest
+                    return
+        if len(buf) > MAX_LINE_LENGTH and not client.outbuf and client.sock.fileno() >= 0:
+            self._overlong(client, len(buf))
+
+    def _set_lines(self, client: _Client, lines: list[str], i: int) -> int:
+        """Feed set lines from ``lines[i]`` on to the client's parser; returns the index after the
+        request's blank line (the request then completed) or len(lines)."""
+        parser = client.parser
+        assert parser is not None
+        feed = parser.feed
+        n = len(lines)
+        while i < n:
+            line = lines[i]
+            i += 1
+            if line.endswith("\r"):
+                line = line[:-1]
+            if not line:
+                self._finish_set(client)
+                return i
+            if len(line) > MAX_LINE_LENGTH:
+                self._overlong(client, len(line))
+                return n
+            if client.error is None:  # after an error keep reading to the blank line, to stay in step
+                try:
+                    feed(line)
+                except UAPIError as e:
+                    client.error = e
+        return n
+
+    def _line(self, client: _Client, line: str) -> None:
+        if client.mode == _IDLE:
+            if line == "get=1":
+                client.mode = _GET
+            elif line == "set=1":
+                client.mode = _SET
+                client.parser = SetParser()
+                client.error = None
             else:
                 # wireguard-go logs and hangs up without a reply.
-                log.err(f"UAPI: invalid operation {_show(op.decode('latin-1'))}; disconnecting")
-                return
-            conn.sendall(reply.encode("ascii"))
+                log.err(f"UAPI: invalid operation {_show(line)}; disconnecting")
+                client.hangup = True
+                client.inbuf.clear()
+                if not client.outbuf:
+                    self._drop(client)
+        else:  # _GET: the blank line that ends the request
+            client.mode = _IDLE
+            if line:
+                self._reply(client, self._error_reply(UAPIError(EINVAL, "get: trailing characters after get=1")))
+            else:
+                self._reply(client, self._get())
+
+    def _finish_set(self, client: _Client) -> None:
+        parser, error = client.parser, client.error
+        client.mode, client.parser, client.error = _IDLE, None, None
+        if error is not None:
+            self._reply(client, self._error_reply(error))
+        elif parser is not None:
+            # Applied only after the whole request parsed (wireguard-go applies line by line): a
+            # request with a bad line anywhere changes nothing.
+            self._reply(client, self._apply(parser.request))
+
+    def _end_of_input(self, client: _Client) -> None:
+        if client.sock.fileno() < 0:
+            return
+        if client.mode == _SET and not client.outbuf:
+            # EOF ends the request, as in wireguard-go; it is still applied and answered. A partial
+            # last line without "\n" is dropped, as by Go's ReadString.
+            client.inbuf.clear()
+            self._finish_set(client)
+        client.hangup = True
+        client.inbuf.clear()
+        if not client.outbuf:
+            self._drop(client)
+
+    def _overlong(self, client: _Client, length: int) -> None:
+        log.err(f"UAPI: line of at least {length} bytes is longer than {MAX_LINE_LENGTH}; disconnecting")
+        client.inbuf.clear()
+        client.hangup = True
+        if client.mode == _SET:
+            # wireguard-go's scanner fails the same way (EIO); we cannot find the next line again.
+            client.mode = _IDLE
+            self._reply(client, self._error_reply(
+                UAPIError(EIO, f"set: line of at least {length} bytes is longer than {MAX_LINE_LENGTH}")))
+        if client.sock.fileno() >= 0 and not client.outbuf:
+            self._drop(client)
 
     def _get(self) -> str:
         try:
-            with self._device_lock:
-                state = self._device.state()
-            return format_get(state)
+            return format_get(self._device.state())
         except UAPIError as e:
             return self._error_reply(e)
         except Exception as e:
             return self._error_reply(UAPIError(ENOANO, f"get: unexpected error: {e!r}"))
 
-    def _set(self, reader: _LineReader, conn: socket.socket) -> tuple[str, bool]:
-        """Read the whole request, then apply it. Returns (reply, connection ended)."""
-        parser = SetParser()
-        error: UAPIError | None = None
-        ended = False
-        while True:
-            try:
-                raw = reader.readline()
-            except _Overlong as e:
-                # wireguard-go's scanner fails the same way (EIO); we cannot find the next line again.
-                conn.sendall(self._error_reply(
-                    UAPIError(EIO, f"set: line of at least {e.args[0]} bytes is longer than {MAX_LINE_LENGTH}")
-                ).encode("ascii"))
-                raise
-            if raw is None:
-                ended = True  # EOF ends the request, as in wireguard-go; it is still applied
-                break
-            line = _strip_eol(raw.decode("latin-1"))
-            if not line:
-                break
-            if error is None:  # after an error keep reading to the blank line, to stay in step
-                try:
-                    parser.feed(line)
-                except UAPIError as e:
-                    error = e
-        if error is not None:
-            return self._error_reply(error), ended
-        # Applied only after the whole request parsed (wireguard-go applies line by line): a request
-        # with a bad line anywhere changes nothing.
+    def _apply(self, request: DeviceSet) -> str:
         try:
-            with self._device_lock:
-                self._device.apply(parser.request)
+            self._device.apply(request)
         except UAPIError as e:
-            return self._error_reply(e), ended
+            return self._error_reply(e)
         except Exception as e:
-            return self._error_reply(UAPIError(ENOANO, f"set: unexpected error: {e!r}")), ended
-        return format_errno(0), ended
+            return self._error_reply(UAPIError(ENOANO, f"set: unexpected error: {e!r}"))
+        return format_errno(0)
 
     def _error_reply(self, error: UAPIError) -> str:
         log.err(f"UAPI: {self._name}: {error} (errno {error.errno})")

@@ -5,6 +5,7 @@ Expected texts and errno values are wireguard-go's (device/uapi.go, ipc/uapi_uni
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -604,6 +605,61 @@ def test_stuck_client_does_not_block_others_and_is_timed_out(server):
         stuck.close()
         half.close()
     assert server.device.requests == []
+
+
+def test_idle_client_between_requests_is_never_cut_off(server):
+    with connect(server.path) as s:
+        assert read_reply_of(s, b"get=1\n\n") == EXPECTED_GET
+        time.sleep(2.6)  # longer than the server's 2 s timeout, idle between requests
+        assert read_reply_of(s, b"get=1\n\n") == EXPECTED_GET
+        s.sendall(b"set=1\n")  # a request begun, then idle inside it: that one is cut off
+        t0 = time.monotonic()
+        assert s.recv(100) == b""
+        assert 1.5 < time.monotonic() - t0 < 4.0
+    assert server.device.requests == []
+
+
+def read_reply_of(s: socket.socket, request: bytes) -> str:
+    s.sendall(request)
+    return read_reply(s)
+
+
+def test_one_thread_serves_every_client(server):
+    before = threading.active_count()
+    socks = [connect(server.path) for _ in range(100)]
+    try:
+        for s in socks[::10]:
+            assert read_reply_of(s, b"get=1\n\n") == EXPECTED_GET
+        assert threading.active_count() == before
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_client_that_does_not_read_its_reply_is_cut_off(tmp_path):
+    big = DeviceState(peers=[PeerState(public_key=bytes.fromhex(PUB1_HEX),
+                                       allowed_ips=[ipaddress.ip_network((i << 8, 24)) for i in range(60000)])])
+    with UAPIServer("wgslow", RecordingDevice(big), directory=str(tmp_path), timeout=1.5) as srv:
+        slow = connect(srv.path)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            slow.sendall(b"get=1\n\n")  # a 1.6 MB reply, never read
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            with connect(srv.path) as other:  # others are served meanwhile
+                assert read_reply_of(other, b"set=1\nlisten_port=3\n\n") == "errno=0\n\n"
+            assert time.monotonic() - t0 < 1.0
+            time.sleep(2.5)
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while True:
+                    chunk = slow.recv(1 << 20)
+                    if not chunk:
+                        break
+                    received += chunk
+            assert 0 < len(received) < len(format_get(big))  # cut off part way
+        finally:
+            slow.close()
 
 
 def test_garbage_never_kills_the_server(server):
