@@ -28,7 +28,7 @@ def test_wireguard_demo(right):
     # Deleting the interfaces is how the demo stops its daemons: a normal event, no warning or error
     # from wiretun-wg (Debian's wireguard-go prints an ERROR of its own about the MTU then; not ours).
     ours = ("wg0", "wg1") if right == "wiretun-wg" else ("wg0",)
-    noisy = [line for line in out.splitlines() if re.match(r"(ERROR|WARNING): \((%s)\)" % "|".join(ours), line)]
+    noisy = [line for line in out.splitlines() if re.match(r"(ERROR|WARNING): \(({})\)".format("|".join(ours)), line)]
     assert noisy == [], out
     if right == "wiretun-wg":
         assert "ERROR" not in out, out

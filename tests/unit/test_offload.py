@@ -185,7 +185,7 @@ def test_split_tcp6_with_extension_header():
     hdr, sp = kernel_super(bytes(pkt), O.GSO_TCPV6, 1000, csum_start=48)
     segs = O.split_packets(hdr, sp)
     assert len(segs) == 3
-    for i, s in enumerate(segs):
+    for s in segs:
         assert P.verify_checksums(s)
         assert s[40:48] == hbh and struct.unpack_from("!H", s, 4)[0] == len(s) - 40
     assert b"".join(s[68:] for s in segs) == inner[60:]
@@ -538,7 +538,8 @@ def test_coalesce_limits():
 
 
 def test_coalesce_udp_rules():
-    mk = lambda p, **kw: P.ipv4_udp(A4, B4, 53, 5353, p, **kw)
+    def mk(p, **kw):
+        return P.ipv4_udp(A4, B4, 53, 5353, p, **kw)
 
     def runs(batch):
         return _flows(O.coalesce(batch, udp=True))

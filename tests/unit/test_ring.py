@@ -522,7 +522,10 @@ class RingModel(RuleBasedStateMachine):
         while self.records and self.records[0]["state"] == "released":
             self.records.pop(0)
 
-    @rule(target=allocated, size=st.one_of(st.integers(1, 64), st.integers(1, 0xFFFF), st.sampled_from([1, 4, 5, 0xFFFF])))
+    @rule(
+        target=allocated,
+        size=st.one_of(st.integers(1, 64), st.integers(1, 0xFFFF), st.sampled_from([1, 4, 5, 0xFFFF])),
+    )
     def allocate(self, size):
         free = (self.model_head() - self.alloc_pos - 4) % CAP
         if record_size(size) > free:
@@ -645,5 +648,8 @@ class RingModel(RuleBasedStateMachine):
 
 TestRingModel = RingModel.TestCase
 TestRingModel.settings = settings(
-    max_examples=150, stateful_step_count=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+    max_examples=150,
+    stateful_step_count=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
