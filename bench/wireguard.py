@@ -1,22 +1,32 @@
-"""WireGuard benchmark: iperf3 TCP through a wiretun pair and a wireguard-go pair on this machine, one run.
+"""WireGuard benchmark: wiretun, upstream wireguard-go, Debian's wireguard-go and the mixed pairs, one run.
 
 Two network namespaces A and B joined by a veth pair (198.18.1.1/24 and 198.18.1.2/24; 198.18.0.0/15 is
 the benchmarking range). For every pair, one WireGuard interface per namespace (10.99.0.1/24 in A,
-10.99.0.2/24 in B, MTU 1420 both), configured with ``wg``, then iperf3 TCP from A to B (and back with
-``--both-ways``) through the tunnel:
+10.99.0.2/24 in B, MTU 1420 both), configured with ``wg``, then through the tunnel from A to B:
 
-* ``wireguard-go``         ``wireguard-go -f`` in both namespaces (the reference)
-* ``wiretun``              ``wiretun-wg -f`` (:mod:`wiretun.wireguard.daemon`) in both namespaces: two
-                           processes, so each device has an interpreter (and a GIL) of its own
-* ``wiretun->wireguard-go``wiretun in A sending, wireguard-go in B receiving (the interop path)
+* iperf3 TCP for ``--seconds`` (Gbit/s at iperf3's receiver), every round reported and the median;
+* iperf3 UDP at full speed with 64-byte and 1400-byte payloads for ``--udp-seconds`` each (datagrams
+  per second that arrived at iperf3's receiver);
+* CPU seconds per gigabit: the CPU time (utime + stime from ``/proc/<pid>/stat``, all threads) of the
+  two WireGuard daemons during the TCP run, divided by the gigabits iperf3 received. iperf3's own CPU
+  and the kernel's softirq work charged to nobody are not counted.
 
-The table shows Gbit/s (iperf3's receiver), the ratio to the wireguard-go pair of the same run, and the
-CPU the two WireGuard processes used during the run (per second, summed: 200% is both cores of a
-2-core machine). Pairs are measured in interleaved rounds; the table shows medians. Namespaces,
+Rows (A sends, B receives):
+
+* ``wiretun``           ``wiretun-wg -f`` (:mod:`wiretun.wireguard.daemon`) in both namespaces
+* ``upstream``          current upstream wireguard-go (TUN offloads, UDP GSO/GRO): the reference. Its
+                        binary comes from ``--upstream PATH``, else ``$WIREGUARD_GO_UPSTREAM``, else
+                        /tmp/wireguard-go-upstream/wireguard-go (built by ../shared/tools/build-wireguard-go.sh);
+                        without one the upstream rows are skipped with a note and ratios use nothing
+* ``debian``            the wireguard-go on ``$PATH`` (Debian's 0.0.20220316, no offloads)
+* ``wiretun->upstream`` and ``upstream->wiretun``: the mixed pairs (interoperation at speed)
+
+Rounds alternate between the rows (row 1, row 2, ..., row 1, ...), so load from other work on the
+machine spreads over all rows; ratios to upstream are of medians from the same run. Namespaces,
 processes and UAPI sockets are removed even on failure or Ctrl-C.
 
-Usage: ``sudo python bench/wireguard.py [--seconds 5] [--rounds 3] [--both-ways] [--only KIND,...]``.
-Not a test.
+Usage: ``sudo python bench/wireguard.py [--seconds 5] [--rounds 3] [--udp-seconds 3] [--only ROW,...]
+[--upstream PATH] [--json FILE]``. Not a test.
 """
 
 from __future__ import annotations
@@ -32,9 +42,9 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -45,38 +55,42 @@ OUTER_A, OUTER_B = "198.18.1.1", "198.18.1.2"
 INNER_A, INNER_B = "10.99.0.1", "10.99.0.2"
 PORT_A, PORT_B = 51820, 51821
 IPERF_PORT = 5201
-KINDS = ["wireguard-go", "wiretun", "wiretun->wireguard-go"]
-SIDES = {  # kind -> (implementation in A, implementation in B)
-    "wireguard-go": ("wireguard-go", "wireguard-go"),
+DEFAULT_UPSTREAM = "/tmp/wireguard-go-upstream/wireguard-go"
+UDP_SIZES = (64, 1400)
+ROWS = ["wiretun", "upstream", "debian", "wiretun->upstream", "upstream->wiretun"]
+SIDES = {  # row -> (implementation in A, implementation in B)
     "wiretun": ("wiretun", "wiretun"),
-    "wiretun->wireguard-go": ("wiretun", "wireguard-go"),
+    "upstream": ("upstream", "upstream"),
+    "debian": ("debian", "debian"),
+    "wiretun->upstream": ("wiretun", "upstream"),
+    "upstream->wiretun": ("upstream", "wiretun"),
 }
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
 class Result:
-    kind: str
-    forward_bps: list[float] = field(default_factory=list)  # A -> B
-    reverse_bps: list[float] = field(default_factory=list)  # B -> A
-    cpu: list[float] = field(default_factory=list)  # WireGuard processes' CPU seconds per second, A -> B
+    row: str
+    tcp_bps: list[float] = field(default_factory=list)  # A -> B, one per round
     retransmits: list[int] = field(default_factory=list)
+    cpu_per_gbit: list[float] = field(default_factory=list)  # daemon CPU seconds per gigabit received
+    udp_pps: dict[int, list[float]] = field(default_factory=lambda: {size: [] for size in UDP_SIZES})
     errors: list[str] = field(default_factory=list)
+    skipped: str = ""
 
 
-def _run(*argv: str, timeout: float = 30, check: bool = True,  # type: ignore[no-untyped-def]
-         **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+def _run(*argv: str, timeout: float = 30, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {r.stderr.strip() or r.stdout.strip()}")
     return r
 
 
-def _nsx(ns: str, *argv: str, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
-    return _run("ip", "netns", "exec", ns, *argv, **kw)
+def _nsx(ns: str, *argv: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run("ip", "netns", "exec", ns, *argv, timeout=timeout, check=check)
 
 
-def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -89,7 +103,7 @@ def _cpu_seconds(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime of all threads
 
 
 @contextlib.contextmanager
@@ -109,7 +123,7 @@ def topology() -> Iterator[tuple[str, str]]:
 class Node:
     """One WireGuard process (wireguard-go or wiretun-wg) in a namespace, configured with wg."""
 
-    def __init__(self, impl: str, ns: str, tmp: Path) -> None:
+    def __init__(self, impl: str, binaries: dict[str, str], ns: str, tmp: Path) -> None:
         self.impl = impl
         self.ns = ns
         self.ifname = f"wgb{uuid.uuid4().hex[:8]}"
@@ -119,10 +133,10 @@ class Node:
         self.key_file = tmp / f"{self.ifname}.key"
         self.key_file.write_text(self.private + "\n")
         self.key_file.chmod(0o600)
-        if impl == "wireguard-go":
-            argv = [shutil.which("wireguard-go") or "wireguard-go", "-f", self.ifname]
-        else:
+        if impl == "wiretun":
             argv = [sys.executable, "-m", "wiretun.wireguard.daemon", "-f", self.ifname]
+        else:
+            argv = [binaries[impl], "-f", self.ifname]
         env = dict(os.environ, LOG_LEVEL="error", WG_PROCESS_FOREGROUND="1",
                    PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
         # `ip netns exec` execs the command: the pid is the WireGuard process's own.
@@ -131,7 +145,8 @@ class Node:
         try:
             _wait(lambda: self.sock.exists() or self.proc.poll() is not None, 30, f"{impl} to start")
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{impl} exited with {self.proc.returncode}: {self.proc.stderr.read()[:300]}")
+                stderr = self.proc.stderr.read()[:300] if self.proc.stderr else ""
+                raise RuntimeError(f"{impl} exited with {self.proc.returncode}: {stderr}")
         except BaseException:
             self.close()
             raise
@@ -153,23 +168,23 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
         with contextlib.suppress(FileNotFoundError):
             self.sock.unlink()
 
 
-def _iperf(client_ns: str, server_ns: str, server_addr: str, seconds: float, reverse: bool) -> dict:
+def _iperf(client_ns: str, server_ns: str, server_addr: str, extra: list[str], seconds: float) -> dict[str, Any]:
     server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_addr,
                                "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(lambda: _nsx(server_ns, "ss", "-Hltn", f"sport = :{IPERF_PORT}").stdout.strip(), 10,
               "iperf3 to listen")
         argv = ["iperf3", "-c", server_addr, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J",
-                "--connect-timeout", "5000"]
-        if reverse:
-            argv.append("-R")
+                "--connect-timeout", "5000", *extra]
         r = _nsx(client_ns, *argv, timeout=seconds + 60, check=False)
         try:
-            report = json.loads(r.stdout)
+            report: dict[str, Any] = json.loads(r.stdout)
         except ValueError:
             raise RuntimeError(f"iperf3 printed no JSON: {r.stderr.strip()[:300]}") from None
         if "error" in report:
@@ -181,27 +196,33 @@ def _iperf(client_ns: str, server_ns: str, server_addr: str, seconds: float, rev
         server.wait(10)
 
 
-def measure(kind: str, seconds: float, both_ways: bool, result: Result) -> None:
-    impl_a, impl_b = SIDES[kind]
+def measure(row: str, binaries: dict[str, str], seconds: float, udp_seconds: float, result: Result) -> None:
+    impl_a, impl_b = SIDES[row]
     with tempfile.TemporaryDirectory() as tmp, topology() as (ns_a, ns_b):
         a = b = None
         try:
-            a = Node(impl_a, ns_a, Path(tmp))
-            b = Node(impl_b, ns_b, Path(tmp))
+            a = Node(impl_a, binaries, ns_a, Path(tmp))
+            b = Node(impl_b, binaries, ns_b, Path(tmp))
             a.configure(PORT_A, INNER_A, b, INNER_B, f"{OUTER_B}:{PORT_B}")
             b.configure(PORT_B, INNER_B, a, INNER_A, f"{OUTER_A}:{PORT_A}")
             # Handshake first, so that it is not part of the measurement.
             _nsx(ns_a, "python3", "-c", _HANDSHAKE_PROBE, INNER_B, timeout=30)
-            _wait(lambda: _latest_handshake(a) > 0, 15, "the handshake")
-            cpu0, t0 = a.cpu_seconds() + b.cpu_seconds(), time.monotonic()
-            report = _iperf(ns_a, ns_b, INNER_B, seconds, reverse=False)
-            cpu = (a.cpu_seconds() + b.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-            result.forward_bps.append(float(report["end"]["sum_received"]["bits_per_second"]))
+            _wait(lambda: _latest_handshake(a) > 0, 15, "the handshake")  # type: ignore[arg-type]
+            cpu0 = a.cpu_seconds() + b.cpu_seconds()
+            report = _iperf(ns_a, ns_b, INNER_B, [], seconds)
+            cpu = a.cpu_seconds() + b.cpu_seconds() - cpu0
+            received = report["end"]["sum_received"]
+            bps = float(received["bits_per_second"])
+            result.tcp_bps.append(bps)
             result.retransmits.append(int(report["end"]["sum_sent"].get("retransmits", 0)))
-            result.cpu.append(cpu)
-            if both_ways:
-                report = _iperf(ns_a, ns_b, INNER_B, seconds, reverse=True)
-                result.reverse_bps.append(float(report["end"]["sum_received"]["bits_per_second"]))
+            gigabits = float(received["bytes"]) * 8 / 1e9
+            if gigabits > 0:
+                result.cpu_per_gbit.append(cpu / gigabits)
+            for size in UDP_SIZES if udp_seconds > 0 else ():
+                report = _iperf(ns_a, ns_b, INNER_B, ["-u", "-b", "0", "-l", str(size)], udp_seconds)
+                total = report["end"]["sum"]
+                arrived = int(total.get("packets", 0)) - int(total.get("lost_packets", 0))
+                result.udp_pps[size].append(max(0, arrived) / float(total.get("seconds") or udp_seconds))
         finally:
             for node in (b, a):
                 if node is not None:
@@ -218,94 +239,149 @@ def _latest_handshake(node: Node) -> int:
     return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
 
 
-def machine_line() -> str:
+def _version(binary: str | None) -> str:
+    if not binary:
+        return "absent"
+    text = _run(binary, "--version", check=False).stdout.split("\n", 1)[0].strip()
+    return text.replace("wireguard-go ", "") or "?"
+
+
+def machine_line(binaries: dict[str, str]) -> str:
     from _machine import machine_line as line
 
-    wggo = _run("wireguard-go", "--version", check=False).stdout.split("\n", 1)[0].strip() or "wireguard-go ?"
-    return line(wggo, _run("iperf3", "--version", check=False).stdout.split("\n", 1)[0].strip())
+    return line(f"upstream wireguard-go {_version(binaries.get('upstream'))}",
+                f"Debian wireguard-go {_version(binaries.get('debian'))}",
+                _run("iperf3", "--version", check=False).stdout.split("\n", 1)[0].strip())
 
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def table(results: list[Result], seconds: float, rounds: int, both_ways: bool) -> str:
-    by = {r.kind: r for r in results}
-    base = by.get("wireguard-go")
-    base_fwd = _median(base.forward_bps) if base else None
-    base_rev = _median(base.reverse_bps) if base else None
+def _load() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+def table(results: list[Result], args: argparse.Namespace, binaries: dict[str, str], loads: list[str]) -> str:
+    by = {r.row: r for r in results}
+    base = by.get("upstream")
+    base_tcp = _median(base.tcp_bps) if base else None
 
     def ratio(value: float | None, reference: float | None) -> str:
-        return f"{value / reference:.3f}x" if value is not None and reference else "-"
+        return f"{value / reference:.2f}" if value is not None and reference else "-"
 
+    rounds = args.rounds
     lines = [
-        f"WireGuard tunnel throughput: iperf3 TCP through two WireGuard interfaces in two namespaces "
-        f"({seconds:g} s per run, median of {rounds} interleaved round{'s' if rounds != 1 else ''})",
-        machine_line(),
+        f"WireGuard through two namespaces, A -> B: iperf3 TCP {args.seconds:g} s per round, {rounds} "
+        f"alternating round{'s' if rounds != 1 else ''}; UDP {args.udp_seconds:g} s per size per round",
+        machine_line(binaries),
+        f"load average before each round: {', '.join(loads)}",
         "",
-        f"{'pair (A -> B)':<24} {'Gbit/s':>8} {'x wg-go':>8} {'CPU':>5} {'retr':>6}"
-        + (f" {'B->A Gbit/s':>11} {'x wg-go':>8}" if both_ways else ""),
+        f"{'pair (A -> B)':<19} {'TCP Gbit/s per round':<22} {'median':>6} {'x up':>5} {'retr':>5} "
+        f"{'CPU s/Gbit':>10} {'UDP 64 B pkt/s':>14} {'UDP 1400 B pkt/s':>16}",
     ]
     for r in results:
-        fwd = _median(r.forward_bps)
-        if fwd is None:
-            lines.append(f"{r.kind:<24} failed: {'; '.join(r.errors)[:300]}")
+        if r.skipped:
+            lines.append(f"{r.row:<19} skipped: {r.skipped}")
             continue
-        rev = _median(r.reverse_bps)
-        cpu = _median(r.cpu)
+        tcp = _median(r.tcp_bps)
+        if tcp is None:
+            lines.append(f"{r.row:<19} failed: {'; '.join(r.errors)[:300]}")
+            continue
+        per_round = " ".join(f"{x / 1e9:.2f}" for x in r.tcp_bps)
         retr = _median([float(x) for x in r.retransmits])
-        cpu_text = f"{cpu * 100:.0f}%" if cpu is not None else "-"
-        retr_text = f"{retr:.0f}" if retr is not None else "-"
-        line = f"{r.kind:<24} {fwd / 1e9:>8.3f} {ratio(fwd, base_fwd):>8} {cpu_text:>5} {retr_text:>6}"
-        if both_ways:
-            line += f" {(f'{rev / 1e9:.3f}' if rev is not None else '-'):>11} {ratio(rev, base_rev):>8}"
+        cpu = _median(r.cpu_per_gbit)
+        udp = [_median(r.udp_pps[size]) for size in UDP_SIZES]
+        line = (f"{r.row:<19} {per_round:<22} {tcp / 1e9:>6.2f} {ratio(tcp, base_tcp):>5} "
+                f"{(f'{retr:.0f}' if retr is not None else '-'):>5} "
+                f"{(f'{cpu:.2f}' if cpu is not None else '-'):>10} "
+                f"{(f'{udp[0]:,.0f}' if udp[0] is not None else '-'):>14} "
+                f"{(f'{udp[1]:,.0f}' if udp[1] is not None else '-'):>16}")
         if r.errors:
             line += f"  ({len(r.errors)} run(s) failed: {r.errors[0][:120]})"
         lines.append(line)
-    lines.append("")
-    lines.append("x wg-go: ratio to the wireguard-go pair in this run. CPU: CPU time of both WireGuard "
-                 "processes per second of the A -> B run")
-    lines.append("(200% = two cores). retr: TCP retransmissions reported by the iperf3 sender.")
+    if base is not None and not base.skipped:
+        parts = []
+        for r in results:
+            if r is base or r.skipped:
+                continue
+            udp = [ratio(_median(r.udp_pps[s]), _median(base.udp_pps[s])) for s in UDP_SIZES]
+            parts.append(f"{r.row} {udp[0]}/{udp[1]}")
+        lines.append(f"UDP x up (64 B/1400 B): {'; '.join(parts)}")
+    lines += [
+        "",
+        "x up: ratio of medians to the upstream pair in this run. retr: TCP retransmissions (iperf3 sender).",
+        "CPU s/Gbit: CPU time of both WireGuard daemons (all threads, /proc/<pid>/stat utime+stime) during the",
+        "TCP run per gigabit received; iperf3 and unattributed softirq time are not counted. UDP pkt/s: datagrams",
+        "that reached iperf3's receiver per second, sender unlimited (-b 0).",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run (default 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians shown (default 3)")
-    parser.add_argument("--both-ways", action="store_true", help="also measure B -> A (iperf3 -R)")
-    parser.add_argument("--only", default="", help=f"comma-separated pairs from: {', '.join(KINDS)}")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each TCP run (default 5)")
+    parser.add_argument("--udp-seconds", type=float, default=3.0, help="length of each UDP run (default 3; 0: none)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians shown (default 3)")
+    parser.add_argument("--only", default="", help=f"comma-separated rows from: {', '.join(ROWS)}")
+    parser.add_argument("--upstream", metavar="PATH", help="upstream wireguard-go binary "
+                        f"(default $WIREGUARD_GO_UPSTREAM, else {DEFAULT_UPSTREAM} if it exists)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     args = parser.parse_args(argv)
     if not 0 < args.seconds <= 600:
         parser.error(f"--seconds {args.seconds} is outside 0..600")
+    if not 0 <= args.udp_seconds <= 600:
+        parser.error(f"--udp-seconds {args.udp_seconds} is outside 0..600")
     if not 1 <= args.rounds <= 20:
         parser.error(f"--rounds {args.rounds} is outside 1..20")
-    kinds = [k.strip() for k in args.only.split(",") if k.strip()] or KINDS
-    for kind in kinds:
-        if kind not in KINDS:
-            parser.error(f"unknown pair {kind!r}; choose from {', '.join(KINDS)}")
+    rows = [k.strip() for k in args.only.split(",") if k.strip()] or ROWS
+    for row in rows:
+        if row not in ROWS:
+            parser.error(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
     if os.geteuid() != 0:
         print("wireguard.py: needs root (network namespaces, TUN devices); skipped", file=sys.stderr)
         return 1
-    for tool in ("iperf3", "ip", "ss", "wg", "wireguard-go", "python3"):
+    for tool in ("iperf3", "ip", "ss", "wg", "python3"):
         if shutil.which(tool) is None:
             print(f"wireguard.py: {tool} is missing", file=sys.stderr)
             return 1
-    results = {kind: Result(kind) for kind in kinds}
+    binaries: dict[str, str] = {}
+    upstream = args.upstream or os.environ.get("WIREGUARD_GO_UPSTREAM") or (
+        DEFAULT_UPSTREAM if os.access(DEFAULT_UPSTREAM, os.X_OK) else "")
+    if upstream:
+        if not os.access(upstream, os.X_OK):
+            parser.error(f"upstream wireguard-go {upstream!r} is not an executable file")
+        binaries["upstream"] = upstream
+    debian = shutil.which("wireguard-go")
+    if debian:
+        binaries["debian"] = debian
+    results = {row: Result(row) for row in rows}
+    for row, result in results.items():
+        missing = [impl for impl in SIDES[row] if impl != "wiretun" and impl not in binaries]
+        if "upstream" in missing:
+            result.skipped = ("no upstream wireguard-go (--upstream PATH or WIREGUARD_GO_UPSTREAM; "
+                              "../shared/tools/build-wireguard-go.sh builds one)")
+        elif missing:
+            result.skipped = "no wireguard-go on PATH"
+    loads: list[str] = []
     for _ in range(args.rounds):
-        for kind in kinds:
+        loads.append(_load())
+        for row, result in results.items():
+            if result.skipped:
+                continue
             try:
-                measure(kind, args.seconds, args.both_ways, results[kind])
+                measure(row, binaries, args.seconds, args.udp_seconds, result)
             except KeyboardInterrupt:
                 print("interrupted; cleaned up", file=sys.stderr)
                 return 130
             except Exception as exc:  # one failed pair must not hide the others' numbers
-                results[kind].errors.append(str(exc)[:300])
-    print(table(list(results.values()), args.seconds, args.rounds, args.both_ways))
+                result.errors.append(str(exc)[:300])
+    print(table(list(results.values()), args, binaries, loads))
     if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in results.values()], indent=2))
-    return 0 if all(r.forward_bps for r in results.values()) else 1
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results.values()], indent=2))
+    return 0 if all(r.tcp_bps or r.skipped for r in results.values()) else 1
 
 
 if __name__ == "__main__":
