@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests, demo and benchmarks use (installed only when a command is missing).
-APT_PACKAGES := iproute2 iputils-ping wireguard-go wireguard-tools iperf3 tcpdump tshark ethtool gcc libc6-dev python3-venv python3-dev procps
+APT_PACKAGES := iproute2 iputils-ping wireguard-go wireguard-tools iperf3 tcpdump tshark ethtool gcc libc6-dev python3-venv python3-dev libssl-dev procps
 APT_COMMANDS := ip ping wg wg-quick wireguard-go iperf3 tcpdump tshark ethtool gcc pgrep
 
 .PHONY: all deps venv demo demo-wireguard-go demo-example lint test test-unit bench clean
@@ -15,13 +15,14 @@ deps:
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	$(PYTHON) -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
 		|| missing="$$missing python3-dev"; \
+	[ -e /usr/include/openssl/evp.h ] || missing="$$missing libssl-dev"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages (missing:$$missing)"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	fi
 
-$(BIN)/.installed: pyproject.toml setup.py src/wiretun/_speedups.c | deps
+$(BIN)/.installed: pyproject.toml setup.py src/wiretun/_speedups.c src/wiretun/wireguard/_wgcrypto.c | deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

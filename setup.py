@@ -1,9 +1,14 @@
-"""Build hook for the optional C accelerator ``wiretun._speedups`` (all metadata is in pyproject.toml).
+"""Build hook for the optional C accelerators (all metadata is in pyproject.toml).
 
-The extension is optional: wiretun.session has the same loops in pure Python. If it cannot be built (no
-compiler, no Python headers, a big-endian host) the install goes on without it and says so. Its loops
-drive a Linux TUN queue (readv/writev), so it is built on Linux only: on Windows wiretun talks to
-wintun.dll through ctypes and there is nothing to compile.
+* ``wiretun._speedups``: the session's per-packet loops (wiretun.session has them in pure Python). They
+  drive a Linux TUN queue (readv/writev), so it is built on Linux only: on Windows wiretun talks to
+  wintun.dll through ctypes and there is nothing to compile.
+* ``wiretun.wireguard._wgcrypto``: WireGuard transport packets sealed and opened in batches with the GIL
+  released, on OpenSSL's libcrypto (Debian's libssl-dev); wiretun.wireguard.batch has them in pure
+  Python on ``cryptography``.
+
+Both are optional. If one cannot be built (no compiler, no Python or OpenSSL headers, a big-endian host)
+the install goes on without it and says so.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ class OptionalBuildExt(build_ext):
     def _skip(name: str, exc: BaseException) -> None:
         print(
             f"WARNING: could not build {name} ({exc}); wiretun works without it, on its slower "
-            f"pure-Python path (install a C compiler and the Python headers, e.g. Debian's gcc, "
-            f"libc6-dev and python3-dev, then reinstall to get it)",
+            f"pure-Python path (install a C compiler and the Python and OpenSSL headers, e.g. Debian's "
+            f"gcc, libc6-dev, python3-dev and libssl-dev, then reinstall to get it)",
             file=sys.stderr,
         )
 
@@ -48,7 +53,14 @@ setup(
             sources=["src/wiretun/_speedups.c"],
             extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
-        )
+        ),
+        Extension(
+            "wiretun.wireguard._wgcrypto",
+            sources=["src/wiretun/wireguard/_wgcrypto.c"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-std=c99", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )
