@@ -39,10 +39,11 @@ from ..offload import (
     VirtioNetHeader,
     split,
 )
+from ..offload import split_packets as _split_packets
 from ..packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_PSH, ones_sum
 from .replay import RING_BITS, WINDOW_SIZE
 
-__all__ = ["SPEEDUPS", "seal_super", "open_train", "OpenResult", "segment_count"]
+__all__ = ["SPEEDUPS", "seal_super", "open_train", "OpenResult", "segment_count", "split_packets", "frame_packets"]
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -95,6 +96,28 @@ def segment_count(header: Buffer, packet: Buffer) -> int:
         return count(hdr, packet)
     except WintunError as e:
         raise ValueError(str(e)) from None
+
+
+def split_packets(header: Buffer, packet: Buffer) -> list[bytes]:
+    """The wire packets of one offload read, as :func:`wiretun.offload.split_packets` (ValueError if
+    malformed)."""
+    if len(header) != VIRTIO_NET_HDR_LEN:
+        raise ValueError(f"virtio-net header must be {VIRTIO_NET_HDR_LEN} bytes, not {len(header)}")
+    if not 0 < len(packet) <= MAX_SUPER:
+        raise ValueError(f"packet of {len(packet)} bytes is outside 1..65535")
+    try:
+        return _split_packets(VirtioNetHeader.unpack_from(header), packet)
+    except WintunError as e:
+        raise ValueError(str(e)) from None
+
+
+def frame_packets(header: Buffer, size: int) -> int:
+    """How many wire packets a frame of :func:`open_train` carries (``size``: its packet's bytes)."""
+    gso_size = _NATIVE_HDR.unpack_from(header)[3]
+    if not header[1] or not gso_size:
+        return 1
+    hdr_len = _NATIVE_HDR.unpack_from(header)[2]
+    return max(1, -(-(size - hdr_len) // gso_size))
 
 
 def _py_seal_super(key: bytes, receiver: int, counter: int, header: Buffer, packet: Buffer,

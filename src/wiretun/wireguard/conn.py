@@ -29,7 +29,7 @@ from .. import log
 from ..linux import netlink
 from .core import CounterSet
 
-__all__ = ["Conn", "ConnCounters", "Datagram", "Deliver", "SOCKET_BUFFER_SIZE", "GSO_RETRY_AFTER"]
+__all__ = ["Conn", "ConnCounters", "Datagram", "Deliver", "DeliverTrain", "SOCKET_BUFFER_SIZE", "GSO_RETRY_AFTER"]
 
 SOCKET_BUFFER_SIZE = 7 << 20  # wireguard-go's UDP socket buffer size
 RANDOM_PORT_ATTEMPTS = 100  # wireguard-go's retries when port 0 collides on IPv6
@@ -58,6 +58,7 @@ _MARK = struct.Struct("=I")
 
 Datagram = tuple[bytes, Any]  # (payload, endpoint)
 Deliver = Callable[[memoryview, Any, float], None]
+DeliverTrain = Callable[[memoryview, int, Any, float], None]  # (datagrams, segment size, source, now)
 
 
 @dataclass(slots=True, eq=False)
@@ -244,6 +245,33 @@ class Conn:
         counters.udp_rx += count
         return count
 
+    def receive_trains(self, sock: socket.socket, deliver: DeliverTrain, now: float) -> int:
+        """:meth:`receive` for a caller that takes a GRO train whole: ``deliver(view, segment, source,
+        now)`` once per read, ``segment`` being the datagram size (the read's length when it holds one
+        datagram). Returns how many datagrams were read."""
+        recv = sock.recvmsg_into
+        buffers = self._rx_buffers
+        view = self._rx_view
+        counters = self.counters
+        count = 0
+        try:
+            for _ in range(BATCH):
+                n, ancillary, _, source = recv(buffers, _GRO_CMSG_SPACE)
+                size = _gro_size(ancillary) if ancillary else 0
+                if 0 < size < n:
+                    counters.udp_rx_trains += 1
+                    count += -(-n // size)
+                else:
+                    size = max(n, 1)
+                    count += 1
+                deliver(view[:n], size, source, now)
+        except BlockingIOError:
+            pass
+        except OSError:
+            counters.udp_rx_errors += 1
+        counters.udp_rx += count
+        return count
+
     # ------------------------------------------------------------------ send
 
     def send(self, datagrams: list[Datagram]) -> int:
@@ -308,6 +336,42 @@ class Conn:
             i += 1
         counters.udp_tx += sent
         return sent
+
+    def send_train(self, train: bytes, size: int, endpoint: Any) -> int:
+        """Send datagrams laid end to end in ``train``, each ``size`` bytes but the last (shorter or
+        equal), to one endpoint: UDP GSO sends of up to 64 datagrams and 65000 bytes each when allowed,
+        else one by one. Returns how many left."""
+        n = len(train)
+        count = -(-n // size) if size > 0 else 0
+        if count <= 1:
+            return self.send([(train, endpoint)])
+        sock = self.sock6 if ":" in endpoint[0] else self.sock4
+        if sock is None:
+            self.counters.udp_tx_no_socket += count
+            return 0
+        now = time.monotonic()
+        if not self.gso and now >= self._gso_retry_at:
+            self.gso = True
+        view = memoryview(train)
+        if self.gso:
+            self._send_wait_until = now + SEND_WAIT
+            step = min(_GSO_MAX_SEGMENTS, max(1, _GSO_MAX_BYTES // size)) * size
+            sent = other = 0  # send() counts its own in udp_tx
+            for start in range(0, n, step):
+                chunk = view[start : start + step]
+                k = -(-len(chunk) // size)
+                if k == 1:
+                    other += self.send([(chunk, endpoint)])  # type: ignore[list-item]
+                    continue
+                done = self._send_train(sock, [(chunk, endpoint)], 0, k, size, endpoint)  # type: ignore[list-item]
+                if done < 0:  # refused: the rest one by one
+                    other += self.send([(view[i : i + size], endpoint)  # type: ignore[misc]
+                                        for i in range(start, n, size)])
+                    break
+                sent += done
+            self.counters.udp_tx += sent
+            return sent + other
+        return self.send([(view[i : i + size], endpoint) for i in range(0, n, size)])  # type: ignore[misc]
 
     def _wait_writable(self, sock: socket.socket) -> None:
         """Wait for room in ``sock``'s buffer, within what is left of this flush's budget.

@@ -77,6 +77,7 @@ from typing import Any, Callable, Iterable
 from cryptography.exceptions import InvalidTag
 
 from ..errors import AlreadyExists, InvalidParameter, NotFound
+from . import batch
 from . import keys as _keys
 from . import messages as m
 from . import noise, tai64n
@@ -375,6 +376,9 @@ class WireGuard:
         self.stats = Counters()
         self.datagrams: list[tuple[bytes, Any]] = []
         self.packets: list[bytes] = []
+        # Outputs of the offload path: (train, datagram size, endpoint) and (virtio-net header, packet).
+        self.trains: list[tuple[bytes, int, Any]] = []
+        self.frames: list[tuple[bytes, memoryview]] = []
         if private_key is not None:
             self.set_private_key(private_key)
 
@@ -510,6 +514,18 @@ class WireGuard:
         """Return the pending datagrams and start a new list."""
         out = self.datagrams
         self.datagrams = []
+        return out
+
+    def take_trains(self) -> list[tuple[bytes, int, Any]]:
+        """Return the pending trains (:meth:`send_super_packet`) and start a new list."""
+        out = self.trains
+        self.trains = []
+        return out
+
+    def take_frames(self) -> list[tuple[bytes, memoryview]]:
+        """Return the pending frames (:meth:`receive_train`) and start a new list."""
+        out = self.frames
+        self.frames = []
         return out
 
     def take_packets(self) -> list[bytes]:
@@ -703,6 +719,69 @@ class WireGuard:
         self._stage(peer, packet)
         self._send_staged(peer, now)
 
+    def send_super_packet(self, header: bytes | bytearray | memoryview, packet: bytes | bytearray | memoryview,
+                          now: float) -> None:
+        """Route one read of an offload session (``header``: its 10-byte virtio-net header; ``packet``: an IP
+        packet, possibly a TCP/UDP super-packet) and seal all of its wire packets in one batch, as one
+        entry of :attr:`trains`: ``(train, datagram size, endpoint)``, datagrams end to end, all of that
+        size but the last (a UDP GSO send). Without a usable session its wire packets take
+        :meth:`send_packet`'s way (queued for the handshake). A header that does not fit the packet is
+        counted in ``tx_bad_packet``."""
+        n = len(packet)
+        if n == 0:
+            self.stats.tx_bad_packet += 1
+            return
+        version = packet[0] >> 4
+        if version == 4 and n >= 20:
+            peer = self._aips.lookup4(packet[16:20])
+        elif version == 6 and n >= 40:
+            peer = self._aips.lookup6(packet[24:40])
+        else:
+            self.stats.tx_bad_packet += 1
+            return
+        if peer is None:
+            self.stats.tx_no_route += 1
+            return
+        kp = peer.current
+        if (
+            kp is None
+            or peer.staged
+            or kp.send_counter >= REJECT_AFTER_MESSAGES - batch.MAX_SUPER
+            or now - kp.created >= REJECT_AFTER_TIME
+            or not self._up
+        ):
+            try:
+                wire = batch.split_packets(header, packet)
+            except ValueError:
+                self.stats.tx_bad_packet += 1
+                return
+            for one in wire:
+                self.send_packet(one, now)
+            return
+        counter = kp.send_counter
+        try:
+            train, count, size = batch.seal_super(kp.send_key, kp.remote_index, counter, header, packet, self._mtu)
+        except ValueError:
+            self.stats.tx_bad_packet += 1
+            return
+        kp.send_counter = counter + count
+        timers = peer.timers
+        interval = timers.persistent_keepalive_interval
+        if interval and timers.active:
+            timers.set(_T_PERSISTENT, now + interval)
+        timers.deadlines[_T_KEEPALIVE] = None
+        self.stats.tx_data_packets += count
+        if timers.deadlines[_T_NEW_HANDSHAKE] is None:
+            timers.data_sent(now)
+        endpoint = peer.endpoint
+        if endpoint is None:
+            self.stats.tx_no_endpoint += count
+            return
+        self.trains.append((train, size, endpoint))
+        peer.tx_bytes += len(train)
+        if counter + count > REKEY_AFTER_MESSAGES or (kp.is_initiator and now - kp.created > REKEY_AFTER_TIME):
+            self._send_handshake_initiation(peer, False, now)
+
     def _stage(self, peer: Peer, packet: bytes | bytearray | memoryview) -> None:
         staged = peer.staged
         if len(staged) >= QUEUE_STAGED_SIZE:
@@ -878,43 +957,70 @@ class WireGuard:
             return
         self._handshake_received(data, mtype, source, now)
 
+    def receive_train(self, data: memoryview, segment: int, source: Any, now: float, out: memoryview,
+                      udp: bool = False) -> None:
+        """Process one UDP read that may hold a GRO train: datagrams of ``segment`` bytes (the last may be
+        shorter) from ``source``. Transport messages are opened in batches into ``out`` (at least
+        ``len(data)`` bytes) and their packets coalesced into super-packets (TCP; UDP too with ``udp``)
+        appended to :attr:`frames` as ``(virtio-net header, view of out)``: write them before ``out`` is
+        used again. Other messages take :meth:`receive_datagram`'s way (packets in :attr:`packets`)."""
+        n = len(data)
+        if n == 0:
+            self.receive_datagram(data, source, now)  # counted as too short
+            return
+        pos = 0
+        stats = self.stats
+        keypairs = self._keypairs
+        while pos < n:
+            length = min(segment, n - pos)
+            if length < m.MIN_MESSAGE_SIZE or data[pos] != 4:
+                self.receive_datagram(data[pos : pos + length], source, now)
+                pos += length
+                continue
+            index = int.from_bytes(data[pos + 4 : pos + 8], "little")
+            kp = keypairs.get(index)
+            if kp is None or now - kp.created > REJECT_AFTER_TIME:
+                self.receive_datagram(data[pos : pos + length], source, now)  # counts it
+                pos += length
+                continue
+            replay = kp.replay
+            r = batch.open_train(kp.receive_key, index, data[pos:], segment, replay._ring, replay.last,
+                                 REJECT_AFTER_MESSAGES, out[pos:], udp)
+            if not r.consumed:  # reserved bytes set: the single path says why
+                self.receive_datagram(data[pos : pos + length], source, now)
+                pos += length
+                continue
+            replay.last = r.last
+            stats.rx_bad_tag += r.bad_tag
+            stats.rx_replay += r.replay
+            stats.rx_bad_ip += r.bad_ip
+            stats.rx_keepalives += r.keepalives
+            if r.bytes:
+                peer = self._transport_authenticated(kp, source, now, r.bytes, r.ok + r.bad_ip > 0)
+                aips = self._aips
+                delivered = r.ok
+                for header, start, end in r.frames:
+                    start += pos
+                    end += pos
+                    if out[start] >> 4 == 4:
+                        allowed = aips.lookup4(out[start + 12 : start + 16]) is peer
+                    else:
+                        allowed = aips.lookup6(out[start + 8 : start + 24]) is peer
+                    if not allowed:
+                        lost = batch.frame_packets(header, end - start)
+                        stats.rx_disallowed_source += lost
+                        delivered -= lost
+                        continue
+                    self.frames.append((header, out[start:end]))
+                stats.rx_data_packets += delivered
+            pos = min(n, pos + r.consumed * segment)
+
     def _transport_received(self, kp: Keypair, plaintext: bytes, source: Any, now: float) -> None:
-        peer: Peer = kp.peer
-        timers = peer.timers
-        if kp is peer.next:
-            # First packet on the responder's new keypair: the initiator has it, so start using it.
-            old = peer.previous
-            peer.previous = peer.current
-            self._delete_keypair(old)
-            peer.current = kp
-            peer.next = None
-            peer.endpoint = source
-            timers.handshake_complete()
-            peer._last_handshake = self._wall()
-            self._event("handshake_complete", peer)
-            self._send_staged(peer, now)
         n = len(plaintext)
-        peer.rx_bytes += n + m.KEEPALIVE_SIZE
-        peer.endpoint = source
-        # keepKeyFreshReceiving: an initiator whose session nears REJECT_AFTER_TIME rekeys once.
-        if not timers.sent_last_minute_handshake:
-            current = peer.current
-            if current is not None and current.is_initiator and now - current.created > REKEY_ON_RECEIVE_AGE:
-                timers.sent_last_minute_handshake = True
-                self._send_handshake_initiation(peer, False, now)
-        # The timer hooks (traversal, any-received, data-received), inlined for the per-packet path.
-        deadlines = timers.deadlines
-        interval = timers.persistent_keepalive_interval
-        if interval and timers.active:
-            timers.set(_T_PERSISTENT, now + interval)
-        deadlines[_T_NEW_HANDSHAKE] = None
+        peer = self._transport_authenticated(kp, source, now, n + m.KEEPALIVE_SIZE, n != 0)
         if n == 0:
             self.stats.rx_keepalives += 1
             return
-        if deadlines[_T_KEEPALIVE] is None:
-            timers.data_received(now)
-        else:
-            timers.need_another_keepalive = True
         version = plaintext[0] >> 4
         if version == 4:
             if n < 20:
@@ -943,6 +1049,44 @@ class WireGuard:
             return
         self.stats.rx_data_packets += 1
         self.packets.append(plaintext if length == n else plaintext[:length])
+
+    def _transport_authenticated(self, kp: Keypair, source: Any, now: float, size: int, data: bool) -> Peer:
+        """What authenticated, fresh transport messages on ``kp`` do (``size`` datagram bytes in all; ``data``
+        if any carried a packet): keypair confirmation, roaming, rekey-on-receive and the timer hooks."""
+        peer: Peer = kp.peer
+        timers = peer.timers
+        if kp is peer.next:
+            # First packet on the responder's new keypair: the initiator has it, so start using it.
+            old = peer.previous
+            peer.previous = peer.current
+            self._delete_keypair(old)
+            peer.current = kp
+            peer.next = None
+            peer.endpoint = source
+            timers.handshake_complete()
+            peer._last_handshake = self._wall()
+            self._event("handshake_complete", peer)
+            self._send_staged(peer, now)
+        peer.rx_bytes += size
+        peer.endpoint = source
+        # keepKeyFreshReceiving: an initiator whose session nears REJECT_AFTER_TIME rekeys once.
+        if not timers.sent_last_minute_handshake:
+            current = peer.current
+            if current is not None and current.is_initiator and now - current.created > REKEY_ON_RECEIVE_AGE:
+                timers.sent_last_minute_handshake = True
+                self._send_handshake_initiation(peer, False, now)
+        # The timer hooks (traversal, any-received, data-received), inlined for the per-packet path.
+        deadlines = timers.deadlines
+        interval = timers.persistent_keepalive_interval
+        if interval and timers.active:
+            timers.set(_T_PERSISTENT, now + interval)
+        deadlines[_T_NEW_HANDSHAKE] = None
+        if data:
+            if deadlines[_T_KEEPALIVE] is None:
+                timers.data_received(now)
+            else:
+                timers.need_another_keepalive = True
+        return peer
 
     def _is_under_load(self, now: float) -> bool:
         forced = self.under_load

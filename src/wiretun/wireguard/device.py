@@ -61,9 +61,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .. import log
-from ..errors import EndOfFile, InvalidParameter, WintunError
+from ..errors import EndOfFile, InvalidParameter, NotSupported, WintunError
 from ..linux import netlink
 from ..linux.links import LinkEventKind, LinkMonitor
+from ..session import BASE_OFFLOADS as _BASE_OFFLOADS
 from . import keys as _keys
 from . import messages as _messages
 from .config import (
@@ -96,6 +97,7 @@ JOIN_TIMEOUT = 10.0
 
 
 _ZERO_KEY = bytes(KEY_SIZE)
+_OPEN_OUT_SIZE = 0x10000  # room for the packets of any UDP read (at most 65535 bytes)
 
 
 @dataclass(slots=True, eq=False)
@@ -199,7 +201,9 @@ class Device:
     it (idempotent); :attr:`closed` is set then, and also when the adapter disappears.
     """
 
-    def __init__(self, adapter: Adapter, *, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, adapter: Adapter, *, capacity: int = DEFAULT_CAPACITY, offload: bool | None = None) -> None:
+        if offload is None:
+            offload = os.environ.get("WIRETUN_WG_OFFLOAD", "1") != "0"
         self._adapter = adapter
         self._name = adapter.kernel_name
         self._lock = threading.Lock()  # the core, the sockets and the counters
@@ -222,6 +226,10 @@ class Device:
         self._link_up = True  # the interface's administrative state, followed through link events
         self._interface_deleted = False
         self._link_errors_logged: set[int] = set()
+        self._offload = False  # the session hands over super-packets (TSO/USO) and takes them back
+        self._udp_coalesce = False  # the kernel takes UDP super-packets (USO) on write
+        self._open_out = memoryview(bytearray(_OPEN_OUT_SIZE))  # decrypted trains, coalesced
+        self._rx_headers: list[Any] = []
         try:
             self._ns = netlink.Namespace()  # where sockets go, also those made later (rebinds)
             mtu = adapter.mtu
@@ -229,7 +237,7 @@ class Device:
                 adapter.mtu = DEFAULT_MTU  # wireguard-go creates its TUN with 1420
                 mtu = DEFAULT_MTU
             self._core.mtu = min(mtu, _messages.MAX_CONTENT_SIZE)
-            self._session = adapter.start_session(capacity)
+            self._session = self._start_session(adapter, capacity, offload)
             self._conn = Conn(self._name, self._ns)
             self._conn.bind(0, 0)
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -245,6 +253,26 @@ class Device:
             self._teardown()
             raise
         log.info(f"Device {self._name}: created, UDP port {self.listen_port}, MTU {mtu}")
+
+    def _start_session(self, adapter: Adapter, capacity: int, offload: bool) -> Session:
+        """An offload session where the kernel allows it (the data path then moves super-packets),
+        else a plain one."""
+        if offload:
+            try:
+                session = adapter.start_session(capacity, offload=True)
+            except (InvalidParameter, NotSupported) as e:
+                log.info(f"Device {self._name}: no TUN offloads ({e}); packet by packet")
+            else:
+                self._offload = True
+                self._udp_coalesce = bool(session.offloads & ~_BASE_OFFLOADS)  # USO: Linux 6.2+
+                return session
+        return adapter.start_session(capacity)
+
+    @property
+    def offload(self) -> bool:
+        """Whether the data path runs on TUN offloads (super-packets split and sealed in batches, UDP
+        trains opened and coalesced back); False on a kernel or adapter without them."""
+        return self._offload
 
     # ------------------------------------------------------------------ identity and lifetime
 
@@ -334,6 +362,8 @@ class Device:
             self._core.down()  # forget session keys and queued packets
             self._core.take_datagrams()
             self._core.take_packets()
+            self._core.take_trains()
+            self._core.take_frames()
         links, self._links = self._links, None
         if links is not None:
             links.close()
@@ -655,7 +685,7 @@ class Device:
                             poller.register(fd, select.EPOLLIN)
                 with lock:
                     deadline = core.next_deadline()
-                    if core.datagrams or core.packets:
+                    if core.datagrams or core.packets or core.trains or core.frames:
                         self._flush()
                 if deadline is None:
                     timeout = MAX_WAIT
@@ -680,7 +710,9 @@ class Device:
                         if sock is not None:
                             with lock:
                                 if conn.generation == gen:  # not retired meanwhile
-                                    if conn.receive(sock, receive_datagram, monotonic()):
+                                    if self._offload:
+                                        conn.receive_trains(sock, self._train_received, monotonic())
+                                    elif conn.receive(sock, receive_datagram, monotonic()):
                                         self._flush()
                     if self._api_waiting:
                         self._step_aside()
@@ -703,28 +735,56 @@ class Device:
             time.sleep(0.0005)
 
     def _from_tun(self, session: Session) -> None:
-        """One batch of packets from the session through the core to UDP. Called with the lock held."""
-        views = session.receive_packets(BATCH)
-        if not views:
-            return
-        try:
-            self._core.send_packets(views, time.monotonic())
-        finally:
-            session.release_receive_packets(views)
+        """One batch of packets from the session through the core to UDP. Called with the lock held.
+        With offloads each read (a super-packet, say) is sealed whole into one train."""
+        if self._offload:
+            headers = self._rx_headers
+            headers.clear()
+            views = session.receive_packets(BATCH, headers=headers)
+            if not views:
+                return
+            try:
+                send = self._core.send_super_packet
+                now = time.monotonic()
+                for view, header in zip(views, headers):
+                    send(header, view, now)
+            finally:
+                session.release_receive_packets(views)
+        else:
+            views = session.receive_packets(BATCH)
+            if not views:
+                return
+            try:
+                self._core.send_packets(views, time.monotonic())
+            finally:
+                session.release_receive_packets(views)
         self.counters.tun_rx += len(views)
+        self._flush()
+
+    def _train_received(self, data: memoryview, segment: int, source: Any, now: float) -> None:
+        """One UDP read (a GRO train or one datagram) through the core, its packets to the session at
+        once (they live in the one decrypt buffer until then)."""
+        self._core.receive_train(data, segment, source, now, self._open_out, self._udp_coalesce)
         self._flush()
 
     def _flush(self) -> None:
         """Send what the core produced: datagrams to UDP, decrypted packets to the session."""
         core = self._core
-        packets = core.packets
-        if packets:
+        packets: list[Any] = core.packets
+        frames = core.frames
+        if packets or frames:
+            headers: list[Any] | None = None
+            if frames:
+                core.frames = []
+                headers = [None] * len(packets)
+                packets = packets + [packet for _, packet in frames]
+                headers += [header for header, _ in frames]
             core.packets = []
             session = self._session
             written = 0
             if session is not None:
                 try:
-                    written = session.send_packets(packets)
+                    written = session.send_packets(packets, headers)
                 except EndOfFile:
                     raise
                 except InvalidParameter:  # cannot happen: the core checks the IP length
@@ -732,11 +792,17 @@ class Device:
             self.counters.tun_tx += written
             self.counters.tun_tx_dropped += len(packets) - written
         datagrams = core.datagrams
+        conn = self._conn
         if datagrams:
             core.datagrams = []
-            conn = self._conn
             if conn is not None:
                 conn.send(datagrams)
+        trains = core.trains
+        if trains:
+            core.trains = []
+            if conn is not None:
+                for train, size, endpoint in trains:
+                    conn.send_train(train, size, endpoint)
 
     def _link_events(self) -> None:
         """Follow the interface's up/down state and MTU (wireguard-go's tun events), wherever it is:

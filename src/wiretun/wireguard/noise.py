@@ -520,12 +520,15 @@ def consume_response(
 class Keypair:
     """Transport keys of one session, with their counters and replay window.
 
-    ``send``/``receive`` are cached ChaCha20Poly1305 objects; ``send_counter`` is the next nonce.
+    ``send``/``receive`` are cached ChaCha20Poly1305 objects (``send_key``/``receive_key`` their keys);
+    ``send_counter`` is the next nonce.
     """
 
     __slots__ = (
         "send",
         "receive",
+        "send_key",
+        "receive_key",
         "send_counter",
         "replay",
         "is_initiator",
@@ -547,6 +550,8 @@ class Keypair:
     ) -> None:
         self.send = ChaCha20Poly1305(send_key)
         self.receive = ChaCha20Poly1305(receive_key)
+        self.send_key = send_key  # raw keys, for the batch calls (wiretun.wireguard.batch)
+        self.receive_key = receive_key
         self.send_counter = 0
         self.replay = ReplayFilter()
         self.is_initiator = is_initiator
