@@ -79,7 +79,8 @@ class Result:
     skipped: str = ""
 
 
-def _run(*argv: str, timeout: float = 30, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(*argv: str, timeout: float = 30, check: bool = True,
+         input: str | None = None) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -151,7 +152,7 @@ class Node:
             self.close()
             raise
 
-    def configure(self, port: int, inner: str, peer: "Node", peer_inner: str, peer_endpoint: str) -> None:
+    def configure(self, port: int, inner: str, peer: Node, peer_inner: str, peer_endpoint: str) -> None:
         _run("wg", "set", self.ifname, "listen-port", str(port), "private-key", str(self.key_file),
              "peer", peer.public, "allowed-ips", f"{peer_inner}/32", "endpoint", peer_endpoint)
         _nsx(self.ns, "ip", "addr", "add", f"{inner}/24", "dev", self.ifname)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -45,7 +45,7 @@ from .replay import RING_BITS, WINDOW_SIZE
 
 __all__ = ["SPEEDUPS", "seal_super", "open_train", "OpenResult", "segment_count", "split_packets", "frame_packets"]
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 HEADER_SIZE = 16  # type, reserved, receiver index, counter
 TAG_SIZE = 16
@@ -66,7 +66,7 @@ class OpenResult(NamedTuple):
 
     consumed: int  # datagrams taken from the front of the train (all for this receiver)
     last: int  # the replay window's newest counter, to store back
-    bytes: int  # datagram bytes of the authenticated, fresh messages
+    nbytes: int  # datagram bytes of the authenticated, fresh messages
     ok: int  # IP packets delivered into frames
     keepalives: int
     bad_tag: int
@@ -113,11 +113,10 @@ def split_packets(header: Buffer, packet: Buffer) -> list[bytes]:
 
 def frame_packets(header: Buffer, size: int) -> int:
     """How many wire packets a frame of :func:`open_train` carries (``size``: its packet's bytes)."""
-    gso_size = _NATIVE_HDR.unpack_from(header)[3]
-    if not header[1] or not gso_size:
+    _, gso_type, hdr_len, gso_size, _, _ = _NATIVE_HDR.unpack_from(header)
+    if not gso_type or not gso_size:
         return 1
-    hdr_len = _NATIVE_HDR.unpack_from(header)[2]
-    return max(1, -(-(size - hdr_len) // gso_size))
+    return max(1, -(-(size - int(hdr_len)) // int(gso_size)))
 
 
 def _py_seal_super(key: bytes, receiver: int, counter: int, header: Buffer, packet: Buffer,
@@ -374,7 +373,7 @@ def _load() -> Any:
     if os.environ.get("WIRETUN_NO_SPEEDUPS") == "1":
         return None
     try:
-        from . import _wgcrypto  # type: ignore[attr-defined]
+        from . import _wgcrypto
     except ImportError:
         return None
     return _wgcrypto

@@ -77,10 +77,9 @@ from typing import Any, Callable, Iterable
 from cryptography.exceptions import InvalidTag
 
 from ..errors import AlreadyExists, InvalidParameter, NotFound
-from . import batch
+from . import batch, noise, tai64n
 from . import keys as _keys
 from . import messages as m
-from . import noise, tai64n
 from .allowedips import AllowedIPs, Network, NetworkLike
 from .cookie import CookieChecker, CookieGenerator, RateLimiter
 from .noise import ConsumeResult, Handshake, Identity, Keypair
@@ -995,8 +994,8 @@ class WireGuard:
             stats.rx_replay += r.replay
             stats.rx_bad_ip += r.bad_ip
             stats.rx_keepalives += r.keepalives
-            if r.bytes:
-                peer = self._transport_authenticated(kp, source, now, r.bytes, r.ok + r.bad_ip > 0)
+            if r.nbytes:
+                peer = self._transport_authenticated(kp, source, now, r.nbytes, r.ok + r.bad_ip > 0)
                 aips = self._aips
                 delivered = r.ok
                 for header, start, end in r.frames:

@@ -165,7 +165,7 @@ def test_open_train_coalesces_back(impl: Any, v6: bool, is_tcp: bool, gso: int, 
     train, count, size = seal(KEY, RECEIVER, 0, hdr, pkt, 1420)
     r, out, filt = open_all(open_train, train, size, udp=True)
     assert (r.consumed, r.ok, r.bad_tag, r.replay, r.bad_ip, r.keepalives) == (count, count, 0, 0, 0, 0)
-    assert r.bytes == len(train) and filt.last == count - 1
+    assert r.nbytes == len(train) and filt.last == count - 1
     assert len(r.frames) == 1  # one flow, in order: one super-packet
     fhdr = O.VirtioNetHeader.unpack_from(r.frames[0][0])
     assert fhdr.gso_type == gso_type and fhdr.gso_size == gso and fhdr.flags == O.F_NEEDS_CSUM
@@ -214,7 +214,7 @@ def test_open_train_counts_tampered_replayed_and_bad_ip(impl: Any) -> None:
     assert len(notip) == size
     r, out, filt = open_all(open_train, train, size)
     assert (r.consumed, r.ok, r.bad_tag, r.replay, r.bad_ip) == (6, 3, 1, 1, 1)
-    assert r.bytes == 4 * size  # authenticated and fresh: 0, 2, 3 and the bad IP one
+    assert r.nbytes == 4 * size  # authenticated and fresh: 0, 2, 3 and the bad IP one
     assert frames_to_packets(r, out) == [pkts[0], pkts[2], pkts[3]]
     # A keepalive as a train of its own (shorter than the others: the last of a train).
     r, out, filt = open_all(open_train, keepalive, 32, filt=filt)
