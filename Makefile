@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := iproute2 iputils-ping wireguard-go wireguard-tools iperf3 tcpdump tshark ethtool gcc libc6-dev python3-venv python3-dev libssl-dev procps
 APT_COMMANDS := ip ping wg wg-quick wireguard-go iperf3 tcpdump tshark ethtool gcc pgrep
 
-.PHONY: all deps venv demo demo-wireguard-go demo-example lint test test-unit bench clean
+.PHONY: all deps venv demo demo-wireguard-go demo-example lint test test-unit bench fuzz clean
 
 all: venv
 
@@ -45,7 +45,7 @@ lint: venv
 	@status=0; \
 	$(BIN)/python -m mypy || status=1; \
 	$(BIN)/python -m mypy --platform win32 src/wiretun/windows || status=1; \
-	$(BIN)/python -m ruff check src tests bench demo || status=1; \
+	$(BIN)/python -m ruff check src tests bench demo fuzz || status=1; \
 	exit $$status
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a silent pass.
@@ -54,6 +54,11 @@ test: venv
 
 test-unit: venv
 	$(BIN)/python -m pytest -q tests/unit
+
+# Minutes of UDP, handshake and UAPI fuzzing of wiretun-wg and of library fuzzing (C and pure Python), in
+# namespaces it makes; prints what it sent and found, fails on any defect. `make test` runs the quick form.
+fuzz: venv
+	$(BIN)/python fuzz/run.py
 
 bench: venv
 	$(BIN)/python bench/run_all.py
