@@ -9,7 +9,7 @@ otherwise the queue holds the host's max_dgram_qlen datagrams at a time (often 1
 Each round fills the queue with N datagrams (10-byte header + packet), then times draining it:
 
 * ``plain``       ``os.read(fd, 0x10009)`` until EAGAIN; sending: ``os.writev(fd, [header, packet])``
-* ``C core``      ``receive_packet(False)`` + ``release_receive_packet``; sending: ``allocate_send_packet``
+* ``C core``      ``receive_packet()`` (None when empty) + ``release_receive_packet``; sending: ``allocate_send_packet``
                   + copy + ``send_packet`` (wiretun._speedups.SessionCore)
 * ``Python core`` the same calls on the pure-Python twin (what WIRETUN_NO_SPEEDUPS=1 runs)
 
@@ -43,7 +43,7 @@ except ImportError:
 HDR = bytes(10)
 
 
-def _lost(code: int) -> BaseException:
+def _io_error(code: int) -> BaseException:
     return EndOfFile(os.strerror(code))
 
 
@@ -57,7 +57,7 @@ def _convert(header: object) -> bytes:
 
 def make_core(kind: Any, fd: int) -> tuple[Any, Ring, Ring]:
     rx, tx = Ring.allocate(0x400000), Ring.allocate(0x400000)
-    return kind(fd, fd, rx, tx, _lost, _rejected, _convert), rx, tx
+    return kind(fd, rx, tx, _io_error, _rejected, _convert), rx, tx
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -132,7 +132,7 @@ def drain_core(core: Any) -> int:
     release = core.release_receive_packet
     n = 0
     while True:
-        pkt = receive(False)
+        pkt = receive()
         if pkt is None:
             return n
         release(pkt)

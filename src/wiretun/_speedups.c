@@ -27,11 +27,9 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
-#include <poll.h>
 #include <stdarg.h>
-#include <time.h>
 #include <structmember.h>
-#include "pythread.h"
+#include <pthread.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 /* The ring is little-endian; so is the memory layout these loops assume. Big-endian hosts use the
@@ -1216,12 +1214,14 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    int fd, wait_fd;
+    int fd;
     int state; /* 0 live, 1 queue lost (no I/O; bookkeeping goes on), 2 ended (nothing) */
     int stalled;
     Ring rx, tx;
     PyObject *rx_data, *tx_data; /* the rings' Data memoryviews: packet views are windows of them */
-    PyThread_type_lock rx_lock, tx_lock;
+    /* Plain mutexes: CPython's own locks read the clock on every acquire, even a non-blocking one. */
+    pthread_mutex_t rx_lock, tx_lock;
+    int locks_made;
     Tracked rx_out, tx_out;
     uint32_t tx_alloc, tx_release;
     Py_ssize_t tx_unsent;
@@ -1230,58 +1230,74 @@ typedef struct {
     unsigned char rx_hdr[VNET_HDR_SIZE];
     unsigned char *scratch;
     Py_ssize_t receive_dropped, send_dropped;
-    PyObject *lost, *rejected, *convert;
+    PyObject *rx_error; /* raised by the next receive: packets were handed out before it happened */
+    PyObject *io_error, *rejected, *convert;
 } CoreObject;
 
-static PyObject *str_release;
+static PyObject *memoryview_release; /* the method descriptor memoryview.release */
 
+/* Take a ring's lock with the GIL held: at once if free, else waiting with the GIL released (the holder
+ * may need the GIL to finish). */
 static void
-lock(PyThread_type_lock l)
+lock(pthread_mutex_t *l)
 {
-    if (PyThread_acquire_lock(l, NOWAIT_LOCK))
+    if (pthread_mutex_trylock(l) == 0)
         return;
     Py_BEGIN_ALLOW_THREADS
-    PyThread_acquire_lock(l, WAIT_LOCK);
+    pthread_mutex_lock(l);
     Py_END_ALLOW_THREADS
 }
 
-#define unlock PyThread_release_lock
+static inline void
+unlock(pthread_mutex_t *l)
+{
+    pthread_mutex_unlock(l);
+}
 
+/* view.release(); a view the caller exported (to numpy, say) keeps the memory alive: BufferError is
+ * ignored, as the Python session does. */
 static void
 release_view(PyObject *view)
 {
-    PyObject *r = PyObject_CallMethodNoArgs(view, str_release);
-    if (r == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_BufferError))
-            PyErr_Clear(); /* the caller exported it (e.g. to numpy): it keeps the memory alive */
-        else
-            PyErr_Clear();
-    }
+    PyObject *r = PyMemoryView_Check(view) ? PyObject_Vectorcall(memoryview_release, &view, 1, NULL)
+                                           : PyObject_CallMethod(view, "release", NULL);
+    if (r == NULL)
+        PyErr_Clear();
     Py_XDECREF(r);
-}
-
-/* The queue is gone: no more I/O; the callback says what to raise. Returns NULL with it set. */
-static PyObject *
-core_lost(CoreObject *self, int code)
-{
-    if (self->state == 0)
-        self->state = 1;
-    PyObject *exc = PyObject_CallFunction(self->lost, "i", code);
-    if (exc == NULL)
-        return NULL;
-    if (PyExceptionInstance_Check(exc))
-        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-    else
-        PyErr_Format(PyExc_TypeError, "the lost callback returned %.100s, not an exception",
-                     Py_TYPE(exc)->tp_name);
-    Py_DECREF(exc);
-    return NULL;
 }
 
 static int
 is_gone(int code)
 {
     return code == EBADFD || code == EBADF || code == ENODEV || code == ENXIO;
+}
+
+/* The exception the io_error callback gives for a failed read, or for a write or read whose queue is
+ * gone (then there is no more I/O). New reference, or NULL with an error set. */
+static PyObject *
+core_io_exception(CoreObject *self, int code)
+{
+    if (is_gone(code) && self->state == 0)
+        self->state = 1;
+    PyObject *exc = PyObject_CallFunction(self->io_error, "i", code);
+    if (exc != NULL && !PyExceptionInstance_Check(exc)) {
+        PyErr_Format(PyExc_TypeError, "the io_error callback returned %.100s, not an exception",
+                     Py_TYPE(exc)->tp_name);
+        Py_CLEAR(exc);
+    }
+    return exc;
+}
+
+/* Raise what core_io_exception gives. Returns NULL. */
+static PyObject *
+core_lost(CoreObject *self, int code)
+{
+    PyObject *exc = core_io_exception(self, code);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
 }
 
 static int
@@ -1411,10 +1427,10 @@ core_flush(CoreObject *self)
 static int
 core_retry_send(CoreObject *self)
 {
-    if (!PyThread_acquire_lock(self->tx_lock, NOWAIT_LOCK))
+    if (pthread_mutex_trylock(&self->tx_lock) != 0)
         return 0;
     int rc = self->state == 0 ? core_flush(self) : 0;
-    unlock(self->tx_lock);
+    unlock(&self->tx_lock);
     return rc;
 }
 
@@ -1454,12 +1470,7 @@ core_read_one(CoreObject *self, PyObject **out)
     if (n < 0) {
         if (err == EAGAIN || err == EWOULDBLOCK)
             return 0;
-        if (is_gone(err)) {
-            core_lost(self, err);
-            return -1;
-        }
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
+        core_lost(self, err);
         return -1;
     }
     n -= VNET_HDR_SIZE;
@@ -1489,132 +1500,67 @@ core_read_one(CoreObject *self, PyObject **out)
     return 1;
 }
 
+/* Before a receive (rx lock held): raise the error a batch stopped on after handing out packets. */
 static int
-get_timeout(PyObject *obj, double *seconds)
+core_pending_error(CoreObject *self)
 {
-    *seconds = -1.0;
-    if (obj == Py_None)
+    PyObject *exc = self->rx_error;
+    if (exc == NULL)
         return 0;
-    double v = -1.0;
-    if (!PyBool_Check(obj) && (PyLong_Check(obj) || PyFloat_Check(obj))) {
-        v = PyFloat_AsDouble(obj);
-        if (v == -1.0 && PyErr_Occurred()) {
-            PyErr_Clear();
-            v = -1.0;
-        }
-    }
-    if (!(v >= 0)) {
-        raise_status(STATUS_INVALID_PARAMETER, "timeout must be None or a number of seconds >= 0, not %R", obj);
-        return -1;
-    }
-    *seconds = v;
-    return 0;
-}
-
-static double
-monotonic(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+    self->rx_error = NULL;
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+    return -1;
 }
 
 static PyObject *
-core_receive_packet(CoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+core_receive_packet(CoreObject *self, PyObject *unused)
 {
-    static const char *const names[] = {"block", "timeout"};
-    PyObject *block = Py_None, *timeout = Py_None;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs > 2) {
-        PyErr_Format(PyExc_TypeError, "receive_packet takes at most 2 arguments (%zd given)", nargs);
-        return NULL;
+    lock(&self->rx_lock);
+    PyObject *view = NULL;
+    int got;
+    if (self->state) {
+        unlock(&self->rx_lock);
+        return raise_status(STATUS_HANDLE_EOF, "the session has ended");
     }
-    if (nargs > 0)
-        block = args[0];
-    if (nargs > 1)
-        timeout = args[1];
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        int k = -1;
-        for (int j = 0; j < 2; j++)
-            if (PyUnicode_CompareWithASCIIString(key, names[j]) == 0)
-                k = j;
-        if (k < 0 || k < nargs) {
-            PyErr_Format(PyExc_TypeError, "receive_packet got an unexpected or repeated keyword argument %R", key);
-            return NULL;
-        }
-        if (k == 0)
-            block = args[nargs + i];
-        else
-            timeout = args[nargs + i];
-    }
-    double seconds, deadline = -1.0;
-    if (timeout != Py_None && get_timeout(timeout, &seconds) < 0)
+    if (self->rx_error != NULL || (self->stalled && core_retry_send(self) < 0))
+        got = self->rx_error != NULL ? core_pending_error(self) : -1;
+    else
+        got = core_read_one(self, &view);
+    unlock(&self->rx_lock);
+    if (got < 0)
         return NULL;
-    if (timeout == Py_None)
-        seconds = -1.0;
-    int blocking = block == Py_None ? -1 : PyObject_IsTrue(block);
-    if (blocking == -1 && block != Py_None)
-        return NULL;
-    for (;;) {
-        lock(self->rx_lock);
-        PyObject *view = NULL;
-        int got;
-        if (self->state) {
-            unlock(self->rx_lock);
-            return raise_status(STATUS_HANDLE_EOF, "the session has ended");
-        }
-        if (self->stalled && core_retry_send(self) < 0)
-            got = -1;
-        else
-            got = core_read_one(self, &view);
-        unlock(self->rx_lock);
-        if (got < 0)
-            return NULL;
-        if (got > 0)
-            return view;
-        if (blocking < 0)
-            return raise_status(STATUS_NO_MORE_ITEMS, "no packet is waiting");
-        if (!blocking)
-            Py_RETURN_NONE;
-        int ms = -1;
-        if (seconds >= 0) {
-            double now = monotonic();
-            if (deadline < 0)
-                deadline = now + seconds;
-            else if (now >= deadline)
-                Py_RETURN_NONE;
-            double left = (deadline - now) * 1000 + 0.999;
-            ms = left > 0x7fffffff ? 0x7fffffff : (int)left;
-        }
-        struct pollfd p = {.fd = self->wait_fd, .events = POLLIN};
-        int rc;
-        Py_BEGIN_ALLOW_THREADS
-        rc = poll(&p, 1, ms);
-        Py_END_ALLOW_THREADS
-        if (rc < 0 && errno == EINTR && PyErr_CheckSignals() < 0)
-            return NULL;
-    }
+    if (got > 0)
+        return view;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
-core_receive_packets(CoreObject *self, PyObject *arg)
+core_receive_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long max_count;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "receive_packets(max_count, headers=None)");
+        return NULL;
+    }
+    PyObject *arg = args[0], *headers = nargs > 1 ? args[1] : Py_None;
     if (!PyLong_Check(arg) || PyBool_Check(arg) || (max_count = PyLong_AsLong(arg)) < 1) {
         PyErr_Clear();
         return raise_status(STATUS_INVALID_PARAMETER, "max_count %R must be an int >= 1", arg);
     }
+    if (headers != Py_None && !PyList_Check(headers))
+        return raise_status(STATUS_INVALID_PARAMETER, "headers must be a list to append to, not %s",
+                            Py_TYPE(headers)->tp_name);
     PyObject *views = PyList_New(0);
     if (views == NULL)
         return NULL;
-    lock(self->rx_lock);
+    lock(&self->rx_lock);
     PyObject *result = NULL, *got = NULL;
     if (self->state) {
         raise_status(STATUS_HANDLE_EOF, "the session has ended");
         goto done;
     }
-    if (self->stalled && core_retry_send(self) < 0)
+    if (core_pending_error(self) < 0 || (self->stalled && core_retry_send(self) < 0))
         goto done;
     Ring *ring = &self->rx;
     uint32_t r = load_word(ring, TAIL_WORD), head = load_word(ring, HEAD_WORD);
@@ -1636,24 +1582,42 @@ core_receive_packets(CoreObject *self, PyObject *arg)
     if (!PyArg_ParseTuple(got, "nkin", &count, &tail, &status, &dropped))
         goto done;
     self->receive_dropped += dropped;
-    if (status == ST_SHORT_READ) {
-        raise_status(STATUS_INVALID_DATA, "the TUN queue returned a read shorter than the %d-byte virtio-net header",
-                     VNET_HDR_SIZE);
-        goto done;
-    }
     if (status && status != EAGAIN && status != EWOULDBLOCK) {
-        if (is_gone(status))
-            core_lost(self, status);
-        else {
-            errno = status;
-            PyErr_SetFromErrno(PyExc_OSError);
+        /* Raised now, or, when packets came before it, by the next receive: they are handed out first
+         * (their ring space must not be held by views nobody got). */
+        PyObject *exc;
+        if (status == ST_SHORT_READ) {
+            raise_status(STATUS_INVALID_DATA, "the TUN queue returned a read shorter than the %d-byte virtio-net "
+                         "header", VNET_HDR_SIZE);
+            PyObject *type, *tb;
+            PyErr_Fetch(&type, &exc, &tb);
+            PyErr_NormalizeException(&type, &exc, &tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
         }
-        goto done;
+        else
+            exc = core_io_exception(self, status);
+        if (exc == NULL)
+            goto done;
+        if (count == 0) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+            goto done;
+        }
+        Py_XSETREF(self->rx_error, exc);
+    }
+    if (headers != Py_None) {
+        static PyObject *zero_header;
+        if (zero_header == NULL && (zero_header = PyBytes_FromStringAndSize("\0\0\0\0\0\0\0\0\0\0", 10)) == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(views); i++)
+            if (PyList_Append(headers, zero_header) < 0)
+                goto done;
     }
     result = views;
     views = NULL;
 done:
-    unlock(self->rx_lock);
+    unlock(&self->rx_lock);
     Py_XDECREF(got);
     Py_XDECREF(views);
     return result;
@@ -1699,13 +1663,13 @@ not_received(PyObject *packet)
 static PyObject *
 core_release_receive_packet(CoreObject *self, PyObject *packet)
 {
-    lock(self->rx_lock);
+    lock(&self->rx_lock);
     if (self->state == 2) {
-        unlock(self->rx_lock);
+        unlock(&self->rx_lock);
         Py_RETURN_NONE;
     }
     int ok = core_release_locked(self, packet);
-    unlock(self->rx_lock);
+    unlock(&self->rx_lock);
     if (!ok)
         return not_received(packet);
     release_view(packet);
@@ -1715,14 +1679,19 @@ core_release_receive_packet(CoreObject *self, PyObject *packet)
 static PyObject *
 core_release_receive_packets(CoreObject *self, PyObject *arg)
 {
-    PyObject *seq = PySequence_Fast(arg, "packets must be a sequence of received packets");
-    if (seq == NULL)
-        return NULL;
+    PyObject *seq = PySequence_Fast(arg, "not iterable");
+    if (seq == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            return NULL;
+        PyErr_Clear();
+        return raise_status(STATUS_INVALID_PARAMETER, "packets must be a list of received packets, not %s",
+                            Py_TYPE(arg)->tp_name);
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    lock(self->rx_lock);
+    lock(&self->rx_lock);
     if (self->state == 2) {
-        unlock(self->rx_lock);
+        unlock(&self->rx_lock);
         Py_DECREF(seq);
         Py_RETURN_NONE;
     }
@@ -1740,7 +1709,7 @@ core_release_receive_packets(CoreObject *self, PyObject *arg)
             for (Py_ssize_t j = 0; k >= 0 && j < i; j++)
                 repeated |= items[j] == items[i];
             if (k < 0 || repeated) {
-                unlock(self->rx_lock);
+                unlock(&self->rx_lock);
                 not_received(items[i]);
                 Py_DECREF(seq);
                 return NULL;
@@ -1749,7 +1718,7 @@ core_release_receive_packets(CoreObject *self, PyObject *arg)
     }
     for (Py_ssize_t i = 0; i < n; i++)
         core_release_locked(self, items[i]);
-    unlock(self->rx_lock);
+    unlock(&self->rx_lock);
     for (Py_ssize_t i = 0; i < n; i++)
         release_view(items[i]);
     Py_DECREF(seq);
@@ -1759,9 +1728,9 @@ core_release_receive_packets(CoreObject *self, PyObject *arg)
 static PyObject *
 core_holds(CoreObject *self, PyObject *packet)
 {
-    lock(self->rx_lock);
+    lock(&self->rx_lock);
     int held = self->state != 2 && tracked_find(&self->rx_out, packet, self->rx.data, self->rx.mask) >= 0;
-    unlock(self->rx_lock);
+    unlock(&self->rx_lock);
     return PyBool_FromLong(held);
 }
 
@@ -1802,7 +1771,7 @@ core_allocate_send_packet(CoreObject *self, PyObject *arg)
         return raise_status(STATUS_INVALID_PARAMETER, "packet size %R is out of range: must be 1..%d (0xFFFF)", arg,
                             (int)MAX_PACKET_SIZE);
     }
-    lock(self->tx_lock);
+    lock(&self->tx_lock);
     PyObject *view = NULL;
     if (self->state) {
         raise_status(STATUS_HANDLE_EOF, "the session has ended");
@@ -1825,7 +1794,7 @@ core_allocate_send_packet(CoreObject *self, PyObject *arg)
         self->tx_unsent--;
     }
 done:
-    unlock(self->tx_lock);
+    unlock(&self->tx_lock);
     return view;
 }
 
@@ -1936,9 +1905,9 @@ core_send_packet(CoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
         return NULL;
     if (has_hdr == -1)
         PyErr_Fetch(&bad_type, &bad_value, &bad_tb);
-    lock(self->tx_lock);
+    lock(&self->tx_lock);
     if (self->state) {
-        unlock(self->tx_lock);
+        unlock(&self->tx_lock);
         Py_XDECREF(bad_type);
         Py_XDECREF(bad_value);
         Py_XDECREF(bad_tb);
@@ -1947,7 +1916,7 @@ core_send_packet(CoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
     Tracked *t = &self->tx_out;
     Py_ssize_t i = tracked_find(t, packet, self->tx.data, self->tx.mask);
     if (i < 0) {
-        unlock(self->tx_lock);
+        unlock(&self->tx_lock);
         Py_XDECREF(bad_type);
         Py_XDECREF(bad_value);
         Py_XDECREF(bad_tb);
@@ -1969,7 +1938,7 @@ core_send_packet(CoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
     core_mark_sent(self, record);
     if (rc == 0)
         rc = core_flush(self);
-    unlock(self->tx_lock);
+    unlock(&self->tx_lock);
     if (rc < 0) {
         Py_XDECREF(bad_type);
         Py_XDECREF(bad_value);
@@ -2016,14 +1985,14 @@ core_send_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    lock(self->tx_lock);
+    lock(&self->tx_lock);
     Py_ssize_t count = 0, n = PySequence_Fast_GET_SIZE(seq);
     int rc = 0;
-    if (self->state) {
-        unlock(self->tx_lock);
+    if (self->state) { /* as send_packet after the end: discarded (WintunSendPacket returns nothing) */
+        unlock(&self->tx_lock);
         Py_DECREF(seq);
         Py_XDECREF(hseq);
-        return raise_status(STATUS_HANDLE_EOF, "the session has ended");
+        return PyLong_FromSsize_t(n);
     }
     if (self->stalled)
         rc = core_flush(self);
@@ -2089,7 +2058,7 @@ core_send_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         else
             rc = core_flush(self);
     }
-    unlock(self->tx_lock);
+    unlock(&self->tx_lock);
     Py_DECREF(seq);
     Py_XDECREF(hseq);
     if (rc < 0)
@@ -2100,9 +2069,9 @@ core_send_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 core_flush_method(CoreObject *self, PyObject *unused)
 {
-    lock(self->tx_lock);
+    lock(&self->tx_lock);
     int rc = self->state == 0 ? core_flush(self) : 0;
-    unlock(self->tx_lock);
+    unlock(&self->tx_lock);
     if (rc < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -2111,20 +2080,21 @@ core_flush_method(CoreObject *self, PyObject *unused)
 static PyObject *
 core_end(CoreObject *self, PyObject *unused)
 {
-    lock(self->rx_lock);
-    lock(self->tx_lock);
+    lock(&self->rx_lock);
+    lock(&self->tx_lock);
     int was = self->state;
     self->state = 2;
     Tracked rx = self->rx_out, tx = self->tx_out;
     memset(&self->rx_out, 0, sizeof(Tracked));
     memset(&self->tx_out, 0, sizeof(Tracked));
     self->n_hdrs = 0;
+    Py_CLEAR(self->rx_error);
     if (was != 2) {
         release_ring(&self->rx);
         release_ring(&self->tx);
     }
-    unlock(self->tx_lock);
-    unlock(self->rx_lock);
+    unlock(&self->tx_lock);
+    unlock(&self->rx_lock);
     tracked_clear(&rx);
     tracked_clear(&tx);
     Py_RETURN_NONE;
@@ -2154,15 +2124,14 @@ core_take_ring(PyObject *obj, const char *what, Ring *ring, PyObject **data)
 static int
 core_init(CoreObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "wait_fd", "rx", "tx", "lost", "rejected", "convert_header", NULL};
-    int fd, wait_fd;
-    PyObject *rx, *tx, *lost, *rejected, *convert;
-    if (self->rx_lock != NULL) {
+    static char *kwlist[] = {"fd", "rx", "tx", "io_error", "rejected", "convert_header", NULL};
+    int fd;
+    PyObject *rx, *tx, *io_error, *rejected, *convert;
+    if (self->locks_made) {
         PyErr_SetString(PyExc_TypeError, "SessionCore is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOOOOO", kwlist, &fd, &wait_fd, &rx, &tx, &lost, &rejected,
-                                     &convert))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOO", kwlist, &fd, &rx, &tx, &io_error, &rejected, &convert))
         return -1;
     if (core_take_ring(rx, "rx", &self->rx, &self->rx_data) < 0)
         return -1;
@@ -2177,17 +2146,17 @@ core_init(CoreObject *self, PyObject *args, PyObject *kwds)
         goto fail;
     }
     self->scratch = PyMem_Malloc(READ_SPAN);
-    self->rx_lock = PyThread_allocate_lock();
-    self->tx_lock = PyThread_allocate_lock();
-    if (self->scratch == NULL || self->rx_lock == NULL || self->tx_lock == NULL) {
+    if (self->scratch == NULL) {
         PyErr_NoMemory();
         goto fail;
     }
+    pthread_mutex_init(&self->rx_lock, NULL);
+    pthread_mutex_init(&self->tx_lock, NULL);
+    self->locks_made = 1;
     self->fd = fd;
-    self->wait_fd = wait_fd;
     self->tx_alloc = self->tx_release = load_word(&self->tx, TAIL_WORD) & self->tx.mask & ~3u;
-    Py_INCREF(lost);
-    self->lost = lost;
+    Py_INCREF(io_error);
+    self->io_error = io_error;
     Py_INCREF(rejected);
     self->rejected = rejected;
     Py_INCREF(convert);
@@ -2220,13 +2189,14 @@ core_dealloc(CoreObject *self)
     tracked_clear(&self->tx_out);
     PyMem_Free(self->hdrs);
     PyMem_Free(self->scratch);
-    if (self->rx_lock)
-        PyThread_free_lock(self->rx_lock);
-    if (self->tx_lock)
-        PyThread_free_lock(self->tx_lock);
+    if (self->locks_made) {
+        pthread_mutex_destroy(&self->rx_lock);
+        pthread_mutex_destroy(&self->tx_lock);
+    }
     Py_XDECREF(self->rx_data);
     Py_XDECREF(self->tx_data);
-    Py_XDECREF(self->lost);
+    Py_XDECREF(self->io_error);
+    Py_XDECREF(self->rx_error);
     Py_XDECREF(self->rejected);
     Py_XDECREF(self->convert);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -2247,26 +2217,27 @@ core_get_ended(CoreObject *self, void *c)
 static PyObject *
 core_get_received(CoreObject *self, void *c)
 {
-    lock(self->rx_lock);
+    lock(&self->rx_lock);
     Py_ssize_t n = tracked_live(&self->rx_out);
-    unlock(self->rx_lock);
+    unlock(&self->rx_lock);
     return PyLong_FromSsize_t(n);
 }
 
 static PyObject *
 core_get_allocated(CoreObject *self, void *c)
 {
-    lock(self->tx_lock);
+    lock(&self->tx_lock);
     Py_ssize_t n = tracked_live(&self->tx_out);
-    unlock(self->tx_lock);
+    unlock(&self->tx_lock);
     return PyLong_FromSsize_t(n);
 }
 
 static PyMethodDef core_methods[] = {
-    {"receive_packet", (PyCFunction)(void (*)(void))core_receive_packet, METH_FASTCALL | METH_KEYWORDS,
-     "receive_packet(block=None, timeout=None) -> memoryview | None (WintunReceivePacket)"},
-    {"receive_packets", (PyCFunction)core_receive_packets, METH_O,
-     "receive_packets(max_count) -> list of memoryviews (up to max_count; empty when none waits)"},
+    {"receive_packet", (PyCFunction)core_receive_packet, METH_NOARGS,
+     "receive_packet() -> memoryview | None (WintunReceivePacket; None when none is waiting)"},
+    {"receive_packets", (PyCFunction)(void (*)(void))core_receive_packets, METH_FASTCALL,
+     "receive_packets(max_count, headers=None) -> list of memoryviews (up to max_count; empty when none\n"
+     "waits); a list for headers gets a 10-byte zero virtio-net header per packet"},
     {"release_receive_packet", (PyCFunction)core_release_receive_packet, METH_O,
      "release_receive_packet(packet) (WintunReleaseReceivePacket; any order)"},
     {"release_receive_packets", (PyCFunction)core_release_receive_packets, METH_O,
@@ -2303,7 +2274,7 @@ static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "wiretun._speedups.SessionCore",
     .tp_basicsize = sizeof(CoreObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "SessionCore(fd, wait_fd, rx, tx, lost, rejected, convert_header): a session's per-packet state "
+    .tp_doc = "SessionCore(fd, rx, tx, io_error, rejected, convert_header): a session's per-packet state "
               "(see wiretun.linux.engine)",
     .tp_new = core_new,
     .tp_init = (initproc)core_init,
@@ -2337,7 +2308,8 @@ exec_module(PyObject *module)
         PyModule_AddIntConstant(module, "STATUS_BUFFER_OVERFLOW", STATUS_BUFFER_OVERFLOW) < 0 ||
         PyModule_AddIntConstant(module, "STATUS_NO_MORE_ITEMS", STATUS_NO_MORE_ITEMS) < 0)
         return -1;
-    if (str_release == NULL && (str_release = PyUnicode_InternFromString("release")) == NULL)
+    if (memoryview_release == NULL &&
+        (memoryview_release = PyObject_GetAttrString((PyObject *)&PyMemoryView_Type, "release")) == NULL)
         return -1;
     if (PyType_Ready(&CoreType) < 0)
         return -1;

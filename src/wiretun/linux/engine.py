@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import threading
-import time
 from enum import IntEnum
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from ..errors import (
     ERROR_BUFFER_OVERFLOW,
@@ -98,8 +96,9 @@ class Buffer(Protocol):
     def data(self) -> memoryview: ...
 
 
-LostCallback = Callable[[int], BaseException]
-"""Called with the errno when the queue is gone (the adapter was deleted); returns the exception to raise."""
+IOErrorCallback = Callable[[int], BaseException]
+"""Called with the errno of a failed read, or of a read or write whose queue is gone (EBADFD, EBADF,
+ENODEV, ENXIO: the adapter was deleted; then the core does no more I/O); returns the exception to raise."""
 RejectedCallback = Callable[[int, int], None]
 """Called with the errno and the packet size when the kernel rejects a packet (it is dropped and counted)."""
 HeaderConverter = Callable[[object], bytes]
@@ -122,14 +121,6 @@ def _not_allocated(packet: object) -> InvalidParameter:
         f"{type(packet).__name__} at {id(packet):#x} is not a packet allocated by this session and not yet "
         f"sent (sent twice, or from another session?)"
     )
-
-
-def _check_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise InvalidParameter(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
-    return float(timeout)
 
 
 def _release_view(view: memoryview) -> None:
@@ -217,24 +208,22 @@ def _address(view: memoryview) -> int:
 class PySessionCore:
     """The pure-Python :class:`SessionCore` (see the module docstring); same calls, same results.
 
-    ``fd`` is the TUN queue (non-blocking, with a virtio-net header on every packet), ``wait_fd`` the
-    read-wait descriptor a blocking receive sleeps on (readable when packets may wait or the session
-    ended), ``rx`` and ``tx`` the two rings (empty). ``lost``, ``rejected`` and ``convert_header``: see
-    :data:`LostCallback`, :data:`RejectedCallback`, :data:`HeaderConverter`.
+    ``fd`` is the TUN queue (non-blocking, with a virtio-net header on every packet), ``rx`` and ``tx``
+    the two rings (empty). ``io_error``, ``rejected`` and ``convert_header``: see
+    :data:`IOErrorCallback`, :data:`RejectedCallback`, :data:`HeaderConverter`. Nothing here blocks:
+    the caller sleeps on its own wait handle.
     """
 
     def __init__(
         self,
         fd: int,
-        wait_fd: int,
         rx: Buffer,
         tx: Buffer,
-        lost: LostCallback,
+        io_error: IOErrorCallback,
         rejected: RejectedCallback,
         convert_header: HeaderConverter,
     ) -> None:
         self._fd = fd
-        self._wait_fd = wait_fd
         self._rx_words = rx.words
         self._rx_data = rx.data
         self._tx_words = tx.words
@@ -244,7 +233,8 @@ class PySessionCore:
                 raise InvalidParameter("the two rings must have the same capacity")
         self._cap = self._rx_words.nbytes - HEADER_SIZE - TRAILING_SIZE
         self._mask = self._cap - 1
-        self._lost_cb = lost
+        self._io_error = io_error
+        self._rx_error: BaseException | None = None  # raised by the next receive (packets came before it)
         self._rejected_cb = rejected
         self._convert = convert_header
         self._rx_lock = threading.Lock()
@@ -285,9 +275,10 @@ class PySessionCore:
         return len(self._tx_out)
 
     def _lost(self, code: int) -> BaseException:
-        if self._state == 0:
+        """The exception for a failed read, or an I/O whose queue is gone (then no more I/O)."""
+        if code in _GONE_ERRNOS and self._state == 0:
             self._state = 1
-        return self._lost_cb(code)
+        return self._io_error(code)
 
     # ------------------------------------------------------------------ receive
 
@@ -317,9 +308,7 @@ class PySessionCore:
             code = e.errno or errno.EIO
             if code == errno.EAGAIN:
                 return None
-            if code in _GONE_ERRNOS:
-                raise self._lost(code) from e
-            raise
+            raise self._lost(code) from e
         n -= VNET_HDR_SIZE
         if n < 0:
             raise _fail(
@@ -349,56 +338,52 @@ class PySessionCore:
             finally:
                 lock.release()
 
-    def receive_packet(self, block: bool | None = None, timeout: float | None = None) -> memoryview | None:
-        """The next packet (WintunReceivePacket). Empty: NoMoreItems with ``block`` None, None with
-        False; True sleeps on ``wait_fd`` until a packet comes or ``timeout`` seconds pass (then None)."""
-        seconds = _check_timeout(timeout)
-        deadline = -1.0
-        while True:
-            with self._rx_lock:
-                if self._state:
-                    raise _fail(Status.HANDLE_EOF, "the session has ended")
-                if self._stalled:
-                    self._retry_send()
-                view = self._read_one()
-            if view is not None:
-                return view
-            if block is None:
-                raise _fail(Status.NO_MORE_ITEMS, "no packet is waiting")
-            if not block:
-                return None
-            if seconds is not None:
-                now = time.monotonic()
-                if deadline < 0:
-                    deadline = now + seconds
-                elif now >= deadline:
-                    return None
-                ms = int((deadline - now) * 1000 + 0.999)
-            else:
-                ms = -1
-            poller = select.poll()
-            poller.register(self._wait_fd, select.POLLIN)
-            poller.poll(ms)
+    def _raise_pending(self) -> None:
+        exc, self._rx_error = self._rx_error, None
+        if exc is not None:
+            raise exc
 
-    def receive_packets(self, max_count: int) -> list[memoryview]:
-        """Up to ``max_count`` packets (an empty list when none is waiting), read one after another."""
+    def receive_packet(self) -> memoryview | None:
+        """The next packet (WintunReceivePacket), or None when none is waiting; EndOfFile after the end."""
+        with self._rx_lock:
+            if self._state:
+                raise _fail(Status.HANDLE_EOF, "the session has ended")
+            self._raise_pending()
+            if self._stalled:
+                self._retry_send()
+            return self._read_one()
+
+    def receive_packets(self, max_count: int, headers: list[bytes] | None = None) -> list[memoryview]:
+        """Up to ``max_count`` packets (an empty list when none is waiting); a packet dropped for lack of
+        room counts toward ``max_count``. A list for ``headers`` gets a zero 10-byte header per packet. An
+        error after some packets were read is raised by the next receive, those packets handed out first."""
         if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
             raise InvalidParameter(f"max_count {max_count!r} must be an int >= 1")
+        if headers is not None and not isinstance(headers, list):
+            raise InvalidParameter(f"headers must be a list to append to, not {type(headers).__name__}")
         out: list[memoryview] = []
         with self._rx_lock:
             if self._state:
                 raise _fail(Status.HANDLE_EOF, "the session has ended")
+            self._raise_pending()
             if self._stalled:
                 self._retry_send()
-            dropped = self.receive_dropped
-            while len(out) < max_count:
-                view = self._read_one()
+            for _ in range(max_count):
+                dropped = self.receive_dropped
+                try:
+                    view = self._read_one()
+                except Exception as exc:  # a failed read: after packets, the next receive raises it
+                    if not out:
+                        raise
+                    self._rx_error = exc
+                    break
                 if view is None:
                     if self.receive_dropped == dropped:
                         break
-                    dropped = self.receive_dropped
                     continue  # dropped for lack of room: the queue may hold more
                 out.append(view)
+        if headers is not None:
+            headers.extend([ZERO_HEADER] * len(out))
         return out
 
     def _release_locked(self, packet: object) -> bool:
@@ -430,8 +415,15 @@ class PySessionCore:
                 raise _not_received(packet)
         _release_view(packet)
 
-    def release_receive_packets(self, packets: Sequence[memoryview]) -> None:
+    def release_receive_packets(self, packets: Iterable[memoryview]) -> None:
         """Release several packets: all or nothing (one bad or repeated packet releases none)."""
+        if not isinstance(packets, (list, tuple)):
+            try:
+                packets = list(packets)
+            except TypeError:
+                raise InvalidParameter(
+                    f"packets must be a list of received packets, not {type(packets).__name__}"
+                ) from None
         with self._rx_lock:
             if self._state == 2:
                 return
@@ -565,7 +557,7 @@ class PySessionCore:
         count = 0
         with self._tx_lock:
             if self._state:
-                raise _fail(Status.HANDLE_EOF, "the session has ended")
+                return len(packets)  # as send_packet after the end: discarded (WintunSendPacket)
             data = self._tx_data
             try:
                 if self._stalled:
