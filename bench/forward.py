@@ -53,6 +53,7 @@ C_SOURCE = HERE / "c" / "forward.c"
 C_BINARY = OUT / "forward"
 
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # tests.netns: the namespace helper tests and benchmarks share
 
 DEV_A, DEV_B = "fwa", "fwb"
 ADDR_A, ADDR_B = "198.18.0.1", "198.18.0.2"
@@ -95,16 +96,16 @@ def serve_pytun(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     """The way Python tunnels forward today: python-pytun, a thread per direction, blocking I/O."""
     import pytun  # type: ignore[import-not-found]
 
-    from wiretun.linux import netns
+    from tests import netns
 
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI
     # pytun's mtu property asks the kernel by name, in the calling thread's namespace.
     with netns.entered(ns_a):
         a = pytun.TunTapDevice(name=dev_a, flags=flags)
-        mtu_a = a.mtu
+        mtu_a = a.get_mtu()
     with netns.entered(ns_b):
         b = pytun.TunTapDevice(name=dev_b, flags=flags)
-        mtu_b = b.mtu
+        mtu_b = b.get_mtu()
 
     def pump(src: pytun.TunTapDevice, dst: pytun.TunTapDevice, size: int) -> None:
         read, write = src.read, dst.write
@@ -138,7 +139,7 @@ def serve_wiretun(ns_a: str, dev_a: str, ns_b: str, dev_b: str, offload: bool) -
     """
     from wiretun import Adapter
     from wiretun.errors import EndOfFile
-    from wiretun.linux import netns
+    from tests import netns
 
     with netns.entered(ns_a):
         a = Adapter.create(dev_a, "Bench")
@@ -211,7 +212,7 @@ def serve_wiretun_single(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     A full send ring drops the packet (BufferOverflow), as a Wintun program does."""
     from wiretun import Adapter
     from wiretun.errors import BufferOverflow, EndOfFile, NoMoreItems
-    from wiretun.linux import netns
+    from tests import netns
 
     with netns.entered(ns_a):
         a = Adapter.create(dev_a, "Bench")
@@ -292,7 +293,7 @@ def _check(*argv: str) -> None:
 
 @contextlib.contextmanager
 def _namespaces() -> Iterator[tuple[str, str]]:
-    from wiretun.linux import netns
+    from tests import netns
 
     with netns.several("wtbA", "wtbB") as (a, b):  # removed at the end, iperf3 and all
         yield a, b
@@ -375,7 +376,7 @@ class Forwarder:
 
 def _iperf(ns_a: str, ns_b: str, seconds: float, udp: bool) -> dict:
     """One iperf3 run from A to B; the server is a one-off process inside B."""
-    from wiretun.linux import netns
+    from tests import netns
 
     server = subprocess.Popen(["ip", "netns", "exec", ns_b, "iperf3", "-s", "-1", "-p", str(IPERF_PORT),
                                "-B", ADDR_B], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -455,7 +456,7 @@ def measure(kind: str, seconds: float, udp: bool) -> Result:
 def _counters(ns: str, dev: str, side: str) -> tuple[int, int]:
     """(packets, bytes) of ``dev``'s ``side``: "tx" is what the kernel handed to the forwarder, "rx"
     what the forwarder wrote into the device and the kernel accepted."""
-    from wiretun.linux import netns
+    from tests import netns
 
     r = netns.run(ns, "ip", "-s", "-j", "link", "show", dev)
     try:

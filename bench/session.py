@@ -9,7 +9,7 @@ Everything happens in a network namespace this script creates and removes. The a
   holds them: txqueuelen is raised above N), and only then is the drain timed, so the sender is never the
   bottleneck. Plain: ``os.read(fd, 0x10009)`` until EAGAIN (and, for reference, the same loop also
   dropping the 10-byte virtio-net header every queue carries, to get the IP packet). Session per-packet:
-  ``receive_packet(block=False)`` + ``release_receive_packet``. Session batch: ``receive_packets(64)`` +
+  ``try_receive_packet()`` + ``release_receive_packet``. Session batch: ``receive_packets(64)`` +
   ``release_receive_packets``. Every method must drain exactly N packets.
 * send: N IPv4/UDP packets from 10.77.0.2 to a socket on 10.77.0.1 (which never reads: the kernel drops
   them once its buffer is full, the same cost for every method). Plain: ``os.writev(fd, [header,
@@ -33,7 +33,10 @@ from typing import Callable
 
 from wiretun import packet
 from wiretun.adapter import Adapter
-from wiretun.linux import netns, tun
+from wiretun.linux import tun
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests import netns  # noqa: E402  (the namespace helper tests and benchmarks share)
 
 ADAPTER_ADDR = "10.77.0.1"
 PEER_ADDR = "10.77.0.2"
@@ -78,11 +81,11 @@ def drain_plain_strip(fd: int) -> int:
 
 
 def drain_session_single(session) -> int:
-    receive = session.receive_packet
+    receive = session.try_receive_packet
     release = session.release_receive_packet
     n = 0
     while True:
-        pkt = receive(block=False)
+        pkt = receive()
         if pkt is None:
             return n
         release(pkt)
@@ -166,7 +169,7 @@ def main() -> None:
                 out_pkt = packet.ipv4_udp(PEER_ADDR, ADAPTER_ADDR, 40000, SINK_PORT, bytes(size - 28))
                 for _ in range(rounds):
                     # plain loop on a queue of its own (no session attached meanwhile)
-                    fd = adapter._open_queue()
+                    fd = tun.open_queue(adapter.kernel_name)
                     try:
                         tun.set_offload(fd, 0)
                         prefill(sender, payload, count)

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # tests.netns: the namespace helper tests and benchmarks share
 
 SOCK_DIR = Path("/var/run/wireguard")
 OUTER_A, OUTER_B = "198.18.1.1", "198.18.1.2"
@@ -110,7 +111,7 @@ def _cpu_seconds(pid: int) -> float:
 @contextlib.contextmanager
 def topology() -> Iterator[tuple[str, str]]:
     """Namespaces A and B and the veth pair between them; removed at the end."""
-    from wiretun.linux import netns
+    from tests import netns
 
     with netns.several("wgbA", "wgbB") as (a, b):  # removed at the end, daemons and iperf3 too
         veth_a, veth_b = f"vb{uuid.uuid4().hex[:6]}", f"vb{uuid.uuid4().hex[:6]}"

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from wiretun.linux import netns as _netns
+from tests import netns as _netns
 
 
 def _system_ready() -> str | None:

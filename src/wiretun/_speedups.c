@@ -1052,8 +1052,6 @@ tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-
-/* ------------------------------------------------------------------------------------------------ */
 /* SessionCore: one session's per-packet state, both rings (wiretun.linux.engine has the Python twin)  */
 
 /* Wintun's (Win32) error codes, as wiretun.linux.engine.Status and wiretun.errors have them. */
@@ -2284,12 +2282,26 @@ static PyTypeObject CoreType = {
     .tp_getset = core_getset,
 };
 
+/* ------------------------------------------------------------------------------------------------ */
+/* fence: a full memory barrier (wiretun.ring.fence), for the ring's cross-process wake-up handshake. */
+
+PyDoc_STRVAR(fence_doc, "fence()\n\nA full (sequentially consistent) memory barrier: __atomic_thread_fence.");
+
+static PyObject *
+fence(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    (void)self;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"rx_pull", (PyCFunction)(void (*)(void))rx_pull, METH_FASTCALL, rx_pull_doc},
     {"rx_frames", (PyCFunction)(void (*)(void))rx_frames, METH_FASTCALL, rx_frames_doc},
     {"rx_one", (PyCFunction)(void (*)(void))rx_one, METH_FASTCALL, rx_one_doc},
     {"tx_flush", (PyCFunction)(void (*)(void))tx_flush, METH_FASTCALL, tx_flush_doc},
     {"tx_direct", (PyCFunction)(void (*)(void))tx_direct, METH_FASTCALL, tx_direct_doc},
+    {"fence", fence, METH_NOARGS, fence_doc},
     {NULL, NULL, 0, NULL},
 };
 

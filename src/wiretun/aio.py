@@ -13,22 +13,45 @@ The pattern::
             await b.send(packet)              # copied into b's send ring and written to the kernel
             a.release_receive_packet(packet)  # as with receive_packet: release every packet
 
-The functions here take the session as their first argument; :class:`~wiretun.session.Session` exposes
-them as ``packets()``, ``receive()`` and ``send()``.
+The functions here take the session as their first argument and use only its public surface
+(:class:`SessionLike`); :class:`~wiretun.session.Session` has them as methods ``packets()``,
+``receive()`` and ``send()`` through :class:`AsyncSessionMethods`, so this module never imports the
+session module and the session never calls into this one's internals.
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from .errors import BufferOverflow, EndOfFile, InvalidParameter
 
-if TYPE_CHECKING:
-    from .session import Session
-
 Buffer = bytes | bytearray | memoryview
+
+
+class SessionLike(Protocol):
+    """What asyncio needs of a session: its public calls and wait handles."""
+
+    @property
+    def ended(self) -> bool: ...
+
+    @property
+    def send_stalled(self) -> bool: ...
+
+    def get_read_wait_event(self) -> int: ...
+
+    def get_write_wait_event(self) -> int | None: ...
+
+    def get_end_event(self) -> int: ...
+
+    def try_receive_packet(self) -> memoryview | None: ...
+
+    def receive_packets(self, max_count: int = ...) -> list[memoryview]: ...
+
+    def release_receive_packets(self, packets: list[memoryview]) -> None: ...
+
+    def send_packets(self, packets: Sequence[Buffer], headers: Sequence[Any] | None = ...) -> int: ...
 
 
 class _Waiters:
@@ -70,13 +93,15 @@ class _Waiters:
             self._wake()
 
 
+_Table = weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]]
+
 # Per session and loop; weak so a forgotten session is not kept alive by asyncio bookkeeping.
 _readers: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]] = weakref.WeakKeyDictionary()
 _writers: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]] = weakref.WeakKeyDictionary()
 _enders: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]] = weakref.WeakKeyDictionary()
 
 
-def _waiters(table: weakref.WeakKeyDictionary, session: Any, fd: int, writer: bool) -> _Waiters:
+def _waiters(table: _Table, session: Any, fd: int, writer: bool) -> _Waiters:
     loop = asyncio.get_running_loop()
     per_loop = table.get(session)
     if per_loop is None:
@@ -87,19 +112,23 @@ def _waiters(table: weakref.WeakKeyDictionary, session: Any, fd: int, writer: bo
     return w
 
 
-async def wait_readable(session: Session) -> None:
+async def wait_readable(session: SessionLike) -> None:
     """Sleep until the session's read-wait handle is readable (packets may be waiting, or it ended)."""
     if session.ended:
         return
     await _waiters(_readers, session, session.get_read_wait_event(), False).wait()
 
 
-async def wait_writable(session: Session) -> None:
+async def wait_writable(session: SessionLike) -> None:
     """Sleep until the session's TUN queue accepts writes again (after EAGAIN/ENOBUFS) or it ends."""
     if session.ended:
         return
-    writable = _waiters(_writers, session, session._queue_fileno(), True).wait()
-    ended = _waiters(_enders, session, session._end_fileno(), False).wait()
+    fd = session.get_write_wait_event()
+    if fd is None:  # sends never stall on this platform: nothing to wait for but a moment
+        await asyncio.sleep(0.001)
+        return
+    writable = _waiters(_writers, session, fd, True).wait()
+    ended = _waiters(_enders, session, session.get_end_event(), False).wait()
     try:
         await asyncio.wait((writable, ended), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -108,16 +137,16 @@ async def wait_writable(session: Session) -> None:
                 fut.cancel()  # unregisters its descriptor when nobody else waits on it
 
 
-async def receive(session: Session) -> memoryview:
+async def receive(session: SessionLike) -> memoryview:
     """The next packet, sleeping (without blocking the loop) until one comes; EndOfFile once ended."""
     while True:
-        packet = session.receive_packet(block=False)
+        packet = session.try_receive_packet()
         if packet is not None:
             return packet
         await wait_readable(session)
 
 
-async def packets(session: Session, batch: int = 64) -> AsyncIterator[memoryview]:
+async def packets(session: SessionLike, batch: int = 64) -> AsyncIterator[memoryview]:
     """Every packet the session receives until it ends; release each one as usual.
 
     Packets are taken ``batch`` at a time with one call; those of a batch not yet handed out when the
@@ -143,7 +172,7 @@ async def packets(session: Session, batch: int = 64) -> AsyncIterator[memoryview
                 session.release_receive_packets(got[done:])
 
 
-async def send(session: Session, packet: Buffer, header: Any = None) -> None:
+async def send(session: SessionLike, packet: Buffer, header: Any = None) -> None:
     """Send one packet (copied into the send ring when the kernel cannot take it at once).
 
     Sleeps while the kernel refuses writes (EAGAIN/ENOBUFS) and the send ring is full.
@@ -155,11 +184,31 @@ async def send(session: Session, packet: Buffer, header: Any = None) -> None:
     headers = None if header is None else (header,)
     waits = 0
     while True:
+        if session.ended:
+            raise EndOfFile("the session has ended")
         if session.send_packets(packets_, headers):
             return
-        if not session._tx_stalled:
+        if not session.send_stalled:
             raise BufferOverflow("the send ring is full of allocated packets not yet sent")
         if waits:
             await asyncio.sleep(0.001)  # writable yet refused again (ENOBUFS/ENOMEM): do not spin
         await wait_writable(session)
         waits += 1
+
+
+class AsyncSessionMethods:
+    """The asyncio methods of :class:`wiretun.session.Session` (a mixin over its public surface)."""
+
+    def packets(self: SessionLike, batch: int = 64) -> AsyncIterator[memoryview]:
+        """``async for packet in session.packets()``: every packet until the session ends (release each)."""
+        return packets(self, batch)
+
+    async def receive(self: SessionLike) -> memoryview:
+        """The next packet, awaiting without blocking the event loop; EndOfFile once ended."""
+        return await receive(self)
+
+    async def send(self: SessionLike, packet: Buffer, header: Any = None) -> None:
+        """Send one packet (copied), awaiting while the send ring is full; EndOfFile once ended.
+
+        ``header`` as for ``Session.send_packet``."""
+        await send(self, packet, header)

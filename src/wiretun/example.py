@@ -64,7 +64,7 @@ def _receive_packets(session: Session, quit_event: threading.Event, counts: dict
     wait_fd = session.get_read_wait_event()
     while not quit_event.is_set():
         try:
-            pkt = session.receive_packet(block=False)
+            pkt = session.try_receive_packet()
         except EndOfFile:
             return
         except WintunError as e:

@@ -33,9 +33,14 @@ read. Offsets handed out and taken back by both classes are offsets of packet *d
 (record offset + 4), so ``ring.data[offset:offset + size]`` is the packet.
 
 Memory ordering: the wake-up handshake (store Tail, load Alertable / store Alertable, load Tail) needs a
-full barrier on each side. CPython has no fence primitive; :func:`fence` takes and drops a lock, which
-is a locked read-modify-write (a full barrier) on x86-64. Plain 4-byte aligned stores are atomic and,
-on x86-64 (TSO), seen in program order, so packet bytes are visible before the Tail that publishes them.
+full barrier on each side. :func:`fence` is ``__atomic_thread_fence(__ATOMIC_SEQ_CST)`` in the C
+extension (``wiretun._speedups``: a full barrier on every CPU, ``dmb ish`` on aarch64). Without the
+extension (not built, or ``WIRETUN_NO_SPEEDUPS=1``) it takes and drops a lock, a locked
+read-modify-write: a full barrier on x86-64 only; on weakly ordered CPUs (aarch64, POWER) the
+cross-process wake-up is then not guaranteed. Plain 4-byte aligned stores are atomic and, on x86-64
+(TSO), seen in program order, so packet bytes are visible before the Tail that publishes them; on
+aarch64 that ordering of the Python code's stores is likewise not guaranteed. Only x86-64 was run here:
+nothing of this was tested on aarch64.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import select
 import struct
 import sys
 import threading
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .errors import BufferOverflow, EndOfFile, InvalidData, InvalidParameter, NoMoreItems
 
@@ -122,10 +127,25 @@ def capacity_for_size(size: int) -> int:
 _fence_lock = threading.Lock()
 
 
-def fence() -> None:
-    """A full memory barrier, as far as CPython allows (see the module docstring)."""
+def _lock_fence() -> None:
+    """A full barrier on x86-64 only: a lock's acquire and release (a locked read-modify-write)."""
     _fence_lock.acquire()
     _fence_lock.release()
+
+
+def _c_fence() -> Callable[[], None] | None:
+    if os.environ.get("WIRETUN_NO_SPEEDUPS") == "1":
+        return None
+    try:
+        from ._speedups import fence as c_fence
+    except ImportError:
+        return None
+    return c_fence
+
+
+fence: Callable[[], None] = _c_fence() or _lock_fence
+"""A full memory barrier: the C extension's ``__atomic_thread_fence(__ATOMIC_SEQ_CST)`` when built, else a
+lock acquire/release (a full barrier on x86-64 only; see the module docstring)."""
 
 
 class _Words(Protocol):

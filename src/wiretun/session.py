@@ -1,98 +1,46 @@
-"""A Wintun session on Linux: two rings of :mod:`wiretun.ring` and one TUN queue, with no threads.
+"""A Wintun session: Wintun's per-packet calls, their batch forms and blocking conveniences, portable.
 
-``adapter.start_session(capacity)`` attaches a TUN queue of its own to the adapter and lays out two
-rings of ``capacity`` bytes each in anonymous memory:
+``adapter.start_session(capacity)`` starts one. The platform's session backend does the packet work
+(:class:`wiretun._backend.SessionBackend`; on Linux :mod:`wiretun.linux.session`: two rings of
+:mod:`wiretun.ring` over a TUN queue of its own); this layer adds what is the same everywhere:
+argument checks, the blocking and timed forms, the capture file and asyncio (:mod:`wiretun.aio`).
 
-* the **receive ring** (Wintun's "Send" ring: kernel -> you). :meth:`Session.receive_packet` reads the
-  next packet from the TUN queue straight into ring memory at Tail (``readv``: the 10-byte virtio-net
-  header into a scratch buffer, the IP packet into the ring, which always has 0xFFFF bytes of room after
-  Tail thanks to the trailing area), writes its Size, publishes Tail, and returns a ``memoryview`` of the
-  packet in the ring: zero copy. Packets are read on demand, so the ring never holds packets nobody has
-  asked for and the TUN queue's own readiness says whether more are waiting. Release them in any order;
-  the space comes back as Wintun's release bit says (:class:`wiretun.ring.Consumer`). When a packet does
-  not fit in the free space (you hold too many), it is read and dropped, as Wintun's driver drops when the
-  ring is full (counted in :attr:`Session.receive_dropped`), so the queue never backs up into a busy loop.
-* the **send ring** (Wintun's "Receive" ring: you -> kernel). :meth:`Session.allocate_send_packet` carves
-  a packet out at Tail (:class:`wiretun.ring.Producer`), :meth:`Session.send_packet` marks it sent, and
-  every packet at the front that is sent (allocation order) is written to the queue right away
-  (``writev`` with a zero header) and its space freed. If the kernel says EAGAIN/ENOBUFS/ENOMEM the
-  packets stay in the ring and go out with the next send (or receive) call; a packet the kernel rejects
-  (EINVAL: not IPv4/IPv6; EIO: the adapter is down) is dropped, counted in :attr:`Session.send_dropped`
-  and logged once per kind of error.
+The calls named after Wintun's keep Wintun's meaning:
 
-The read-wait handle (:meth:`Session.get_read_wait_event`) is an epoll fd holding the TUN queue and an
-eventfd that :meth:`Session.end` sets: it is readable when packets may be waiting or the session has
-ended, so it works with ``select``, ``selectors`` and ``asyncio``'s ``add_reader``. It stays valid (and,
-after the end, readable) until the session object is garbage-collected, so a thread still sleeping on it
-is never left holding a closed or recycled descriptor.
+* :meth:`Session.receive_packet` returns the next packet or raises NoMoreItems (WintunReceivePacket);
+  :meth:`Session.try_receive_packet` returns None instead (no exception per empty poll) and
+  :meth:`Session.wait_receive_packet` sleeps until a packet comes (None after a timeout).
+* :meth:`Session.send_packet` and :meth:`Session.send_packets` after the session ended discard the
+  packets silently (WintunSendPacket returns nothing); allocate and receive raise EndOfFile.
 
-**Offloads** (``start_session(capacity, offload=True)``): the session sets ``TUNSETOFFLOAD`` to
-checksum + TSO4 + TSO6, plus USO4 + USO6 where the kernel accepts them (Linux 6.2+; older kernels say
-EINVAL and the session goes on without), see :attr:`Session.offloads`. The kernel then hands over
-*super-packets*: one IP/TCP or IP/UDP header with up to 64 KiB of payload and a checksum that holds only
-the pseudo-header sum, described by the packet's virtio-net header (:class:`wiretun.offload.VirtioNetHeader`:
-GSO type, header length, segment size, checksum start and offset, flags). The receive ring of an
-offload session stores each packet *with* its 10-byte header in front, exactly as the kernel's read
-produced it (the ring is the session's own memory; its records' Size counts the header), so the header
-costs no extra copy or allocation; ``receive_packet`` still returns a view of the IP packet alone, and
-:meth:`Session.packet_header` or ``receive_packets(..., headers=list)`` give the header. Sends take a
-header per packet (``send_packet(view, header=...)``, ``send_packets(packets, headers=...)``): a
-super-packet written with its header is segmented by the kernel (or delivered whole to a local socket).
-Between two offload sessions (a forwarder) a packet passes with its header unchanged; :mod:`wiretun.offload`
-splits super-packets into wire packets and coalesces wire packets into super-packets. The largest IP
-packet the kernel hands out is 65535 bytes (it segments GSO packets of ``gso_max_size``, 65536, or more in
-software first), so Wintun's 0xFFFF packet limit still holds for the packet itself. Offloads belong to
-the device, not to a queue: all sessions sharing a multi-queue adapter must agree on ``offload``, and a
-session that disagrees with the queues already attached gets InvalidParameter.
+The old ``receive_packet(block=False|True, timeout=...)`` spelling still works and warns
+(DeprecationWarning). Timeouts are seconds >= 0 (``float("inf")`` or None: no limit).
 
 **Capture** (``start_session(..., capture="file.pcap")``, a path or a binary file object): every packet
 the session receives (as handed out) and sends (as written to the kernel) is recorded in a pcap file
 with the raw-IP link type (:mod:`wiretun.capture`), offloaded super-packets whole, as they passed. The
-file is flushed and closed when the session ends.
-
-Performance: no threads, no per-packet allocation beyond the packet's own memoryview (and the slice the
-kernel reads into), no exception per empty poll (after one EAGAIN the next call polls the queue first).
-Rings that empty are rewound to offset 0 so the memory in use stays in cache.
+file is opened last, after everything else of the start succeeded, and flushed and closed when the
+session ends; a path that a live session of this process already writes is refused (InvalidParameter).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
-import itertools
-import mmap
+import math
 import os
-import select
-import socket
-import struct
 import threading
 import time
-import weakref
-from collections import deque
+import warnings
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, Sequence, TypeAlias
 
 from . import log
+from .aio import AsyncSessionMethods
 from .capture import PcapWriter
-from .errors import Busy, EndOfFile, InvalidData, InvalidParameter, NoMoreItems
-from .linux import tun
+from .errors import EndOfFile, InvalidParameter, NoMoreItems, WintunError
 from .offload import VirtioNetHeader
-from .ring import (
-    DATA_WORD,
-    HEAD_WORD,
-    HEADER_SIZE,
-    MAX_PACKET_SIZE,
-    MAX_RECORD_SIZE,
-    TAIL_WORD,
-    TRAILING_SIZE,
-    Consumer,
-    Producer,
-    Ring,
-    check_capacity,
-    ring_size,
-)
+from .ring import check_capacity
 
 if TYPE_CHECKING:
+    from ._backend import SessionBackend
     from .adapter import Adapter
 
 Packet: TypeAlias = memoryview
@@ -100,377 +48,109 @@ Packet: TypeAlias = memoryview
 
 DEFAULT_CAPACITY = 0x400000
 DEFAULT_BATCH = 64
-ZERO_HEADER = bytes(tun.VNET_HDR_SIZE)
-_HDR = tun.VNET_HDR_SIZE
-_READ_SPAN = MAX_PACKET_SIZE  # bytes offered to each read: the largest IP packet
-# The queue's device is gone (deleted: the kernel answers EBADFD) or the fd was closed under us. Not
-# EIO: that is a write while the adapter is down, which drops the packet (as Wintun does) and goes on.
-_GONE_ERRNOS = frozenset({errno.EBADFD, errno.EBADF, errno.ENODEV, errno.ENXIO})
-_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM})
 
-OFFLOADS = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6 | tun.TUN_F_USO4 | tun.TUN_F_USO6
-"""What ``offload=True`` asks the kernel for; :data:`BASE_OFFLOADS` where USO is unknown (before 6.2)."""
-BASE_OFFLOADS = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6
-# An offload session's receive ring holds frames: virtio-net header + IP packet. A read is offered one
-# byte more than the largest frame so that a longer one (which the kernel would cut) is seen and dropped.
-_FRAME_MAX = _HDR + MAX_PACKET_SIZE
-_FRAME_SPAN = _FRAME_MAX + 1
-_FRAME_RECORD = (4 + _FRAME_SPAN + 3) & ~3
-_FRAME_SLACK = _FRAME_RECORD - MAX_RECORD_SIZE + 16  # beyond Wintun's trailing area, for the longer records
-_HEADER_LIMITS = (0xFF, 0xFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF)  # flags, gso_type, hdr_len, gso_size, csum_*
-_DROP = object()  # in _tx_headers: a queued packet that must not be written (sent with a bad header)
-_SIOCETHTOOL = 0x8946
-_ETHTOOL_GTXCSUM = 0x00000016
+_monotonic = time.monotonic
+
+# Capture files written by live sessions of this process (real path, and (st_dev, st_ino) once made),
+# so that a second session cannot truncate a first one's file.
+_captures_lock = threading.Lock()
+_capture_paths: set[str] = set()
+_capture_inodes: set[tuple[int, int]] = set()
 
 
-def _tx_checksum_offloaded(kernel_name: str) -> bool:
-    """Whether the device has checksum offload on now (ETHTOOL_GTXCSUM), i.e. some queue's session asked
-    for offloads. Run it in the adapter's namespace (``adapter._call``)."""
-    value = ctypes.create_string_buffer(struct.pack("II", _ETHTOOL_GTXCSUM, 0), 8)
-    req = struct.pack("16sP16x", kernel_name.encode(), ctypes.addressof(value))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, req)
-    return struct.unpack_from("II", value.raw)[1] != 0
-
-
-def _header_bytes(header: Any, where: str) -> Any:
-    """A header argument as 10 bytes: a VirtioNetHeader is packed, a bytes-like must be 10 bytes long."""
-    if header is None:
-        return ZERO_HEADER
-    if isinstance(header, VirtioNetHeader):
-        for name, value, limit in zip(header._fields, header, _HEADER_LIMITS):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-                raise InvalidParameter(f"{where}: {name} {value!r} is out of range 0..{limit}")
-        return header.pack()
-    try:
-        size = memoryview(header).nbytes
-    except TypeError:
-        raise InvalidParameter(
-            f"{where} must be a VirtioNetHeader or 10 bytes, not {type(header).__name__}"
-        ) from None
-    if size != _HDR:
-        raise InvalidParameter(f"{where} is {size} bytes; a virtio-net header is {_HDR} bytes")
-    return header
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The per-packet loops. They run in C (wiretun._speedups, built by setup.py when a compiler is there) unless
-# the module is missing or WIRETUN_NO_SPEEDUPS=1 is set; otherwise in the pure-Python twins below, which
-# take the same arguments and give the same results, byte for byte (tests/unit/test_speedups.py runs both
-# on the same input). Each works on a ring as ``words`` (Ring.words: the whole ring) and ``data`` (its Data
-# array on, as a byte memoryview that packet views are slices of), returns what the session needs to
-# bookkeep and reports a failed system call as its errno, so that the session does the rest (consumer,
-# counters, capture, exceptions) in one place for both.
-
-
-def _py_rx_pull(fd: int, words: Any, data: memoryview, max_count: int, hdr: Any, hdr_stride: int,
-                scratch: Any, views: list[memoryview], offsets: list[int] | None) -> tuple[int, int, int, int]:
-    """Read up to ``max_count`` packets from ``fd`` into the ring at Tail; returns (count, tail, status,
-    dropped). Each packet goes to Tail + 4 with a blind read of 0xFFFF bytes where that can neither overrun
-    Head nor need wrapping (the trailing area takes what runs past the end), its 10-byte virtio-net header
-    to ``hdr[k * hdr_stride:]`` (k counts this call's packets; 0: one scratch header); elsewhere through
-    ``scratch`` and copied in if it fits, else dropped (as Wintun's driver drops when the ring is full).
-    Writes each Size, appends views and data offsets, publishes Tail if a packet came. ``status``: 0 when
-    ``max_count`` was reached, the errno that ended the loop (EAGAIN: queue empty), -1 for a read shorter
-    than the header. Works in linear offsets with one bound check per packet: ``stop`` is the last data
-    offset from which a blind read fits."""
-    cap = len(words) * 4 - HEADER_SIZE - TRAILING_SIZE
-    r = words[TAIL_WORD]
-    head = words[HEAD_WORD]
-    end = head - 4 if head > r else head - 4 + cap  # free space is [r, end) in linear offsets
-    hdr_mv = memoryview(hdr)
-    iov: list[Any] = [hdr_mv[:_HDR], None]
-    scratch_mv = memoryview(scratch)[:_READ_SPAN]
-    scratch_iov: list[Any] = [iov[0], scratch_mv]
-    readv = os.readv
-    if offsets is None:
-        offsets = []
-    add_view = views.append
-    add_offset = offsets.append
-    span, hdr_size = _READ_SPAN, _HDR
-    left = max_count
-    count = dropped = status = 0
-    d = r + 4  # data offset of the packet being read
-    try:
-        while left > 0 and not status:
-            if d - 4 >= cap:  # wrapped past the end: back to the start of Data
-                d -= cap
-                end -= cap
-            stop = min(end - MAX_RECORD_SIZE, cap - 1) + 4
-            if d <= stop:
-                for _ in range(left):
-                    if hdr_stride:
-                        iov[0] = hdr_mv[count * hdr_stride : count * hdr_stride + hdr_size]
-                    iov[1] = data[d : d + span]
-                    n = readv(fd, iov) - hdr_size
-                    if n < 0:
-                        status = -1
-                        break
-                    words[DATA_WORD + ((d - 4) >> 2)] = n
-                    add_view(data[d : d + n])
-                    add_offset(d)
-                    count += 1
-                    d += (n + 7) & ~3
-                    if d > stop:
-                        break
-                left = max_count - count
-            else:
-                left -= 1
-                if hdr_stride:
-                    scratch_iov[0] = hdr_mv[count * hdr_stride : count * hdr_stride + hdr_size]
-                n = readv(fd, scratch_iov) - hdr_size
-                if n < 0:
-                    status = -1
-                    break
-                if (n + 7) & ~3 > end - (d - 4):
-                    dropped += 1
-                    continue
-                data[d : d + n] = scratch_mv[:n]
-                words[DATA_WORD + ((d - 4) >> 2)] = n
-                add_view(data[d : d + n])
-                add_offset(d)
-                count += 1
-                d += (n + 7) & ~3
-    except OSError as e:
-        status = e.errno or errno.EIO
-    tail = d - 4
-    if tail >= cap:
-        tail -= cap
-    if count:
-        words[TAIL_WORD] = tail
-    else:
-        tail = r
-    return count, tail, status, dropped
-
-
-def _py_rx_frames(fd: int, words: Any, data: memoryview, max_count: int, scratch: Any,
-                  views: list[memoryview], offsets: list[int] | None,
-                  headers: list[Any] | None) -> tuple[int, int, int, int]:
-    """:func:`_py_rx_pull` for an offload session, whose ring stores frames: each read lands whole, header
-    and packet, in one record (Size counts the header) when there is room for the largest frame, else in
-    ``scratch`` and then in the ring if it fits. A read of 10 bytes or less (no packet), longer than the
-    largest frame (cut by the kernel) or without room is dropped. Views cover the packet after the
-    header; ``headers`` gets each header as bytes. ``data`` runs at least _FRAME_SPAN bytes past the
-    capacity. Returns (count, tail, status, dropped) as :func:`_py_rx_pull` does."""
-    cap = len(words) * 4 - HEADER_SIZE - TRAILING_SIZE
-    r = words[TAIL_WORD]
-    head = words[HEAD_WORD]
-    end = head - 4 if head > r else head - 4 + cap
-    scratch_mv = memoryview(scratch)[:_FRAME_SPAN]
-    readv = os.readv
-    if offsets is None:
-        offsets = []
-    add_view = views.append
-    add_offset = offsets.append
-    add_header = None if headers is None else headers.append
-    span, hdr_size, frame_max, frame_record = _FRAME_SPAN, _HDR, _FRAME_MAX, _FRAME_RECORD
-    count = dropped = status = 0
-    d = r + 4  # data offset of the frame being read
-    try:
-        for _ in range(max_count):
-            if d - 4 >= cap:  # wrapped past the end: back to the start of Data
-                d -= cap
-                end -= cap
-            if d - 4 + frame_record <= end:  # room for the largest frame: read straight into the ring
-                n = readv(fd, [data[d : d + span]])
-                if n <= hdr_size or n > frame_max:
-                    dropped += 1  # cut (longer than any IP packet may be) or headerless
-                    continue
-            else:
-                n = readv(fd, [scratch_mv])
-                if n <= hdr_size or n > frame_max or (n + 7) & ~3 > end - (d - 4):
-                    dropped += 1  # no room (too many packets held), or not a frame we can keep
-                    continue
-                data[d : d + n] = scratch_mv[:n]
-            words[DATA_WORD + ((d - 4) >> 2)] = n
-            add_view(data[d + hdr_size : d + n])
-            add_offset(d)
-            if add_header is not None:
-                add_header(bytes(data[d : d + hdr_size]))
-            count += 1
-            d += (n + 7) & ~3
-    except OSError as e:
-        status = e.errno or errno.EIO
-    tail = d - 4
-    if tail >= cap:
-        tail -= cap
-    if count:
-        words[TAIL_WORD] = tail
-    else:
-        tail = r
-    return count, tail, status, dropped
-
-
-def _py_rx_one(fd: int, words: Any, data: memoryview, hdr: Any, scratch: Any) -> memoryview | int:
-    """One packet into the ring at Tail, as :func:`_py_rx_pull` reads them: its view (Size written, Tail
-    published), or -1 when the queue is empty, -2 when the packet was dropped for lack of room, -3 for a
-    read shorter than the header. Raises OSError for any other failed read; then the ring is unchanged."""
-    mask = len(words) * 4 - HEADER_SIZE - TRAILING_SIZE - 1
-    r = words[TAIL_WORD]
-    free = (words[HEAD_WORD] - r - 4) & mask
-    hdr10 = hdr if len(hdr) == _HDR else memoryview(hdr)[:_HDR]
-    try:
-        if free >= MAX_RECORD_SIZE:
-            n = os.readv(fd, [hdr10, data[r + 4 : r + 4 + _READ_SPAN]]) - _HDR
-        else:
-            n = os.readv(fd, [hdr10, memoryview(scratch)[:_READ_SPAN]]) - _HDR
-    except BlockingIOError:
-        return -1
-    if n < 0:
-        return -3
-    if free < MAX_RECORD_SIZE:
-        if (n + 7) & ~3 > free:
-            return -2
-        data[r + 4 : r + 4 + n] = memoryview(scratch)[:n]
-    words[DATA_WORD + (r >> 2)] = n
-    view = data[r + 4 : r + 4 + n]
-    words[TAIL_WORD] = (r + ((n + 7) & ~3)) & mask
-    return view
-
-
-def _py_tx_flush(fd: int, words: Any, data: memoryview, hdr: Any) -> int:
-    """Write every packet between Head and Tail to ``fd`` (``hdr`` in front of each), in order, and move
-    Head past those written. Returns 0 when Head reached Tail, the errno of a failed write (Head is then
-    on that packet), or -1 when the Size at Head is impossible (Head stays on it)."""
-    mask = len(words) * 4 - HEADER_SIZE - TRAILING_SIZE - 1
-    head = words[HEAD_WORD]
-    tail = words[TAIL_WORD]
-    if head == tail:
-        return 0
-    iov: list[Any] = [hdr if len(hdr) == _HDR else memoryview(hdr)[:_HDR], None]
-    writev = os.writev
-    status = 0
-    try:
-        while head != tail:
-            size = words[DATA_WORD + (head >> 2)]
-            if size > MAX_PACKET_SIZE or ((size + 7) & ~3) > ((tail - head) & mask):
-                status = -1
-                break
-            iov[1] = data[head + 4 : head + 4 + size]
-            try:
-                writev(fd, iov)
-            except OSError as e:
-                status = e.errno or errno.EIO
-                break
-            head = (head + ((size + 7) & ~3)) & mask
-    finally:
-        words[HEAD_WORD] = head
-    return status
-
-
-def _py_tx_direct(fd: int, hdr: Any, packets: list[Any] | tuple[Any, ...], start: int,
-                  headers: list[Any] | tuple[Any, ...] | None) -> tuple[int, int]:
-    """Write ``packets[start:]`` to ``fd`` straight from the caller's buffers, each with ``hdr`` (or its
-    own ``headers[i]``) in front. Returns (index, status): (len(packets), 0) when all went, else the index
-    of the item that stopped it, not written, and its errno, or -1 for an item left to the caller (not
-    bytes, bytearray or a 1-D byte memoryview, not 1..0xFFFF bytes, or a header not 10 bytes of type
-    bytes)."""
-    iov: list[Any] = [hdr if len(hdr) == _HDR else memoryview(hdr)[:_HDR], None]
-    writev = os.writev
-    i = start
-    while i < len(packets):
-        if headers is not None:
-            if i >= len(headers):
-                return i, -1
-            h = headers[i]
-            if h.__class__ is not bytes or len(h) != _HDR:
-                return i, -1
-            iov[0] = h
-        pkt = packets[i]
-        cls = pkt.__class__
-        if cls is bytes or cls is bytearray:
-            n = len(pkt)
-        elif cls is memoryview:
-            try:
-                if pkt.ndim != 1 or pkt.itemsize != 1:
-                    return i, -1
-                n = pkt.nbytes
-            except ValueError:  # released
-                return i, -1
-        else:
-            return i, -1
-        if not 0 < n <= MAX_PACKET_SIZE:
-            return i, -1
-        iov[1] = pkt
-        try:
-            writev(fd, iov)
-        except OSError as e:
-            return i, e.errno or errno.EIO
-        i += 1
-    return i, 0
-
-
-def _load_speedups() -> Any:
-    if os.environ.get("WIRETUN_NO_SPEEDUPS") == "1":
+def _check_timeout(timeout: object) -> float | None:
+    """A timeout argument as seconds, or None for no limit (None or infinity); InvalidParameter else."""
+    if timeout is None:
         return None
-    try:
-        from . import _speedups
-    except ImportError:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise InvalidParameter(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+    if math.isinf(timeout):
         return None
-    return _speedups
+    return float(timeout)
 
 
-_speedups = _load_speedups()
-SPEEDUPS: bool = _speedups is not None
-"""Whether sessions run their per-packet loops in C (``wiretun._speedups``) rather than pure Python."""
-if _speedups is not None:
-    _rx_pull = _speedups.rx_pull
-    _rx_frames = _speedups.rx_frames
-    _rx_one = _speedups.rx_one
-    _tx_flush = _speedups.tx_flush
-    _tx_direct = _speedups.tx_direct
-else:
-    _rx_pull = _py_rx_pull
-    _rx_frames = _py_rx_frames
-    _rx_one = _py_rx_one
-    _tx_flush = _py_tx_flush
-    _tx_direct = _py_tx_direct
+def _check_count(max_count: object) -> int:
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+        raise InvalidParameter(f"max_count {max_count!r} must be an int >= 1")
+    return max_count
 
 
-class _Resources:
-    """What must be closed when the session goes away; held by the finalizer, not by the session."""
+class _Capture:
+    """A session's capture file: its registration in this process, the writer, failure handling.
 
-    __slots__ = ("queue_fd", "event_fd", "epoll")
+    Made (the path checked and claimed) before the session starts; :meth:`open` creates the file last."""
 
-    def __init__(self) -> None:
-        self.queue_fd = -1
-        self.event_fd = -1
-        self.epoll: select.epoll | None = None
+    def __init__(self, target: str | os.PathLike[str] | BinaryIO, name: str) -> None:
+        self.target = target
+        self.name = name
+        self.writer: PcapWriter | None = None
+        self.path: str | None = None
+        self.inode: tuple[int, int] | None = None
+        if isinstance(target, (str, os.PathLike)):
+            path = os.path.realpath(os.fspath(target))
+            with _captures_lock:
+                inode = _inode(path)
+                if path in _capture_paths or (inode is not None and inode in _capture_inodes):
+                    raise InvalidParameter(
+                        f"capture: {os.fspath(target)!r} is already written by a live session of this process"
+                    )
+                _capture_paths.add(path)
+                self.path = path
 
-    def close_queue(self) -> None:
-        fd, self.queue_fd = self.queue_fd, -1
-        if fd >= 0:
-            if self.epoll is not None:
-                try:
-                    self.epoll.unregister(fd)  # explicit: a forked child may share the queue's file
-                except (OSError, ValueError):
-                    pass
-            os.close(fd)
-
-    def close_all(self) -> None:
-        self.close_queue()
-        if self.epoll is not None:
-            self.epoll.close()
-            self.epoll = None
-        fd, self.event_fd = self.event_fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-def _release_views(views: Iterable[memoryview]) -> None:
-    for view in views:
+    def open(self) -> None:
         try:
-            view.release()
-        except BufferError:
-            pass  # the caller exported it (e.g. numpy): it keeps the memory alive; nothing to do
+            self.writer = PcapWriter(self.target)
+        except (InvalidParameter, OSError) as exc:
+            self.close()
+            raise InvalidParameter(f"capture: {exc}") from None
+        if self.path is not None:
+            with _captures_lock:
+                self.inode = _inode(self.path)
+                if self.inode is not None:
+                    _capture_inodes.add(self.inode)
+
+    def record(self, packets: Sequence[Any]) -> None:
+        """Write packets to the file. A failing file (disk full ...) must not stop the packets: it is
+        closed, capture stops, and the reason is logged once."""
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            writer.write_many(packets if isinstance(packets, (list, tuple)) else list(packets))
+        except Exception as exc:  # whatever the file object does, packets keep flowing
+            log.warn(f"Session on {self.name}: capture stopped: {exc}")
+            self.close()
+
+    def close(self) -> None:
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception as exc:  # ending must go on regardless
+            log.warn(f"Session on {self.name}: closing the capture file failed: {exc}")
+        finally:
+            with _captures_lock:
+                if self.path is not None:
+                    _capture_paths.discard(self.path)
+                if self.inode is not None:
+                    _capture_inodes.discard(self.inode)
+            self.path = self.inode = None
 
 
-class Session:
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class Session(AsyncSessionMethods):
     """A session on an adapter (WintunStartSession). Use ``adapter.start_session(capacity)``.
 
-    All packet calls are thread-safe (one lock per ring). ``multi_queue=True`` lets several sessions
-    (in this or other processes) share the adapter, each with its own TUN queue; the kernel spreads
-    flows across the queues.
+    All packet calls are thread-safe. ``multi_queue=True`` (Linux) lets several sessions (in this or
+    other processes) share the adapter, each with its own TUN queue; the kernel spreads flows across
+    the queues. Without it a second session on the adapter, in any process, is Busy.
     """
 
     def __init__(
@@ -485,97 +165,49 @@ class Session:
         check_capacity(capacity)
         if not isinstance(offload, bool):
             raise InvalidParameter(f"offload must be True or False, not {offload!r}")
+        if not isinstance(multi_queue, bool):
+            raise InvalidParameter(f"multi_queue must be True or False, not {multi_queue!r}")
+        if isinstance(capture, PcapWriter):
+            raise InvalidParameter("capture takes a path or a binary file object, not a PcapWriter")
         self._adapter = adapter
         self._capacity = capacity
-        self._multi_queue = bool(multi_queue)
+        self._multi_queue = multi_queue
         self._offload = offload
-        self._offloads = 0
-        self._ended = True  # until started: end() and the finalizer have nothing to undo
-        self._torn_down = True
+        self._name = adapter.name
+        self._capture: _Capture | None = None
         self._end_lock = threading.Lock()
-        self._rx_lock = threading.Lock()
-        self._tx_lock = threading.Lock()
-        self.receive_dropped = 0
-        self.send_dropped = 0
-        self._send_errors_logged: set[int] = set()
-        self._capture: PcapWriter | None = None
-        if capture is not None:
-            if isinstance(capture, PcapWriter):
-                raise InvalidParameter("capture takes a path or a binary file object, not a PcapWriter")
+        self._ended_here = False
+        capture_file = None if capture is None else _Capture(capture, self._name)  # path claimed, not opened
+        try:
+            adapter._register_session(self, multi_queue)
             try:
-                self._capture = PcapWriter(capture)
-            except (InvalidParameter, OSError) as exc:
-                raise InvalidParameter(f"capture: {exc}") from None
-        res = self._res = _Resources()
-        self._name = "?"
-        self._rx_memory: mmap.mmap | None = None
-        try:
-            adapter._register_session(self)
+                self._backend: SessionBackend = adapter._backend.start_session(
+                    capacity, multi_queue=multi_queue, offload=offload,
+                    record=None if capture_file is None else capture_file.record,
+                )
+            except BaseException:
+                adapter._unregister_session(self)
+                raise
+            if capture_file is not None:
+                # Last: a start that failed (Busy ...) must not have truncated anybody's file.
+                try:
+                    capture_file.open()
+                except BaseException:
+                    self._backend.end()
+                    adapter._unregister_session(self)
+                    raise
         except BaseException:
-            if self._capture is not None:
-                self._capture.close()
+            if capture_file is not None:
+                capture_file.close()
             raise
-        try:
-            self._name = adapter.kernel_name  # kept for messages: asking the adapter later may fail
-            if not self._multi_queue:
-                attached = adapter._attached_queues()
-                if attached:
-                    raise Busy(
-                        f"adapter {self._name!r} already has {attached} attached queue(s) (a session "
-                        f"in another process?); start every session with multi_queue=True to share it"
-                    )
-            res.queue_fd = adapter._open_queue()
-            self._offloads = self._negotiate_offloads(res.queue_fd)
-            res.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            res.epoll = select.epoll(2)
-            res.epoll.register(res.queue_fd, select.EPOLLIN)
-            res.epoll.register(res.event_fd, select.EPOLLIN)
-            if offload:
-                # Frames (header + packet) up to 10 bytes longer than Wintun's records: a little more room
-                # after the trailing area, in memory of our own (Ring.allocate sizes it for packets only).
-                self._rx_memory = mmap.mmap(-1, ring_size(capacity) + _FRAME_SLACK,
-                                            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                self._rx = Ring(self._rx_memory, capacity)
-            else:
-                self._rx = Ring.allocate(capacity)
-            self._tx = Ring.allocate(capacity)
-        except BaseException:
-            res.close_all()
-            if self._rx_memory is not None:
-                self._rx_memory.close()
-            if self._capture is not None:
-                self._capture.close()
-            adapter._unregister_session(self)
-            raise
-        self._finalizer = weakref.finalize(self, res.close_all)
-        self._fd = res.queue_fd
-        self._mask = capacity - 1
-
-        # Receive ring (kernel -> caller). The pump below is its producer; Consumer does the releases.
-        self._rx_cons = Consumer(self._rx, rewind_when_empty=True)
-        self._rx_words = self._rx.words
-        self._rx_data = self._rx.data
-        if self._rx_memory is not None:  # Data plus the slack beyond the trailing area
-            self._rx_data = memoryview(self._rx_memory)[HEADER_SIZE:]
-        self._rx_hdr = bytearray(_HDR)  # the virtio-net header of each packet read (all zero: no offloads)
-        # Reads go here only when the ring is too full for a blind read at Tail (then copied, or dropped).
-        self._rx_scratch = bytearray(_FRAME_SPAN if offload else _READ_SPAN)
-        self._rx_idle = False  # the last read found the queue empty: poll before the next one
-        self._rx_poll = select.poll()
-        self._rx_poll.register(self._fd, select.POLLIN)
-
-        # Send ring (caller -> kernel). Producer does allocate/send; _flush is its consumer.
-        self._tx_prod = Producer(self._tx)
-        self._tx_words = self._tx.words
-        self._tx_data = self._tx.data
-        self._tx_iov: list[Any] = [ZERO_HEADER, None]
-        self._tx_direct_iov: list[Any] = [ZERO_HEADER, None]
-        self._tx_track: dict[int, tuple[memoryview, int]] = {}  # id(view) -> (view, data offset)
-        self._tx_headers: dict[int, Any] = {}  # data offset -> header, for queued packets sent with one
-        self._tx_stalled = False
-
-        self._ended = False
-        self._torn_down = False
+        self._capture = capture_file
+        backend = self._backend
+        # The per-packet calls go straight to the backend: no layer in between on the hot path.
+        self.try_receive_packet = backend.receive_packet  # type: ignore[method-assign]
+        self.release_receive_packet = backend.release_receive_packet  # type: ignore[method-assign]
+        self.release_receive_packets = backend.release_receive_packets  # type: ignore[method-assign]
+        self.allocate_send_packet = backend.allocate_send_packet  # type: ignore[method-assign]
+        self.send_packet = backend.send_packet  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ identity and lifetime
 
@@ -593,7 +225,7 @@ class Session:
 
     @property
     def ended(self) -> bool:
-        return self._ended
+        return self._backend.ended
 
     @property
     def offload(self) -> bool:
@@ -602,64 +234,32 @@ class Session:
 
     @property
     def offloads(self) -> int:
-        """The ``TUN_F_*`` offload flags in effect (:data:`OFFLOADS` or :data:`BASE_OFFLOADS`; 0 without)."""
-        return self._offloads
+        """The ``TUN_F_*`` offload flags in effect (see :mod:`wiretun.linux.session`; 0 without)."""
+        return self._backend.offloads
 
     @property
     def capture(self) -> PcapWriter | None:
         """The pcap writer recording this session's packets, if it was started with ``capture``."""
-        return self._capture
+        return None if self._capture is None else self._capture.writer
 
-    def _record(self, packets: Sequence[Any]) -> None:
-        """Write packets to the capture file. A failing file (disk full ...) must not stop the packets:
-        it is closed, capture stops, and the reason is logged once."""
-        capture = self._capture
-        if capture is None:
-            return
-        try:
-            capture.write_many(packets)
-        except Exception as exc:  # whatever the file object does, packets keep flowing
-            self._capture = None
-            log.warn(f"Session on {self._name}: capture stopped: {exc}")
-            try:
-                capture.close()
-            except OSError:
-                pass
+    @property
+    def receive_dropped(self) -> int:
+        """Packets dropped because the receive ring was full (too many held), as Wintun's driver drops."""
+        return self._backend.receive_dropped
 
-    def _negotiate_offloads(self, fd: int) -> int:
-        """Set the device's offloads for this session's ``offload`` choice; returns the flags in effect.
+    @property
+    def send_dropped(self) -> int:
+        """Packets the kernel rejected (not IPv4/IPv6, the adapter down ...); each kind logged once."""
+        return self._backend.send_dropped
 
-        TUNSETOFFLOAD acts on the whole device, so a session that shares it with queues already attached
-        (multi-queue) must want what they have: otherwise InvalidParameter, and nothing is changed."""
-        adapter = self._adapter
-        if self._multi_queue and adapter._attached_queues() > 1:
-            have = adapter._call(_tx_checksum_offloaded, f"cannot read the offloads of adapter {self._name}",
-                                 self._name)
-            if have != self._offload:
-                raise InvalidParameter(
-                    f"adapter {self._name!r} is shared with queues that use offload={have}; offloads belong "
-                    f"to the device, so start this session with offload={have} too"
-                )
-            if not self._offload:
-                return 0
-        if not self._offload:
-            tun.set_offload(fd, 0)
-            return 0
-        for flags in (OFFLOADS, BASE_OFFLOADS):
-            try:
-                tun.set_offload(fd, flags)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    continue  # this kernel does not know a flag (USO before Linux 6.2): ask for less
-                raise
-            if flags != OFFLOADS:
-                log.info(f"Session on {self._name}: the kernel has no UDP segmentation offload; using "
-                         f"checksum and TCP segmentation offload only")
-            return flags
-        raise InvalidParameter(f"the kernel refuses TUN offloads on adapter {self._name!r} (TUNSETOFFLOAD)")
+    @property
+    def send_stalled(self) -> bool:
+        """The kernel refused writes for now (EAGAIN/ENOBUFS): sent packets wait in the send ring and go
+        out with the next call; :meth:`get_write_wait_event` says when to retry."""
+        return self._backend.send_stalled
 
     def __repr__(self) -> str:
-        state = "ended" if self._ended else "running"
+        state = "ended" if self.ended else "running"
         return f"<Session on {self._name!r} capacity={self._capacity:#x} {state}>"
 
     def __enter__(self) -> Session:
@@ -676,226 +276,81 @@ class Session:
         ring any more; releasing or sending them does nothing. Calling ``end`` again does nothing.
         """
         with self._end_lock:
-            if self._torn_down:
+            if self._ended_here:
                 return
-            self._torn_down = True
-            self._ended = True
-        res = self._res
+            self._ended_here = True
         try:
-            os.eventfd_write(res.event_fd, 1)  # stays set: the handle is readable from now on
-        except OSError:
-            pass
-        with self._rx_lock, self._tx_lock:
-            res.close_queue()
-            self._tx_track.clear()
-            self._tx_headers.clear()
-            self._rx_cons.forget()
-            self._tx_iov[1] = None
-            self._rx.close()
-            self._tx.close()
-            if self._rx_memory is not None:
-                self._rx_data.release()
-                try:
-                    self._rx_memory.close()
-                except BufferError:
-                    pass  # a caller holds a packet view: the mapping goes with the last view
+            self._backend.end()
+        finally:
             if self._capture is not None:
-                try:
-                    self._capture.close()
-                except Exception as exc:  # ending must go on (and unregister the session) regardless
-                    log.warn(f"Session on {self._name}: closing the capture file failed: {exc}")
-        self._adapter._unregister_session(self)
-
-    def _lost(self, exc: OSError) -> EndOfFile:
-        """The queue failed for good (adapter deleted): end I/O, wake waiters; resources go with end()."""
-        if not self._ended:
-            self._ended = True
-            # The adapter was deleted (EBADFD, ENODEV, ENXIO): the normal end of a session whose interface
-            # someone removed (`ip link del`, wg-quick down). Only a closed fd (EBADF) is a surprise.
-            report = log.warn if exc.errno == errno.EBADF else log.info
-            report(f"Session on {self._name} ends: its queue is gone ({exc.strerror or exc})")
-            try:
-                os.eventfd_write(self._res.event_fd, 1)
-            except OSError:
-                pass
-        return EndOfFile(f"the adapter's queue is gone ({exc.strerror or exc})")
-
-    def _eof(self) -> EndOfFile:
-        return EndOfFile("the session has ended")
+                self._capture.close()
+            self._adapter._unregister_session(self)
 
     # ------------------------------------------------------------------ waiting
 
     def get_read_wait_event(self) -> int:
-        """A file descriptor that is readable when packets may be waiting or the session has ended.
+        """A descriptor that is readable when packets may be waiting or the session has ended
+        (WintunGetReadWaitEvent). Hand it to ``select``, ``selectors`` or ``loop.add_reader``; do not
+        read or close it."""
+        return self._backend.read_wait_handle()
 
-        Hand it to ``select``, ``selectors`` or ``loop.add_reader``; do not read or close it.
-        """
-        epoll = self._res.epoll
-        if epoll is None:
-            raise self._eof()
-        return epoll.fileno()
+    def get_write_wait_event(self) -> int | None:
+        """A descriptor that is writable when the kernel takes writes again after :attr:`send_stalled`
+        (None where sends never stall); EndOfFile once ended. Do not read, write or close it."""
+        return self._backend.write_wait_handle()
+
+    def get_end_event(self) -> int:
+        """A descriptor that becomes readable, and stays so, when the session ends."""
+        return self._backend.end_wait_handle()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Sleep until packets may be waiting or the session has ended; False after ``timeout`` seconds."""
-        _check_timeout(timeout)
-        epoll = self._res.epoll
-        if epoll is None or self._ended:
-            return True
-        return bool(epoll.poll(-1 if timeout is None else timeout, 1))
+        """Sleep until packets may be waiting or the session has ended; False after ``timeout`` seconds
+        (None or infinity: no limit)."""
+        return self._backend.wait(_check_timeout(timeout))
 
     # ------------------------------------------------------------------ receive (kernel -> caller)
 
-    def _read_error(self, exc: OSError) -> None:
-        if exc.errno in _GONE_ERRNOS:
-            raise self._lost(exc) from exc
-        raise exc
-
-    def _read_status(self, status: int) -> None:
-        """After a read loop stopped on ``status`` (an errno, or -1 for a short read): an empty queue makes
-        the next call poll first; anything else raises, as the read itself would have."""
-        if status == errno.EAGAIN:
-            self._rx_idle = True
-            return
-        if status < 0:
-            raise InvalidData(f"the TUN queue returned a read shorter than the {_HDR}-byte virtio-net header")
-        self._read_error(OSError(status, os.strerror(status)))
-
-    def _pull(self, max_count: int) -> list[memoryview]:
-        """Read up to ``max_count`` packets from the queue into the receive ring and return their views.
-
-        This is the kernel side of the receive ring, run inline (:func:`_rx_pull`): each packet is read
-        straight into the ring at Tail, its Size written, Tail published, and the packets handed to the
-        consumer (which is always caught up: packets are read on demand). Packets read before a failing
-        read are published, then the error is raised.
-        """
-        if self._rx_idle:
-            if not self._rx_poll.poll(0):
-                return []
-            self._rx_idle = False
-        views: list[memoryview] = []
-        offsets: list[int] = []
-        count, tail, status, dropped = _rx_pull(
-            self._fd, self._rx_words, self._rx_data, max_count, self._rx_hdr, 0, self._rx_scratch, views, offsets
-        )
-        if dropped:
-            self.receive_dropped += dropped
-        if count:
-            self._rx_cons.accept(offsets, tail, views)
-        if status:
-            self._read_status(status)
-        if count and self._capture is not None:
-            self._record(views)
-        return views
-
-    def _pull_one(self) -> memoryview | None:
-        """One packet from the queue into the ring: :meth:`_pull` for a single packet, without lists."""
-        if self._rx_idle and not self._rx_poll.poll(0):
-            return None  # still empty: a poll costs less than a failed read's exception
-        words = self._rx_words
-        r = words[TAIL_WORD]
-        try:
-            view = _rx_one(self._fd, words, self._rx_data, self._rx_hdr, self._rx_scratch)
-        except OSError as e:
-            self._read_error(e)
-        if view.__class__ is int:
-            if view == -2:
-                self.receive_dropped += 1  # no room for it (too many packets held), as Wintun drops
-            else:
-                self._read_status(errno.EAGAIN if view == -1 else -1)
-            return None
-        self._rx_idle = False
-        self._rx_cons.accept_one(r + 4, words[TAIL_WORD], view)
-        if self._capture is not None:
-            self._record((view,))
-        return view
-
-    # An offload session's receive ring holds frames: the kernel's read, header and packet, in one record.
-
-    def _pull_frames(self, max_count: int, headers: list[Any] | None) -> list[memoryview]:
-        """:meth:`_pull` for an offload session (:func:`_rx_frames`): each read lands whole (header +
-        packet) in the ring; the view handed out starts after the header."""
-        if self._rx_idle:
-            if not self._rx_poll.poll(0):
-                return []
-            self._rx_idle = False
-        views: list[memoryview] = []
-        offsets: list[int] = []
-        count, tail, status, dropped = _rx_frames(
-            self._fd, self._rx_words, self._rx_data, max_count, self._rx_scratch, views, offsets, headers
-        )
-        if dropped:
-            self.receive_dropped += dropped
-        if count:
-            self._rx_cons.accept(offsets, tail, views)
-        if status:
-            self._read_status(status)
-        if count and self._capture is not None:
-            self._record(views)
-        return views
-
-    def _pull_frame_one(self) -> memoryview | None:
-        if self._rx_idle and not self._rx_poll.poll(0):
-            return None
-        views = self._pull_frames(1, None)
-        return views[0] if views else None
-
-    def packet_header(self, packet: memoryview) -> VirtioNetHeader:
-        """The virtio-net header that came with a received, not yet released packet.
-
-        On an offload session it describes a super-packet (``gso_type``, ``gso_size``, ``hdr_len``) and a
-        checksum left to finish (``flags & F_NEEDS_CSUM``, ``csum_start``, ``csum_offset``); see
-        :func:`wiretun.offload.split`. Without offloads the kernel finishes every packet and the header is
-        all zero. InvalidParameter for a packet that is not a received, unreleased packet of this session.
-        """
-        with self._rx_lock:
-            if self._torn_down:
-                raise self._eof()
-            cons = self._rx_cons
-            index = cons._index_of_tag(packet)
-            if not self._offload:
-                return VirtioNetHeader()
-            d = cons._taken[index]
-            return VirtioNetHeader.unpack_from(self._rx_data, d)
+    def try_receive_packet(self) -> memoryview | None:
+        """The next packet (a memoryview into the receive ring), or None when none is waiting: Wintun's
+        receive without an exception per empty poll. EndOfFile once the session or adapter has ended."""
+        return self._backend.receive_packet()  # replaced by the backend's own method in __init__
 
     def receive_packet(self, block: bool | None = None, timeout: float | None = None) -> memoryview | None:
         """The next packet from the kernel, a memoryview into the receive ring (WintunReceivePacket).
 
-        With ``block`` left at None this is Wintun's call: NoMoreItems when nothing is waiting. With
-        ``block=False`` an empty queue returns None instead (no exception per empty poll); with
-        ``block=True`` it sleeps on the read-wait handle until a packet comes (None after ``timeout``
-        seconds). EndOfFile once the session or adapter has ended. Release every packet with
-        :meth:`release_receive_packet`.
+        NoMoreItems when nothing is waiting; EndOfFile once the session or adapter has ended. Release
+        every packet with :meth:`release_receive_packet`. (Deprecated: ``block=False`` is
+        :meth:`try_receive_packet`, ``block=True`` is :meth:`wait_receive_packet`.)
         """
-        if timeout is not None:
-            _check_timeout(timeout)
-        lock = self._rx_lock
-        lock.acquire()  # not a with-block: half the cost, paid per packet
-        try:
-            if self._ended:
-                raise self._eof()
-            if self._tx_stalled:
-                self._retry_send()
-            view = self._pull_frame_one() if self._offload else self._pull_one()
-        finally:
-            lock.release()
-        if view is not None:
+        if block is None and timeout is None:
+            view = self._backend.receive_packet()
+            if view is None:
+                raise NoMoreItems("no packet is waiting")
             return view
         if block is None:
-            raise NoMoreItems("no packet is waiting")
-        if not block:
-            return None
-        return self._receive_blocking(timeout)
+            raise InvalidParameter("timeout is for a blocking receive: use wait_receive_packet(timeout)")
+        if block:
+            warnings.warn("receive_packet(block=True) is deprecated; use wait_receive_packet(timeout)",
+                          DeprecationWarning, stacklevel=2)
+            return self.wait_receive_packet(timeout)
+        warnings.warn("receive_packet(block=False) is deprecated; use try_receive_packet()",
+                      DeprecationWarning, stacklevel=2)
+        _check_timeout(timeout)
+        return self._backend.receive_packet()
 
-    def _receive_blocking(self, timeout: float | None) -> memoryview | None:
-        deadline = None if timeout is None else _monotonic() + timeout
+    def wait_receive_packet(self, timeout: float | None = None) -> memoryview | None:
+        """The next packet, sleeping on the read-wait handle until one comes; None after ``timeout``
+        seconds (None or infinity: no limit). EndOfFile once the session or adapter has ended."""
+        limit = _check_timeout(timeout)
+        receive = self._backend.receive_packet
+        view = receive()
+        if view is not None:
+            return view
+        deadline = None if limit is None else _monotonic() + limit
         while True:
             remaining = None if deadline is None else max(0.0, deadline - _monotonic())
-            if not self.wait(remaining) and deadline is not None and _monotonic() >= deadline:
-                return None
-            with self._rx_lock:
-                if self._ended:
-                    raise self._eof()
-                view = self._pull_frame_one() if self._offload else self._pull_one()
+            self._backend.wait(remaining)
+            view = receive()
             if view is not None:
                 return view
             if deadline is not None and _monotonic() >= deadline:
@@ -915,50 +370,42 @@ class Session:
         With a list for ``headers``, the 10-byte virtio-net header of each packet is appended to it, in
         order (all zero without offloads): the pair to hand to ``send_packets(..., headers=...)``.
         """
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise InvalidParameter(f"max_count {max_count!r} must be an int >= 1")
+        _check_count(max_count)
         if headers is not None and not isinstance(headers, list):
             raise InvalidParameter(f"headers must be a list to append to, not {type(headers).__name__}")
-        if timeout is not None:
-            _check_timeout(timeout)
-        with self._rx_lock:
-            if self._ended:
-                raise self._eof()
-            if self._tx_stalled:
-                self._retry_send()
-            if block and self._rx_idle:
-                out = []  # the last read found the queue empty: sleep on the handle at once (it returns
-                # at once too if packets came meanwhile) instead of polling the queue first
-            else:
-                out = self._pull_frames(max_count, headers) if self._offload else self._pull(max_count)
+        limit = _check_timeout(timeout)
+        receive = self._backend.receive_packets
+        out = receive(max_count, headers)
         if out or not block:
-            if headers is not None and not self._offload:
-                headers.extend(itertools.repeat(ZERO_HEADER, len(out)))
             return out
-        deadline = None if timeout is None else _monotonic() + timeout
+        deadline = None if limit is None else _monotonic() + limit
         while True:
             remaining = None if deadline is None else max(0.0, deadline - _monotonic())
-            woke = self.wait(remaining)
-            with self._rx_lock:
-                if self._ended:
-                    raise self._eof()
-                if woke:
-                    self._rx_idle = False  # the queue is readable (the end was checked above): no poll
-                out = self._pull_frames(max_count, headers) if self._offload else self._pull(max_count)
+            self._backend.wait(remaining)
+            out = receive(max_count, headers)
             if out or (deadline is not None and _monotonic() >= deadline):
-                if headers is not None and not self._offload:
-                    headers.extend(itertools.repeat(ZERO_HEADER, len(out)))
                 return out
 
     def __iter__(self) -> Iterator[memoryview]:
         """Received packets, sleeping while none is waiting, until the session ends. Release each one."""
         while True:
             try:
-                view = self.receive_packet(block=True)
+                view = self.wait_receive_packet()
             except EndOfFile:
                 return
             if view is not None:
                 yield view
+
+    def packet_header(self, packet: memoryview) -> VirtioNetHeader:
+        """The virtio-net header that came with a received, not yet released packet.
+
+        On an offload session it describes a super-packet (``gso_type``, ``gso_size``, ``hdr_len``) and a
+        checksum left to finish (``flags & F_NEEDS_CSUM``, ``csum_start``, ``csum_offset``); see
+        :func:`wiretun.offload.split`. Without offloads the kernel finishes every packet and the header is
+        all zero. InvalidParameter for a packet that is not a received, unreleased packet of this session.
+        """
+        header: VirtioNetHeader = self._backend.packet_header(packet)
+        return header
 
     def release_receive_packet(self, packet: memoryview) -> None:
         """Give a received packet's space back (WintunReleaseReceivePacket); any order is fine.
@@ -966,168 +413,14 @@ class Session:
         The view is released: using it afterwards raises ValueError. InvalidParameter for a packet
         released twice or not received from this session. After the session ended this does nothing.
         """
-        lock = self._rx_lock
-        lock.acquire()  # not a with-block: see receive_packet
-        try:
-            if self._torn_down:
-                return
-            self._rx_cons.release_tag(packet)
-        finally:
-            lock.release()
-        try:
-            packet.release()
-        except BufferError:
-            pass  # the caller exported it (e.g. to numpy): it keeps the memory alive
+        self._backend.release_receive_packet(packet)  # replaced by the backend's own method in __init__
 
     def release_receive_packets(self, packets: list[memoryview]) -> None:
         """Release several received packets; fastest when they are the oldest ones, in order (as
         :meth:`receive_packets` returned them). All or nothing: one bad packet releases none."""
-        if type(packets) is not list:
-            try:
-                packets = list(packets)
-            except TypeError:
-                raise InvalidParameter(
-                    f"packets must be a list of received packets, not {type(packets).__name__}"
-                ) from None
-        with self._rx_lock:
-            if self._torn_down:
-                return
-            self._rx_cons.release_tags(packets)
-        try:
-            deque(map(memoryview.release, packets), maxlen=0)
-        except BufferError:
-            _release_views(packets)
-
-    # ------------------------------------------------------------------ asyncio (see wiretun.aio)
-
-    def packets(self, batch: int = DEFAULT_BATCH) -> Any:
-        """``async for packet in session.packets()``: every packet until the session ends (release each)."""
-        from . import aio
-
-        return aio.packets(self, batch)
-
-    async def receive(self) -> memoryview:
-        """The next packet, awaiting without blocking the event loop; EndOfFile once ended."""
-        from . import aio
-
-        return await aio.receive(self)
-
-    async def send(self, packet: bytes | bytearray | memoryview, header: Any = None) -> None:
-        """Send one packet (copied), awaiting while the send ring is full; EndOfFile once ended.
-
-        ``header`` as for :meth:`send_packet`."""
-        from . import aio
-
-        await aio.send(self, packet, header)
-
-    def _end_fileno(self) -> int:
-        """An eventfd that becomes readable (and stays so) when the session ends."""
-        fd = self._res.event_fd
-        if fd < 0:
-            raise self._eof()
-        return fd
-
-    def _queue_fileno(self) -> int:
-        """The TUN queue's descriptor (for waiting until it accepts writes); EndOfFile once ended."""
-        fd = self._res.queue_fd
-        if fd < 0 or self._ended:
-            raise self._eof()
-        return fd
+        self._backend.release_receive_packets(packets)  # replaced in __init__
 
     # ------------------------------------------------------------------ send (caller -> kernel)
-
-    def _flush(self) -> None:
-        """The kernel side of the send ring, inline: write every published packet to the queue in order.
-
-        The loop is :func:`_tx_flush`; packets queued with a header (offloads: ``_tx_headers``, keyed by
-        data offset) or a capture file to record them in take :meth:`_flush_each`."""
-        if self._tx_headers or self._capture is not None:
-            self._flush_each()
-            return
-        words = self._tx_words
-        while True:
-            status = _tx_flush(self._fd, words, self._tx_data, ZERO_HEADER)
-            if not status:
-                self._tx_stalled = False
-                return
-            head = words[HEAD_WORD]
-            size = words[DATA_WORD + (head >> 2)]
-            if status < 0:
-                raise InvalidData(f"send ring packet at {head:#x} claims {size:#x} bytes")
-            if status in _RETRY_ERRNOS:
-                self._tx_stalled = True
-                return  # stays in the ring; the next send or receive call retries
-            exc = OSError(status, os.strerror(status))
-            if status in _GONE_ERRNOS:
-                raise self._lost(exc) from exc
-            self._send_rejected(exc, size)
-            words[HEAD_WORD] = (head + ((size + 7) & ~3)) & self._mask
-
-    def _flush_each(self) -> None:
-        """:meth:`_flush` packet by packet, for a queued packet's own header and the capture file."""
-        words = self._tx_words
-        head = words[HEAD_WORD]
-        tail = words[TAIL_WORD]
-        if head == tail:
-            self._tx_stalled = False
-            return
-        data = self._tx_data
-        mask = self._mask
-        iov = self._tx_iov
-        writev = os.writev
-        fd = self._fd
-        headers = self._tx_headers
-        capture = self._capture
-        try:
-            while head != tail:
-                size = words[DATA_WORD + (head >> 2)]
-                if size > MAX_PACKET_SIZE or ((size + 7) & ~3) > ((tail - head) & mask):
-                    raise InvalidData(f"send ring packet at {head:#x} claims {size:#x} bytes")
-                iov[1] = data[head + 4 : head + 4 + size]
-                if headers:
-                    iov[0] = headers.get(head + 4, ZERO_HEADER)
-                    if iov[0] is _DROP:
-                        self.send_dropped += 1
-                        headers.pop(head + 4, None)
-                        iov[0] = ZERO_HEADER
-                        head = (head + ((size + 7) & ~3)) & mask
-                        continue
-                try:
-                    writev(fd, iov)
-                except OSError as e:
-                    if e.errno in _RETRY_ERRNOS:
-                        self._tx_stalled = True
-                        return  # stays in the ring; the next send or receive call retries
-                    if e.errno in _GONE_ERRNOS:
-                        raise self._lost(e) from e
-                    self._send_rejected(e, size)
-                else:
-                    if capture is not None:
-                        self._record((iov[1],))
-                if headers:
-                    headers.pop(head + 4, None)
-                    iov[0] = ZERO_HEADER
-                head = (head + ((size + 7) & ~3)) & mask
-            self._tx_stalled = False
-        finally:
-            iov[1] = None
-            iov[0] = ZERO_HEADER
-            words[HEAD_WORD] = head
-
-    def _send_rejected(self, exc: OSError, size: int) -> None:
-        self.send_dropped += 1
-        code = exc.errno or 0
-        if code not in self._send_errors_logged:
-            self._send_errors_logged.add(code)
-            log.warn(
-                f"Session on {self._name}: kernel rejected a {size}-byte packet "
-                f"({exc.strerror}); dropping such packets (logged once)"
-            )
-
-    def _retry_send(self) -> None:
-        with self._tx_lock:
-            if not self._ended:
-                self._flush()
 
     def allocate_send_packet(self, size: int) -> memoryview:
         """A writable memoryview of ``size`` bytes in the send ring (WintunAllocateSendPacket).
@@ -1135,20 +428,7 @@ class Session:
         Fill it, then :meth:`send_packet` it. Allocation order is send order. BufferOverflow when the
         ring is full (drop the packet); EndOfFile once the session or adapter has ended.
         """
-        lock = self._tx_lock
-        lock.acquire()  # not a with-block: see receive_packet
-        try:
-            if self._ended:
-                raise self._eof()
-            prod = self._tx_prod
-            if not prod._unsent and self._tx_words[TAIL_WORD] and not self._tx_stalled:
-                prod.rewind()  # empty: reuse the start of the ring, still in cache
-            offset = prod.allocate(size)
-            view = self._tx_data[offset : offset + size]
-            self._tx_track[id(view)] = (view, offset)  # holding the view keeps its id from being reused
-        finally:
-            lock.release()
-        return view
+        return self._backend.allocate_send_packet(size)  # replaced in __init__
 
     def send_packet(self, packet: memoryview, header: Any = None) -> None:
         """Send an allocated packet (WintunSendPacket); it leaves after every earlier allocation.
@@ -1158,38 +438,7 @@ class Session:
         checksum it completes (``F_NEEDS_CSUM``); None sends the all-zero header (a finished packet).
         The view is released. After the session ended this does nothing (the packet is discarded).
         """
-        bad: InvalidParameter | None = None
-        try:
-            hdr = ZERO_HEADER if header is None else _header_bytes(header, "header")
-        except InvalidParameter as exc:
-            hdr, bad = _DROP, exc
-        lock = self._tx_lock
-        lock.acquire()  # not a with-block: see receive_packet
-        try:
-            if self._ended:
-                return
-            entry = self._tx_track.pop(id(packet), None)
-            if entry is None or entry[0] is not packet:
-                if entry is not None:
-                    self._tx_track[id(packet)] = entry
-                raise InvalidParameter(
-                    f"{type(packet).__name__} at {id(packet):#x} is not a packet allocated by this session and "
-                    f"not yet sent (sent twice, or from another session?)"
-                )
-            if hdr is not ZERO_HEADER:
-                # A bad header drops the packet rather than leave it unsent at the front of the ring,
-                # where every later packet would wait behind it.
-                self._tx_headers[entry[1]] = hdr if hdr is _DROP else bytes(hdr)
-            self._tx_prod.send(entry[1])
-            self._flush()
-        finally:
-            lock.release()
-        try:
-            packet.release()
-        except BufferError:
-            pass
-        if bad is not None:
-            raise InvalidParameter(f"{bad} (the packet was dropped)") from None
+        self._backend.send_packet(packet, header)  # replaced in __init__
 
     def send_packets(
         self, packets: Iterable[bytes | bytearray | memoryview], headers: Sequence[Any] | None = None
@@ -1200,133 +449,21 @@ class Session:
         virtio-net header per packet (as :meth:`send_packet` takes them, None for none;
         ``receive_packets(..., headers=list)`` fills such a list), so packets received from one offload
         session can be passed to another unchanged. Every item and header is checked before anything is
-        sent: a bad one raises InvalidParameter and nothing of the batch goes out. Packets go out in order
-        after everything allocated before. When nothing is queued ahead of them they are written to the
-        kernel straight from the caller's buffers: copying them into the ring first would only be undone
-        at once. What the kernel cannot take right now (EAGAIN) is copied into the ring; when the ring is
-        full the count stops there and the caller drops the rest (Wintun's BufferOverflow). EndOfFile
-        once the session has ended.
+        sent: a bad one (a released view included) raises InvalidParameter and nothing of the batch goes
+        out. When the send ring is full the count stops there and the caller drops the rest (Wintun's
+        BufferOverflow). After the session ended the packets are discarded and all counted as taken, as
+        :meth:`send_packet` discards.
         """
-        items, sizes, hdrs = _check_batch(packets, headers)
-        count = 0
-        with self._tx_lock:
-            if self._ended:
-                raise self._eof()
-            prod = self._tx_prod
-            words = self._tx_words
-            if self._tx_stalled:
-                self._flush()
-            if not prod._unsent and words[HEAD_WORD] == words[TAIL_WORD]:
-                count = self._send_direct(items, sizes, hdrs)
-                if count == len(items):
-                    return count
-            data = self._tx_data
-            tx_headers = self._tx_headers
-            try:
-                for i in range(count, len(items)):
-                    pkt, n = items[i], sizes[i]
-                    offset = prod.try_allocate(n)
-                    if offset < 0:
-                        self._flush()  # make room: everything allocated so far is sent already
-                        offset = prod.try_allocate(n)
-                        if offset < 0:
-                            break
-                    try:
-                        data[offset : offset + n] = pkt
-                    except (TypeError, ValueError):  # not a flat byte buffer (a view of 'H' items, say)
-                        data[offset : offset + n] = memoryview(pkt).cast("B")
-                    if hdrs is not None and hdrs[i] is not ZERO_HEADER:
-                        tx_headers[offset] = bytes(hdrs[i])  # the caller's buffer may change meanwhile
-                    prod.send(offset)
-                    count += 1
-            finally:
-                self._flush()
-        return count
-
-    def _send_direct(self, items: Sequence[Any], sizes: list[int], hdrs: list[Any] | None) -> int:
-        """Write checked packets from the caller's buffers while the send ring is empty; returns how
-        many were taken (written, or dropped because the kernel rejected them). The first one the
-        kernel refused with EAGAIN, and the rest, are left for the caller to queue. ``hdrs`` gives one
-        header per packet (offloads), else the zero header goes with each; a capture file records each
-        packet written. The writes run in :func:`_tx_direct`; an item it leaves (a buffer of another
-        kind, e.g. an ``array('H')``, or a header that is not ``bytes``) is written here."""
-        fd = self._fd
-        i = 0
-        while True:
-            start = i
-            i, status = _tx_direct(fd, ZERO_HEADER, items, i, hdrs)
-            if i > start and self._capture is not None:
-                self._record(items[start:i])
-            if not status:
-                return i
-            if status < 0:
-                try:
-                    os.writev(fd, [ZERO_HEADER if hdrs is None else hdrs[i], items[i]])
-                    status = 0
-                except OSError as e:
-                    status = e.errno or errno.EIO
-            if not status:
-                if self._capture is not None:
-                    self._record((items[i],))
-                i += 1
-                continue
-            if status in _RETRY_ERRNOS:
-                self._tx_stalled = True
-                return i
-            exc = OSError(status, os.strerror(status))
-            if status in _GONE_ERRNOS:
-                raise self._lost(exc) from exc
-            self._send_rejected(exc, sizes[i])
-            i += 1
-
-def _check_timeout(timeout: object) -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise InvalidParameter(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
+        items = packets if type(packets) is list or type(packets) is tuple else _as_list(packets)
+        return self._backend.send_packets(items, headers)
 
 
-def _check_batch(packets: Any, headers: Any) -> tuple[Sequence[Any], list[int], list[Any] | None]:
-    """Check a send batch before any of it goes out: (packets as a sequence, their sizes in bytes, their
-    headers as 10-byte buffers or None). InvalidParameter names the first bad item and why."""
-    if type(packets) is list or type(packets) is tuple:
-        items: Sequence[Any] = packets
-    else:
-        try:
-            items = list(packets)
-        except TypeError:
-            raise InvalidParameter(
-                f"packets must be an iterable of bytes-like objects, not {type(packets).__name__}"
-            ) from None
-    sizes: list[int] = []
-    add = sizes.append
-    limit = MAX_PACKET_SIZE
-    for i, pkt in enumerate(items):
-        kind = type(pkt)
-        if kind is bytes or kind is bytearray:
-            n = len(pkt)
-        else:
-            try:
-                view = pkt if kind is memoryview else memoryview(pkt)
-            except TypeError:
-                raise InvalidParameter(f"packet {i} is not a bytes-like object ({kind.__name__})") from None
-            if not view.c_contiguous:
-                raise InvalidParameter(f"packet {i} is not a contiguous buffer")
-            n = view.nbytes  # bytes, whatever the item size (len() of an array('H') counts items)
-        if not 0 < n <= limit:
-            raise InvalidParameter(f"packet {i} is {n} bytes; a packet must be 1..{limit} (0xFFFF) bytes")
-        add(n)
-    if headers is None:
-        return items, sizes, None
+def _as_list(packets: Iterable[Any]) -> list[Any]:
     try:
-        n_headers = len(headers)
+        return list(packets)
     except TypeError:
-        raise InvalidParameter(f"headers must be a sequence, not {type(headers).__name__}") from None
-    if n_headers != len(items):
-        raise InvalidParameter(f"headers holds {n_headers} item(s) for {len(items)} packet(s)")
-    hdrs = [h if type(h) is bytes and len(h) == _HDR else _header_bytes(h, f"header {i}")
-            for i, h in enumerate(headers)]
-    return items, sizes, hdrs
-
-
-_monotonic = time.monotonic
+        raise InvalidParameter(
+            f"packets must be an iterable of bytes-like objects, not {type(packets).__name__}"
+        ) from None
+    except WintunError:
+        raise

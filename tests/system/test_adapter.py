@@ -23,9 +23,10 @@ from pyroute2 import IPRoute
 
 import wiretun
 from wiretun import log
-from wiretun.adapter import Adapter, delete_driver, get_running_driver_version, parse_driver_version
+from wiretun.adapter import Adapter, delete_driver, get_running_driver_version
+from wiretun.linux.names import parse_driver_version
 from wiretun.errors import AccessDenied, AlreadyExists, Busy, EndOfFile, InvalidParameter, NotFound
-from wiretun.linux import netns as _netns
+from tests import netns as _netns
 from wiretun.linux import tun
 
 from ..devnode import private_tun_node_unavailable, use_private_tun_node
@@ -265,7 +266,7 @@ def test_created_adapter_disappears_on_close(netns):
     a.close()  # idempotent
     assert a.closed
     with pytest.raises(InvalidParameter, match="closed"):
-        a.mtu = 1400
+        a.set_mtu(1400)
     with Adapter.create("GoneToo", "Example") as b:
         assert link("GoneToo") is not None
     assert link("GoneToo") is None
@@ -276,7 +277,7 @@ def test_close_removes_adapter_even_while_queues_are_attached(netns):
     a = Adapter.create("Held", "Example")
     fd = tun.open_queue(a.kernel_name)  # another holder keeps the device alive
     try:
-        assert a._attached_queues() == 1
+        assert a._backend.attached_queues() == 1
         a.close()
         assert link("Held") is None
     finally:
@@ -515,25 +516,25 @@ def test_routes_v4_and_v6(netns, adapters):
 def test_mtu(netns, adapters):
     a = Adapter.create("Mtu", "Example")
     adapters.append(a)
-    assert a.mtu == link("Mtu")["mtu"]
-    a.mtu = 1280
-    assert a.mtu == 1280 == link("Mtu")["mtu"]
-    a.mtu = 65535
+    assert a.get_mtu() == link("Mtu")["mtu"]
+    a.set_mtu(1280)
+    assert a.get_mtu() == 1280 == link("Mtu")["mtu"]
+    a.set_mtu(65535)
     assert link("Mtu")["mtu"] == 65535
     for bad in (67, 65536, 0, "1400"):
         with pytest.raises(InvalidParameter, match="MTU"):
-            a.mtu = bad
-    assert a.mtu == 65535
+            a.set_mtu(bad)
+    assert a.get_mtu() == 65535
 
 
 def test_up_and_down(netns, adapters):
     a = Adapter.create("Updown", "Example")
     adapters.append(a)
-    assert not a.is_up and "UP" not in link("Updown")["flags"]
+    assert not a.is_up_now() and "UP" not in link("Updown")["flags"]
     a.up()
-    assert a.is_up and "UP" in link("Updown")["flags"]
+    assert a.is_up_now() and "UP" in link("Updown")["flags"]
     a.down()
-    assert not a.is_up and "UP" not in link("Updown")["flags"]
+    assert not a.is_up_now() and "UP" not in link("Updown")["flags"]
 
 
 def test_rename(netns, adapters):
@@ -541,31 +542,31 @@ def test_rename(netns, adapters):
     adapters.append(a)
     index = a.luid
     a.up()
-    a.name = "Ren2"
-    assert a.name == "Ren2" and a.kernel_name == "Ren2" and a.is_up
+    a.rename("Ren2")
+    assert a.name == "Ren2" and a.kernel_name == "Ren2" and a.is_up_now()
     with pytest.raises(NotFound):
         Adapter.open("Ren1")
     long = "Renamed-to-a-long-name-" + "q" * 30
-    a.name = long
-    assert a.name == long and re.fullmatch(r"wt[0-9a-f]{13}", a.kernel_name) and a.is_up
+    a.rename(long)
+    assert a.name == long and re.fullmatch(r"wt[0-9a-f]{13}", a.kernel_name) and a.is_up_now()
     assert link(a.kernel_name)["altnames"] == [long]
     longer = "Renamed-again-to-another-long-name-" + "r" * 30
-    a.name = longer
+    a.rename(longer)
     assert link(a.kernel_name)["altnames"] == [longer]
     with pytest.raises(NotFound):
         Adapter.open(long)
-    a.name = "Ren3"
+    a.rename("Ren3")
     assert a.name == "Ren3" and a.kernel_name == "Ren3" and "altnames" not in link("Ren3")
-    assert a.luid == index and a.is_up
+    assert a.luid == index and a.is_up_now()
     out = run_python("import wiretun; x = wiretun.Adapter.open('Ren3'); print(x.guid, x.luid)")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(GUID), str(index)]
     other = Adapter.create("Taken", "Example")
     adapters.append(other)
     with pytest.raises(AlreadyExists, match="Taken"):
-        a.name = "Taken"
+        a.rename("Taken")
     with pytest.raises(InvalidParameter, match="whitespace"):
-        a.name = "has space"
+        a.rename("has space")
     assert a.name == "Ren3"
 
 
@@ -599,19 +600,19 @@ def test_adapter_keeps_working_in_its_namespace_from_elsewhere(netns, make_netns
         assert link("Far") is None and link("Far", ns=far) is not None
         with pytest.raises(NotFound):
             Adapter.open("Far")
-        a.mtu = 1400
+        a.set_mtu(1400)
         a.add_address("10.9.9.9/24")
         assert link("Far", ns=far)["mtu"] == 1400
-        fd = a._open_queue()
+        fd = a._backend.open_queue()
         try:
             assert tun.attached_name(fd) == "Far"
-            assert a._attached_queues() == 1
+            assert a._backend.attached_queues() == 1
         finally:
             os.close(fd)
-        assert a._attached_queues() == 0
+        assert a._backend.attached_queues() == 0
 
         async def inside_event_loop():  # pyroute2's sync API cannot run in a running loop
-            return a.mtu, a.is_up
+            return a.get_mtu(), a.is_up_now()
 
         assert asyncio.run(inside_event_loop()) == (1400, False)
     finally:
@@ -653,15 +654,15 @@ def test_session_bookkeeping_and_close_ends_sessions(netns):
 def test_attached_queues_and_vanished_adapter(netns):
     a = Adapter.create("Queues", "Example")
     try:
-        assert a._attached_queues() == 0
-        fds = [a._open_queue() for _ in range(2)]
-        assert a._attached_queues() == 2
+        assert a._backend.attached_queues() == 0
+        fds = [a._backend.open_queue() for _ in range(2)]
+        assert a._backend.attached_queues() == 2
         for fd in fds:
             os.close(fd)
-        assert a._attached_queues() == 0
+        assert a._backend.attached_queues() == 0
         subprocess.run(["ip", "link", "del", "Queues"], check=True)
         with pytest.raises(EndOfFile, match="no longer exists"):
-            a.mtu
+            a.get_mtu()
     finally:
         a.close()
 

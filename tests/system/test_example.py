@@ -3,7 +3,7 @@
 import re
 import sys
 
-from wiretun.linux import netns as _netns
+from tests import netns as _netns
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{4} \[([+!-])\] (.*)$")
 

@@ -50,7 +50,7 @@ def receive_matching(session: Session, match, timeout: float = 3.0) -> bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise AssertionError("no matching packet arrived")
-        pkt = session.receive_packet(block=True, timeout=remaining)
+        pkt = session.wait_receive_packet(remaining)
         if pkt is None:
             continue
         data = bytes(pkt)
@@ -200,15 +200,15 @@ def test_batch_forms_and_iterator(adapter):
 
 def test_empty_polls(adapter):
     with adapter.start_session() as s:
-        while s.receive_packet(block=False) is not None:  # drain what the kernel sent on link-up
+        while s.try_receive_packet() is not None:  # drain what the kernel sent on link-up
             pass
         with pytest.raises(NoMoreItems) as e:
             s.receive_packet()
         assert e.value.code == 259
-        assert s.receive_packet(block=False) is None
+        assert s.try_receive_packet() is None
         assert s.receive_packets(64) == []
         t0, cpu0 = time.monotonic(), time.thread_time()
-        assert s.receive_packet(block=True, timeout=0.2) is None
+        assert s.wait_receive_packet(0.2) is None
         waited, cpu = time.monotonic() - t0, time.thread_time() - cpu0
         # It waits the whole timeout (never returns early), asleep rather than spinning (this thread's
         # CPU time, which a loaded machine does not inflate); the upper bound only catches a hang.
@@ -228,9 +228,9 @@ def test_out_of_order_release_frees_space_only_from_head(adapter):
     assert fit == 93
     with adapter.start_session(SMALL) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         time.sleep(0.2)
-        while (p := s.receive_packet(block=False)) is not None:  # link-up chatter
+        while (p := s.try_receive_packet()) is not None:  # link-up chatter
             s.release_receive_packet(p)
-        ring = s._rx
+        ring = s._backend._rx
 
         def blast(first: int, count: int) -> None:
             for i in range(first, first + count):
@@ -358,7 +358,7 @@ def test_bad_arguments_are_clear_errors(adapter):
         s.send_packet(buf)
         with pytest.raises((InvalidParameter, ValueError)):
             s.send_packet(buf)  # sent twice (the view was also released)
-        pkt = s.receive_packet(block=True, timeout=3)
+        pkt = s.wait_receive_packet(3)
         assert pkt is not None
         s.release_receive_packet(pkt)
         with pytest.raises(InvalidParameter):
@@ -373,7 +373,7 @@ def test_packet_from_another_session_is_refused(adapter):
         other.up()
         with adapter.start_session() as s1, other.start_session() as s2:
             send(s2, packet.ipv4_icmp_echo("10.9.9.2", "10.9.9.1", 1, 1, b"other"))
-            foreign = s2.receive_packet(block=True, timeout=3)
+            foreign = s2.wait_receive_packet(3)
             assert foreign is not None
             with pytest.raises(InvalidParameter):
                 s1.release_receive_packet(foreign)
@@ -392,7 +392,7 @@ def test_read_wait_event_with_selectors_and_asyncio(adapter):
     with adapter.start_session() as s:
         fd = s.get_read_wait_event()
         assert isinstance(fd, int)
-        while (p := s.receive_packet(block=False)) is not None:
+        while (p := s.try_receive_packet()) is not None:
             s.release_receive_packet(p)
         with selectors.DefaultSelector() as sel:
             sel.register(fd, selectors.EVENT_READ)
@@ -410,7 +410,7 @@ def test_read_wait_event_with_selectors_and_asyncio(adapter):
                 while True:
                     await asyncio.wait_for(ready.wait(), 3)
                     ready.clear()
-                    pkt = s.receive_packet(block=False)
+                    pkt = s.try_receive_packet()
                     if pkt is None:
                         continue
                     data = bytes(pkt)
@@ -427,14 +427,14 @@ def _blocked_reader(s: Session, how: str, out: dict) -> None:
     try:
         if how == "receive":
             while True:
-                p = s.receive_packet(block=True)
+                p = s.wait_receive_packet()
                 if p is not None:
                     s.release_receive_packet(p)
         else:
             fd = s.get_read_wait_event()
             while True:
                 select.select([fd], [], [])
-                p = s.receive_packet(block=False)
+                p = s.try_receive_packet()
                 if p is not None:
                     s.release_receive_packet(p)
     except EndOfFile as e:
@@ -477,7 +477,7 @@ def test_ending_wakes_a_blocked_reader_within_100ms(adapter, how, ender):
 def test_closing_the_adapter_ends_the_session_cleanly(adapter):
     s = adapter.start_session()
     send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 5, 5, b"held"))
-    held = s.receive_packet(block=True, timeout=3)
+    held = s.wait_receive_packet(3)
     assert held is not None
     before = bytes(held)
     buf = s.allocate_send_packet(100)
@@ -499,7 +499,7 @@ def test_deleting_the_device_underneath_gives_end_of_file(adapter):
     assert s.wait(2)  # the handle wakes up
     with pytest.raises(EndOfFile):
         while True:
-            p = s.receive_packet(block=False)
+            p = s.try_receive_packet()
             if p is not None:
                 s.release_receive_packet(p)
     s.end()

@@ -31,7 +31,7 @@ from wiretun import packet as P
 from wiretun.adapter import Adapter
 from wiretun.capture import LINKTYPE_RAW, read_pcap
 from wiretun.errors import BufferOverflow, EndOfFile, InvalidParameter
-from wiretun.linux import netns as _netns
+from tests import netns as _netns
 from wiretun.linux import tun
 from wiretun.session import Session
 
@@ -156,7 +156,7 @@ def test_packet_header_for_single_receive(adapter):
         sock.sendto(b"q" * 1500, (PEER4, 9))
         deadline = time.monotonic() + 10  # early exit: generous for a loaded machine
         while time.monotonic() < deadline:
-            view = s.receive_packet(block=True, timeout=0.5)
+            view = s.wait_receive_packet(0.5)
             if view is None or _is_noise(bytes(view[:8])):
                 if view is not None:
                     s.release_receive_packet(view)
@@ -201,14 +201,14 @@ def test_sessions_sharing_an_adapter_must_agree_on_offload(adapter):
     with adapter.start_session(CAP, multi_queue=True, offload=True) as off:
         with pytest.raises(InvalidParameter, match="offload=True"):
             adapter.start_session(CAP, multi_queue=True)
-        assert adapter._attached_queues() == 1  # the refused session left no queue behind
+        assert adapter._backend.attached_queues() == 1  # the refused session left no queue behind
         with adapter.start_session(CAP, multi_queue=True, offload=True) as off2:
             assert off2.offloads == off.offloads
-            assert adapter._attached_queues() == 2
+            assert adapter._backend.attached_queues() == 2
     with adapter.start_session(CAP, multi_queue=True) as plain:
         with pytest.raises(InvalidParameter, match="offload=False"):
             adapter.start_session(CAP, multi_queue=True, offload=True)
-        assert plain.offloads == 0 and adapter._attached_queues() == 1
+        assert plain.offloads == 0 and adapter._backend.attached_queues() == 1
     with adapter.start_session(CAP, offload=True) as alone:  # alone it may choose again
         assert alone.offloads & BASE_OFFLOADS == BASE_OFFLOADS
 
@@ -290,7 +290,7 @@ def test_timeouts_and_release_arguments_are_checked(adapter):
             with pytest.raises(InvalidParameter, match="timeout"):
                 s.wait(bad)  # type: ignore[arg-type]
             with pytest.raises(InvalidParameter, match="timeout"):
-                s.receive_packet(block=True, timeout=bad)  # type: ignore[arg-type]
+                s.wait_receive_packet(bad)  # type: ignore[arg-type]
             with pytest.raises(InvalidParameter, match="timeout"):
                 s.receive_packets(block=True, timeout=bad)  # type: ignore[arg-type]
         with pytest.raises(InvalidParameter, match="list of received packets"):
@@ -302,7 +302,7 @@ def test_timeouts_and_release_arguments_are_checked(adapter):
         while not got and time.monotonic() < deadline:
             got = s.receive_packets(8, block=True, timeout=0.2)
         s.release_receive_packets(iter(got))  # any iterable of them
-        assert s._rx.head == s._rx.tail
+        assert s._backend._rx.head == s._backend._rx.tail
 
 
 def test_a_bad_item_stops_the_whole_batch(adapter):
@@ -435,7 +435,7 @@ def test_two_queues_both_carry_traffic(adapter):
     s1 = adapter.start_session(CAP, multi_queue=True)
     s2 = adapter.start_session(CAP, multi_queue=True)
     try:
-        assert adapter._attached_queues() == 2
+        assert adapter._backend.attached_queues() == 2
         sent = _flows(64, 4)
         want = sum(sent.values())
         got1: list[bytes] = []
@@ -605,7 +605,7 @@ def test_async_for_break_releases_the_rest_of_the_batch(adapter):
                 s.release_receive_packet(pkt)
                 break
         # Everything taken in that batch was released: the ring is empty again.
-        assert s._rx.head == s._rx.tail
+        assert s._backend._rx.head == s._backend._rx.tail
         s.end()
 
     asyncio.run(main())

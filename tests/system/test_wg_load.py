@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from wiretun.linux import netns as _netns
+from tests import netns as _netns
 from wiretun.wireguard import keys
 from wiretun.wireguard.cookie import mac1_key
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from wiretun.linux import netns as _netns
+from tests import netns as _netns
 
 from .wgutil import (
     SOCK_DIR,

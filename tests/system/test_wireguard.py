@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import pytest
 
 import wiretun
-from wiretun.linux import netns as _netns
+from tests import netns as _netns
 
 from .wgutil import WIREGUARD_GO, Node, bracket, genkey, iperf, nsx, pair, ping, unique, wait_for
 
@@ -346,7 +346,7 @@ def test_python_api_two_devices(lab):
     a_ns, b_ns = lab.namespace(), lab.namespace()
     wire = lab.wire(a_ns, b_ns)
     with inproc_devices(a_ns, b_ns) as [(ad_a, dev_a), (ad_b, dev_b)]:
-        assert ad_a.mtu == 1420 and dev_a.mtu == 1420  # wireguard-go's default, set on the TUN
+        assert ad_a.get_mtu() == 1420 and dev_a.mtu == 1420  # wireguard-go's default, set on the TUN
         assert dev_a.listen_port != 0 and dev_a.public_key is None
         key_a, key_b = keys.generate_private_key(), keys.generate_private_key()
         psk = keys.generate_preshared_key()

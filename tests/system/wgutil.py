@@ -28,7 +28,7 @@ from typing import Any, Callable
 import pytest
 
 import wiretun
-from wiretun.linux import netns as _netns
+from tests import netns as _netns
 from wiretun.wireguard.uapi import DEFAULT_SOCKET_DIRECTORY
 
 SOCK_DIR = Path(DEFAULT_SOCKET_DIRECTORY)  # where wg looks for userspace sockets (no override in Debian's wg)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wiretun.adapter import (
+from wiretun.linux.names import (
     ALIAS_MARKER,
     decode_alias,
     derived_kernel_name,

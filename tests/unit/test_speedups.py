@@ -44,12 +44,12 @@ from wiretun import _speedups as C  # noqa: E402  (after the skip: a missing mod
 
 
 # The pure-Python twins are the session's fallback loops themselves.
-from wiretun import session  # noqa: E402
-from wiretun.session import _py_rx_frames as py_rx_frames  # noqa: E402
-from wiretun.session import _py_rx_one as py_rx_one  # noqa: E402
-from wiretun.session import _py_rx_pull as py_rx_pull  # noqa: E402
-from wiretun.session import _py_tx_direct as py_tx_direct  # noqa: E402
-from wiretun.session import _py_tx_flush as py_tx_flush  # noqa: E402
+from wiretun.linux import loops  # noqa: E402
+from wiretun.linux.loops import _py_rx_frames as py_rx_frames  # noqa: E402
+from wiretun.linux.loops import _py_rx_one as py_rx_one  # noqa: E402
+from wiretun.linux.loops import _py_rx_pull as py_rx_pull  # noqa: E402
+from wiretun.linux.loops import _py_tx_direct as py_tx_direct  # noqa: E402
+from wiretun.linux.loops import _py_tx_flush as py_tx_flush  # noqa: E402
 
 FRAME_SPAN = C.FRAME_SPAN
 FRAME_RECORD = (4 + FRAME_SPAN + 3) & ~3
@@ -140,9 +140,9 @@ def test_extension_is_built_and_used_by_sessions():
     path = Path(C.__file__)
     assert path.suffix == ".so", f"wiretun._speedups loaded from {path}, not a compiled extension"
     assert path.parent == Path(wiretun.__file__).parent
-    assert session.SPEEDUPS is True
+    assert loops.SPEEDUPS is True
     for name in ("rx_pull", "rx_frames", "rx_one", "tx_flush", "tx_direct"):
-        assert getattr(session, "_" + name) is getattr(C, name)
+        assert getattr(loops, "_" + name) is getattr(C, name)
 
 
 def test_python_loops_are_chosen_without_the_extension():
@@ -151,7 +151,7 @@ def test_python_loops_are_chosen_without_the_extension():
     import sys
 
     code = (
-        "import wiretun.session as s; "
+        "import wiretun.linux.loops as s; "
         "print(s.SPEEDUPS, *(getattr(s, '_' + n) is getattr(s, '_py_' + n) "
         "for n in ('rx_pull', 'rx_frames', 'rx_one', 'tx_flush', 'tx_direct')))"
     )
@@ -805,3 +805,11 @@ def test_views_handed_out_never_change_while_later_calls_read():
         ring.close()
     bad, looks = map(int, result.split())
     assert looks > 1000 and bad == 0, f"the watcher saw a handed-out packet change {bad} times in {looks} looks"
+
+
+def test_ring_fence_is_the_c_barrier():
+    """ring.fence is the extension's __atomic_thread_fence(__ATOMIC_SEQ_CST) when it is built."""
+    from wiretun import ring
+
+    assert ring.fence is C.fence
+    assert C.fence() is None

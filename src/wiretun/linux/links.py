@@ -22,7 +22,6 @@ Not thread-safe: one reader (the device's event loop).
 
 from __future__ import annotations
 
-import enum
 import errno
 import fcntl
 import os
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from .._backend import LinkEvent, LinkEventKind
 from . import netlink, tun
 
 __all__ = ["LinkEvent", "LinkEventKind", "LinkMonitor", "LinkState"]
@@ -44,20 +44,6 @@ _NETLINK_LISTEN_ALL_NSID = 8
 _RECV_BUFFER = 1 << 20
 _CMSG_SPACE = socket.CMSG_SPACE(4)
 _LOCATE_ATTEMPTS = 5  # the device may move again while it is being looked up
-
-
-class LinkEventKind(enum.Enum):
-    UP = "up"  # administratively up
-    DOWN = "down"
-    MTU = "mtu"  # the MTU changed (``LinkEvent.mtu``)
-    DELETED = "deleted"  # the interface is gone
-    MOVED = "moved"  # moved to another network namespace (not a deletion: it lives on elsewhere)
-
-
-@dataclass(frozen=True)
-class LinkEvent:
-    kind: LinkEventKind
-    mtu: int | None = None
 
 
 @dataclass(frozen=True)

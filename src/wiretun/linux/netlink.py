@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .._backend import IPAddress, IPInterface, IPNetwork, Route
+
 IFNAMSIZ = 16  # kernel names: at most 15 bytes
 ALTIFNAMSIZ = 128  # altnames: at most 127 bytes
 IFALIASZ = 256  # alias: at most 255 bytes
@@ -34,9 +36,6 @@ _CLONE_NEWNET = 0x40000000
 _THREAD_NETNS = "/proc/thread-self/ns/net"
 
 T = TypeVar("T")
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 @dataclass(frozen=True)
@@ -69,11 +68,7 @@ class Link:
         return bool(self.flags & IFF_UP)
 
 
-@dataclass(frozen=True)
-class RouteEntry:
-    destination: IPNetwork
-    gateway: IPAddress | None
-    metric: int
+RouteEntry = Route
 
 
 # --- namespaces ---------------------------------------------------------------------------------
@@ -149,7 +144,7 @@ class Namespace:
         here = self.is_current()
         if here and not _loop_running():
             return fn(*args, **kwargs)
-        outcome: list[Any] = []
+        outcome: list[tuple[bool, Any]] = []
 
         def work() -> None:
             try:
@@ -164,7 +159,8 @@ class Namespace:
         helper.join()
         ok, value = outcome[0]
         if ok:
-            return value
+            result: T = value
+            return result
         raise value
 
     def close(self) -> None:

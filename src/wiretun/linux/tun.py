@@ -14,9 +14,7 @@ offloads keeps ``TUNSETOFFLOAD`` at 0, reads a header that is all zero, and writ
 
 from __future__ import annotations
 
-import array
 import ctypes
-import errno
 import fcntl
 import grp
 import os
@@ -95,7 +93,8 @@ def open_queue(kernel_name: str, *, create: bool = False, nonblock: bool = True)
 def attached_name(fd: int) -> str:
     """The kernel name of the device ``fd`` is attached to (TUNGETIFF)."""
     out = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
-    return _IFREQ.unpack(out)[0].rstrip(b"\0").decode()
+    raw: bytes = _IFREQ.unpack(out)[0]
+    return raw.rstrip(b"\0").decode()
 
 
 def device_netns(fd: int) -> int:
@@ -104,17 +103,9 @@ def device_netns(fd: int) -> int:
     return int(fcntl.ioctl(fd, TUNGETDEVNETNS))
 
 
-def attached_flags(fd: int) -> int:
-    out = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
-    return _IFREQ.unpack(out)[1]
-
 
 def detach_queue(fd: int) -> None:
     fcntl.ioctl(fd, TUNSETQUEUE, _ifreq("", IFF_DETACH_QUEUE))
-
-
-def attach_queue(fd: int) -> None:
-    fcntl.ioctl(fd, TUNSETQUEUE, _ifreq("", IFF_ATTACH_QUEUE))
 
 
 def set_persist(fd: int, persist: bool) -> None:
@@ -129,27 +120,8 @@ def set_group(fd: int, gid: int) -> None:
     fcntl.ioctl(fd, TUNSETGROUP, gid)
 
 
-def features(fd: int | None = None) -> int:
-    """The IFF_* flags this kernel's TUN driver supports (TUNGETFEATURES)."""
-    own = fd is None
-    if own:
-        fd = os.open(CLONE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        buf = array.array("I", [0])
-        fcntl.ioctl(fd, TUNGETFEATURES, buf, True)
-        return buf[0]
-    finally:
-        if own:
-            os.close(fd)
-
-
 def set_offload(fd: int, offloads: int) -> None:
     fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
-
-
-def set_vnet_hdr_size(fd: int, size: int) -> None:
-    buf = array.array("i", [size])
-    fcntl.ioctl(fd, TUNSETVNETHDRSZ, buf)
 
 
 def driver_info(kernel_name: str) -> tuple[str, str]:
@@ -196,7 +168,3 @@ def _group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
-
-
-def is_busy_error(exc: OSError) -> bool:
-    return exc.errno in (errno.EBUSY, errno.EINVAL)

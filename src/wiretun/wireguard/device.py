@@ -61,10 +61,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .. import log
+from .._backend import LinkEventKind, LinkMonitor
 from ..errors import EndOfFile, InvalidParameter, NotSupported, WintunError
-from ..linux import netlink
-from ..linux.links import LinkEventKind, LinkMonitor
-from ..session import BASE_OFFLOADS as _BASE_OFFLOADS
 from . import keys as _keys
 from . import messages as _messages
 from .config import (
@@ -84,6 +82,7 @@ from .core import CounterSet, Peer, WireGuard
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
+    from ..linux import netlink
     from ..session import Session
 
 __all__ = ["Device", "DEFAULT_MTU"]
@@ -231,10 +230,12 @@ class Device:
         self._open_out = memoryview(bytearray(_OPEN_OUT_SIZE))  # decrypted trains, coalesced
         self._rx_headers: list[Any] = []
         try:
+            from ..linux import netlink  # Linux only: imported where used, so the module imports anywhere
+
             self._ns = netlink.Namespace()  # where sockets go, also those made later (rebinds)
-            mtu = adapter.mtu
+            mtu = adapter.get_mtu()
             if mtu == TUN_DEFAULT_MTU:
-                adapter.mtu = DEFAULT_MTU  # wireguard-go creates its TUN with 1420
+                adapter.set_mtu(DEFAULT_MTU)  # wireguard-go creates its TUN with 1420
                 mtu = DEFAULT_MTU
             self._core.mtu = min(mtu, _messages.MAX_CONTENT_SIZE)
             self._session = self._start_session(adapter, capacity, offload)
@@ -264,7 +265,9 @@ class Device:
                 log.info(f"Device {self._name}: no TUN offloads ({e}); packet by packet")
             else:
                 self._offload = True
-                self._udp_coalesce = bool(session.offloads & ~_BASE_OFFLOADS)  # USO: Linux 6.2+
+                from ..linux.session import BASE_OFFLOADS
+
+                self._udp_coalesce = bool(session.offloads & ~BASE_OFFLOADS)  # USO: Linux 6.2+
                 return session
         return adapter.start_session(capacity)
 

@@ -1,6 +1,7 @@
 """Network namespaces for tests, benchmarks and the demo: create, enter (per thread), remove.
 
-Not public API. ``setns`` changes the calling thread's namespace only; sockets, TUN devices and
+Not part of the installed package: bench/ and demo/ import it as ``tests.netns`` (the repository root on
+sys.path). ``setns`` changes the calling thread's namespace only; sockets, TUN devices and
 netlink sockets belong to the namespace of the thread that creates them, and threads and processes
 started afterwards inherit it.
 """
