@@ -36,7 +36,7 @@ from wiretun.adapter import Adapter
 from wiretun.linux import tun
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests import netns  # noqa: E402  (the namespace helper tests and benchmarks share)
+from tests import netns
 
 ADAPTER_ADDR = "10.77.0.1"
 PEER_ADDR = "10.77.0.2"

@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests import netns  # noqa: E402  (the namespace helper tests, benchmarks and the demo share)
+from tests import netns
 
 SECONDS = "4"
 
 with netns.temporary("wtdemo", enter=False) as ns:
     print(f"# namespace {ns}: wiretun example --seconds {SECONDS}", flush=True)
-    result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "wiretun", "example", "--seconds", SECONDS])
+    argv = [sys.executable, "-m", "wiretun", "example", "--seconds", SECONDS]
+    result = subprocess.run(["ip", "netns", "exec", ns, *argv])
 print("# namespace removed", flush=True)
 sys.exit(result.returncode)

@@ -45,6 +45,7 @@ nothing of this was tested on aarch64.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import mmap
 import operator
@@ -137,9 +138,10 @@ def _c_fence() -> Callable[[], None] | None:
     if os.environ.get("WIRETUN_NO_SPEEDUPS") == "1":
         return None
     try:
-        from ._speedups import fence as c_fence
+        speedups: Any = importlib.import_module("wiretun._speedups")
     except ImportError:
         return None
+    c_fence: Callable[[], None] = speedups.fence
     return c_fence
 
 

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from wiretun.errors import InvalidData, InvalidParameter
 from wiretun.linux.names import (
     ALIAS_MARKER,
     decode_alias,
@@ -18,7 +19,6 @@ from wiretun.linux.names import (
     validate_name,
     validate_tunnel_type,
 )
-from wiretun.errors import InvalidData, InvalidParameter
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,6 @@ if os.environ.get("WIRETUN_NO_SPEEDUPS") == "1":
 
 from wiretun import _speedups as C  # noqa: E402  (after the skip: a missing module must fail, not skip)
 
-
 # The pure-Python twins are the session's fallback loops themselves.
 from wiretun.linux import loops  # noqa: E402
 from wiretun.linux.loops import _py_rx_frames as py_rx_frames  # noqa: E402

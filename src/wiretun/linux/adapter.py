@@ -364,7 +364,7 @@ def _open_lock_file(index: int) -> int:
             try:  # made by someone else (root): reading is enough for a lock
                 return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError:
-                pass  # without a lock file only the attached-queue check remains
+                # without a lock file only the attached-queue check remains
                 return -1
         raise
 

@@ -97,7 +97,7 @@ def derived_kernel_name(name: str, attempt: int = 0) -> str:
 
     ``attempt`` > 0 gives the alternatives tried when the first is taken.
     """
-    seed = name.encode("utf-8") if attempt == 0 else f"{attempt}\0{name}".encode("utf-8")
+    seed = name.encode("utf-8") if attempt == 0 else f"{attempt}\0{name}".encode()
     return DERIVED_PREFIX + hashlib.sha256(seed).hexdigest()[: MAX_KERNEL_NAME_BYTES - len(DERIVED_PREFIX)]
 
 

@@ -23,11 +23,13 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .. import log
-from ..linux import netlink
 from .core import CounterSet
+
+if TYPE_CHECKING:
+    from ..linux import netlink  # the namespace a device's sockets live in (Linux)
 
 __all__ = ["Conn", "ConnCounters", "Datagram", "Deliver", "DeliverTrain", "SOCKET_BUFFER_SIZE", "GSO_RETRY_AFTER"]
 
