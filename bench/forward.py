@@ -95,7 +95,6 @@ def _wait_for_stdin_eof() -> None:
 def serve_pytun(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     """The way Python tunnels forward today: python-pytun, a thread per direction, blocking I/O."""
     import pytun  # type: ignore[import-not-found]
-
     from tests import netns
 
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI
@@ -137,9 +136,10 @@ def serve_wiretun(ns_a: str, dev_a: str, ns_b: str, dev_b: str, offload: bool) -
     Gbit/s). With ``WIRETUN_BENCH_THREADS=0`` it runs one poll loop for both directions instead: each
     turn a batch from each session, sleeping on both read-wait handles only when neither had anything.
     """
+    from tests import netns
+
     from wiretun import Adapter
     from wiretun.errors import EndOfFile
-    from tests import netns
 
     with netns.entered(ns_a):
         a = Adapter.create(dev_a, "Bench")
@@ -210,9 +210,10 @@ def serve_wiretun_single(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     each receiving one packet (sleeping on the read-wait handle while none waits), allocating its room
     in the other session's send ring, copying it there, sending it and releasing the received packet.
     A full send ring drops the packet (BufferOverflow), as a Wintun program does."""
+    from tests import netns
+
     from wiretun import Adapter
     from wiretun.errors import BufferOverflow, EndOfFile, NoMoreItems
-    from tests import netns
 
     with netns.entered(ns_a):
         a = Adapter.create(dev_a, "Bench")

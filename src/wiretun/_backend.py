@@ -62,6 +62,16 @@ class LinkStatus(Protocol):
     """What a link monitor last knew of its interface (no I/O)."""
 
     @property
+    def index(self) -> int:
+        """The interface index (it may change when the interface moves to another namespace)."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """The OS's interface name."""
+        ...
+
+    @property
     def up(self) -> bool: ...
 
     @property

@@ -22,12 +22,12 @@ import pytest
 from pyroute2 import IPRoute
 
 import wiretun
+from tests import netns as _netns
 from wiretun import log
 from wiretun.adapter import Adapter, delete_driver, get_running_driver_version
-from wiretun.linux.names import parse_driver_version
 from wiretun.errors import AccessDenied, AlreadyExists, Busy, EndOfFile, InvalidParameter, NotFound
-from tests import netns as _netns
 from wiretun.linux import tun
+from wiretun.linux.names import parse_driver_version
 
 from ..devnode import private_tun_node_unavailable, use_private_tun_node
 
@@ -500,7 +500,8 @@ def test_routes_v4_and_v6(netns, adapters):
     assert any(
         str(r.destination) == "10.20.0.0/16" and str(r.gateway) == "10.6.7.8" for r in a.routes()
     ), a.routes()
-    assert any(r["dst"] == "10.20.0.0/16" and r.get("gateway") == "10.6.7.8" for r in ip_json("route", "show", "dev", "Rt"))
+    shown = ip_json("route", "show", "dev", "Rt")
+    assert any(r["dst"] == "10.20.0.0/16" and r.get("gateway") == "10.6.7.8" for r in shown)
     with pytest.raises(InvalidParameter, match="IPv6 but the destination is IPv4"):
         a.add_route("10.30.0.0/16", gateway="fd00::1")
     a.remove_route("10.20.0.0/16", gateway="10.6.7.8")

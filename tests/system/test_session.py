@@ -8,8 +8,8 @@ adapter. Every check is on exact bytes, addresses and counts.
 from __future__ import annotations
 
 import asyncio
-import selectors
 import select
+import selectors
 import socket
 import struct
 import subprocess

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
+from tests import netns as _netns
 from wiretun import offload as O
 from wiretun import packet as P
 from wiretun.adapter import Adapter
 from wiretun.capture import LINKTYPE_RAW, read_pcap
 from wiretun.errors import BufferOverflow, EndOfFile, InvalidParameter
-from tests import netns as _netns
 from wiretun.linux import tun
 from wiretun.session import Session
 

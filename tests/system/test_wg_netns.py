@@ -143,7 +143,7 @@ def test_namespace_deleted_with_the_interface_inside(lab: Lab) -> None:
     addresses_up(b, node)
     assert ping(b, peer.inner4, 2) == 2
     nsx(a, "true")
-    from wiretun.linux import netns as _netns
+    from tests import netns as _netns
 
     _netns.remove(b)
     assert node.proc is not None

@@ -160,7 +160,8 @@ def test_alias_round_trip_property(guid, tunnel_type):
 
 @pytest.mark.parametrize(
     ("text", "version"),
-    [("1.6", 0x10006), ("0.0", 0), ("1.6.2", 0x10006), ("2.15-rc1", 0x2000F), ("65535.65535", 0xFFFFFFFF), (" 1.6\n", 0x10006)],
+    [("1.6", 0x10006), ("0.0", 0), ("1.6.2", 0x10006), ("2.15-rc1", 0x2000F), ("65535.65535", 0xFFFFFFFF),
+     (" 1.6\n", 0x10006)],
 )
 def test_parse_driver_version(text, version):
     assert parse_driver_version(text) == version
