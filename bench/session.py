@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Callable
 
 from wiretun import packet
@@ -173,25 +174,25 @@ def main() -> None:
                     try:
                         tun.set_offload(fd, 0)
                         prefill(sender, payload, count)
-                        n, dt = timed(lambda: drain_plain(fd))
+                        n, dt = timed(partial(drain_plain, fd))
                         _record(results, ("receive", size, "plain os.read loop"), n, count, dt)
                         prefill(sender, payload, count)
-                        n, dt = timed(lambda: drain_plain_strip(fd))
+                        n, dt = timed(partial(drain_plain_strip, fd))
                         _record(results, ("receive", size, "plain read + strip hdr"), n, count, dt)
-                        n, dt = timed(lambda: send_plain(fd, out_pkt, count))
+                        n, dt = timed(partial(send_plain, fd, out_pkt, count))
                         _record(results, ("send", size, "plain os.writev loop"), n, count, dt)
                     finally:
                         os.close(fd)
                     with adapter.start_session(0x400000) as session:
                         prefill(sender, payload, count)
-                        n, dt = timed(lambda: drain_session_single(session))
+                        n, dt = timed(partial(drain_session_single, session))
                         _record(results, ("receive", size, "session per-packet"), n, count, dt)
                         prefill(sender, payload, count)
-                        n, dt = timed(lambda: drain_session_batch(session))
+                        n, dt = timed(partial(drain_session_batch, session))
                         _record(results, ("receive", size, f"session batch ({BATCH})"), n, count, dt)
-                        n, dt = timed(lambda: send_session_single(session, out_pkt, count))
+                        n, dt = timed(partial(send_session_single, session, out_pkt, count))
                         _record(results, ("send", size, "session per-packet"), n, count, dt)
-                        n, dt = timed(lambda: send_session_batch(session, out_pkt, count))
+                        n, dt = timed(partial(send_session_batch, session, out_pkt, count))
                         _record(results, ("send", size, f"session batch ({BATCH})"), n, count, dt)
             sender.close()
             sink.close()

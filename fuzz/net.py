@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import _netns
-
 from wiretun import packet as P
 
 SOCK_DIR = Path("/var/run/wireguard")

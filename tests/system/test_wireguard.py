@@ -363,7 +363,7 @@ def test_python_api_two_devices(lab):
             device.start()
             adapter.add_address(address)
             adapter.up()
-            wait_for(lambda: device.is_up, 5, "the device to follow its interface up")
+            wait_for(lambda device=device: device.is_up, 5, "the device to follow its interface up")
         assert dev_b.stats["tx_no_endpoint"] >= 1
         assert ping(a_ns, "10.66.0.2", 3) == 3
         state = dev_a.state()
@@ -403,7 +403,7 @@ def test_apply_semantics_follow_wireguard_go(lab):
     from wiretun.wireguard.config import DeviceSet, PeerSet, UAPIError
 
     ns = lab.namespace()
-    with inproc_devices(ns) as [(adapter, device)]:
+    with inproc_devices(ns) as [(_adapter, device)]:
         own = keys.generate_private_key()
         p1, p2, p3 = (keys.public_key(keys.generate_private_key()) for _ in range(3))
         net = ipaddress.ip_network
@@ -438,7 +438,8 @@ def test_apply_semantics_follow_wireguard_go(lab):
         # fwmark reaches both sockets; 0 clears it.
         device.apply(DeviceSet(fwmark=0x51))
         assert device.state().fwmark == 0x51
-        assert {s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) for s in (device._conn.sock4, device._conn.sock6)} == {0x51}
+        socks = (device._conn.sock4, device._conn.sock6)
+        assert {s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) for s in socks} == {0x51}
         device.apply(DeviceSet(fwmark=0, listen_port=0))
         assert device._conn.sock4.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
         assert device.listen_port not in (0, port)

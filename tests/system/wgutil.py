@@ -187,7 +187,7 @@ class Wire:
 class Node:
     """One WireGuard interface (wiretun in-process, wiretun-wg daemon, or wireguard-go) in a namespace."""
 
-    def __init__(self, lab: "Lab", kind: str, ns: str, index: int, ifname: str | None = None) -> None:
+    def __init__(self, lab: Lab, kind: str, ns: str, index: int, ifname: str | None = None) -> None:
         self.lab = lab
         self.kind = kind
         self.ns = ns
@@ -232,7 +232,7 @@ class Node:
             peers[f[0]] = PeerDump(f[0], f[1], f[2], f[3], int(f[4]), int(f[5]), int(f[6]), f[7])
         return lines[0].split("\t"), peers
 
-    def peer(self, other: "Node | str") -> PeerDump:
+    def peer(self, other: Node | str) -> PeerDump:
         key = other if isinstance(other, str) else other.public
         return self.dump()[1][key]
 
@@ -243,7 +243,7 @@ class Node:
         nsx(self.ns, "ip", "addr", "add", f"{self.inner6}/64", "dev", self.ifname, "nodad")
         nsx(self.ns, "ip", "link", "set", self.ifname, "up")
 
-    def add_peer(self, other: "Node", endpoint: str | None = None, *extra: str,
+    def add_peer(self, other: Node, endpoint: str | None = None, *extra: str,
                  allowed: str | None = None) -> None:
         args = ["peer", other.public, "allowed-ips", allowed or f"{other.inner4}/32,{other.inner6}/128"]
         if endpoint is not None:

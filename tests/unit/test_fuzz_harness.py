@@ -12,7 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
 
 import library
 import net
-
 from wiretun import offload as O
 from wiretun import packet as P
 from wiretun.wireguard.cookie import CookieChecker
