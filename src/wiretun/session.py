@@ -58,21 +58,29 @@ _capture_paths: set[str] = set()
 _capture_inodes: set[tuple[int, int]] = set()
 
 
+_FOREVER = 0x7FFFFFFF / 1000  # seconds: the longest sleep the OS takes in one call (24.8 days); longer is no limit
+
+
 def _check_timeout(timeout: object) -> float | None:
-    """A timeout argument as seconds, or None for no limit (None or infinity); InvalidParameter else."""
+    """A timeout argument as seconds, or None for no limit (None, infinity, or 24.8 days and more);
+    InvalidParameter else."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
         raise InvalidParameter(f"timeout must be None or a number of seconds >= 0, not {timeout!r}")
-    if math.isinf(timeout):
+    if math.isinf(timeout) or timeout >= _FOREVER:
         return None
     return float(timeout)
 
 
+_MAX_BATCH = 1 << 24  # more packets than any ring holds (each takes at least 8 bytes of at most 64 MiB)
+
+
 def _check_count(max_count: object) -> int:
+    """A batch size: an int >= 1; any larger than a ring can hold means "as many as there are"."""
     if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
         raise InvalidParameter(f"max_count {max_count!r} must be an int >= 1")
-    return max_count
+    return min(max_count, _MAX_BATCH)
 
 
 class _Capture:
@@ -370,7 +378,7 @@ class Session(AsyncSessionMethods):
         With a list for ``headers``, the 10-byte virtio-net header of each packet is appended to it, in
         order (all zero without offloads): the pair to hand to ``send_packets(..., headers=...)``.
         """
-        _check_count(max_count)
+        max_count = _check_count(max_count)
         if headers is not None and not isinstance(headers, list):
             raise InvalidParameter(f"headers must be a list to append to, not {type(headers).__name__}")
         limit = _check_timeout(timeout)

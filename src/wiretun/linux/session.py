@@ -865,11 +865,14 @@ def _check_batch(packets: Any, headers: Any) -> tuple[Sequence[Any], list[int], 
         else:
             try:
                 view = pkt if kind is memoryview else memoryview(pkt)
+                contiguous = view.c_contiguous
+                n = view.nbytes  # bytes, whatever the item size (len() of an array('H') counts items)
             except TypeError:
                 raise InvalidParameter(f"packet {i} is not a bytes-like object ({kind.__name__})") from None
-            if not view.c_contiguous:
+            except ValueError:  # a released memoryview
+                raise InvalidParameter(f"packet {i} is a released memoryview") from None
+            if not contiguous:
                 raise InvalidParameter(f"packet {i} is not a contiguous buffer")
-            n = view.nbytes  # bytes, whatever the item size (len() of an array('H') counts items)
         if not 0 < n <= limit:
             raise InvalidParameter(f"packet {i} is {n} bytes; a packet must be 1..{limit} (0xFFFF) bytes")
         add(n)
