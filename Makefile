@@ -49,7 +49,8 @@ lint: venv
 	exit $$status
 
 # pytest exits 5 when it collected nothing; that is a failure here, never a silent pass.
-test: venv
+# make lint runs first: a type or lint finding fails the run before minutes of system tests.
+test: venv lint
 	$(BIN)/python -m pytest -q -rs tests
 
 test-unit: venv
