@@ -9,7 +9,14 @@
 Endpoints are opaque to the core: a datagram's source endpoint is what :meth:`Conn.receive` hands to
 ``deliver``, and the core sends back to whatever endpoint it stored. Here they are socket address
 tuples (``(host, port)``, ``(host, port, flowinfo, scope_id)``), which compare, hash and print as
-such.
+such; one that came from :meth:`Conn.receive` is an :class:`Endpoint`, which also remembers the local
+address the datagram arrived at.
+
+Source addresses are sticky, as in the kernel's WireGuard and wireguard-go: a reply leaves from the
+local address the peer last reached (``IP_PKTINFO`` / ``IPV6_PKTINFO`` on receive, the same control
+message on send, GSO trains included), also on a host with several addresses. When that address is
+gone the kernel refuses the send (ENETUNREACH for IPv4, EINVAL for IPv6): the endpoint forgets it and the datagram
+goes again with the source the routing picks ("sticky, but not too sticky").
 
 A :class:`Conn` is not thread-safe: the device calls it with its own lock held. Sockets are always
 created in the namespace the conn was given (the interface's birth namespace), from any thread.
@@ -31,7 +38,8 @@ from .core import CounterSet
 if TYPE_CHECKING:
     from ..linux import netlink  # the namespace a device's sockets live in (Linux)
 
-__all__ = ["Conn", "ConnCounters", "Datagram", "Deliver", "DeliverTrain", "SOCKET_BUFFER_SIZE", "GSO_RETRY_AFTER"]
+__all__ = ["Conn", "ConnCounters", "Datagram", "Deliver", "DeliverTrain", "Endpoint", "SOCKET_BUFFER_SIZE",
+           "GSO_RETRY_AFTER"]
 
 SOCKET_BUFFER_SIZE = 7 << 20  # wireguard-go's UDP socket buffer size
 RANDOM_PORT_ATTEMPTS = 100  # wireguard-go's retries when port 0 collides on IPv6
@@ -51,14 +59,45 @@ _GSO_REFUSED = frozenset({errno.EIO, errno.EMSGSIZE, errno.EINVAL, errno.ENOPROT
 GSO_RETRY_AFTER = 60.0  # seconds
 # UDP GRO (Linux 5.0): the kernel may hand over several datagrams of one flow in one read.
 _UDP_GRO = 104
-_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _GRO_INT = struct.Struct("=i")
 _SO_RCVBUFFORCE = 33
 _SO_SNDBUFFORCE = 32
 _SO_MARK = 36
 _MARK = struct.Struct("=I")
+# Sticky source addresses.
+_IP_PKTINFO = 8  # struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
+_IPV6_RECVPKTINFO = 49
+_IPV6_PKTINFO = 50  # struct in6_pktinfo { in6_addr addr; unsigned int ifindex; }
+_IN6_PKTINFO = struct.Struct("=16sI")
+_ANCILLARY_SPACE = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(_IN6_PKTINFO.size)
+# A source address that is no longer local: IPv4 route lookups say ENETUNREACH, IPv6 EINVAL.
+_STALE_SOURCE = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH})
+_ENDPOINT_CACHE = 1024  # distinct (peer address, local address) pairs remembered between reads
 
 Datagram = tuple[bytes, Any]  # (payload, endpoint)
+
+
+class Endpoint(tuple):  # type: ignore[type-arg]
+    """A peer's socket address (compares, hashes and prints as the plain tuple) plus the local
+    address its datagram arrived at: ``source``, the ``IP_PKTINFO`` / ``IPV6_PKTINFO`` control
+    message data to send replies with, or None (then the routing picks one)."""
+
+    source: bytes | None
+
+    def __new__(cls, address: tuple[Any, ...], source: bytes | None) -> Endpoint:
+        self = super().__new__(cls, address)
+        self.source = source
+        return self
+
+    @property
+    def local_address(self) -> str | None:
+        """The local address replies leave from (None: the routing's choice)."""
+        src = self.source
+        if src is None:
+            return None
+        if len(src) == _IN6_PKTINFO.size:
+            return socket.inet_ntop(socket.AF_INET6, src[:16])
+        return socket.inet_ntop(socket.AF_INET, src[4:8])
 Deliver = Callable[[memoryview, Any, float], None]
 DeliverTrain = Callable[[memoryview, int, Any, float], None]  # (datagrams, segment size, source, now)
 
@@ -75,13 +114,6 @@ class ConnCounters(CounterSet):
     udp_tx_errors: int = 0  # datagrams the kernel refused or had no room for: dropped
     udp_tx_no_socket: int = 0  # datagrams for an address family without a socket: dropped
     udp_gso_refused: int = 0  # times the kernel refused a GSO train (then one by one for a while)
-
-
-def _gro_size(ancillary: list[tuple[int, int, bytes]]) -> int:
-    for level, kind, data in ancillary:
-        if level == socket.SOL_UDP and kind == _UDP_GRO and len(data) >= 4:
-            return int(_GRO_INT.unpack_from(data)[0])
-    return 0
 
 
 def close_all(socks: Iterable[socket.socket | None]) -> None:
@@ -122,6 +154,11 @@ def udp_socket(family: int, port: int, fwmark: int) -> socket.socket | None:
             sock.setsockopt(socket.SOL_UDP, _UDP_GRO, 1)
         except OSError:
             pass  # older kernel: one datagram per read
+        # Where each datagram arrived (sticky source addresses).
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     except OSError as e:
         sock.close()
@@ -157,6 +194,16 @@ def bind_pair(port: int, fwmark: int) -> tuple[socket.socket | None, socket.sock
     raise error
 
 
+def _source(endpoint: Any) -> bytes | None:
+    return endpoint.source if type(endpoint) is Endpoint else None
+
+
+def _pktinfo(source: bytes) -> tuple[int, int, bytes]:
+    if len(source) == _IN6_PKTINFO.size:
+        return (socket.IPPROTO_IPV6, _IPV6_PKTINFO, source)
+    return (socket.IPPROTO_IP, _IP_PKTINFO, source)
+
+
 class Conn:
     """The UDP sockets of one device (see the module docstring)."""
 
@@ -174,6 +221,7 @@ class Conn:
         self._rx_view = memoryview(self._rx_buffer)
         self._rx_buffers = [self._rx_buffer]
         self._errors_logged: set[int] = set()
+        self._endpoints: dict[tuple[Any, bytes], Endpoint] = {}
         self.gso = True  # False for a while after the kernel refused UDP_SEGMENT
         self._gso_retry_at = 0.0
         self._send_wait_until = 0.0
@@ -220,24 +268,33 @@ class Conn:
         """Read one batch of datagrams from ``sock`` and ``deliver`` each. Returns how many.
 
         With UDP GRO on the socket, a train the sender sent with UDP GSO arrives in one read, with
-        its segment size in a control message; it is cut back into its datagrams here. The view
-        handed to ``deliver`` is only valid during the call."""
+        its segment size in a control message; it is cut back into its datagrams here. The source
+        endpoint handed to ``deliver`` is an :class:`Endpoint` carrying the local address the
+        datagram arrived at. The view is only valid during the call."""
         recv = sock.recvmsg_into
         buffers = self._rx_buffers
         view = self._rx_view
         counters = self.counters
+        endpoint_of = self._endpoint
         count = 0
         try:
             for _ in range(BATCH):
-                n, ancillary, _, source = recv(buffers, _GRO_CMSG_SPACE)
-                if ancillary:
-                    size = _gro_size(ancillary)
-                    if 0 < size < n:
-                        counters.udp_rx_trains += 1
-                        for offset in range(0, n, size):
-                            deliver(view[offset:min(n, offset + size)], source, now)
-                            count += 1
-                        continue
+                n, ancillary, _, address = recv(buffers, _ANCILLARY_SPACE)
+                size = 0
+                local = b""
+                for level, kind, data in ancillary:
+                    if level == socket.SOL_UDP:
+                        if kind == _UDP_GRO and len(data) >= 4:
+                            size = _GRO_INT.unpack_from(data)[0]
+                    else:
+                        local = data
+                source = endpoint_of(address, local)
+                if 0 < size < n:
+                    counters.udp_rx_trains += 1
+                    for offset in range(0, n, size):
+                        deliver(view[offset:min(n, offset + size)], source, now)
+                        count += 1
+                    continue
                 deliver(view[:n], source, now)
                 count += 1
         except BlockingIOError:
@@ -255,11 +312,20 @@ class Conn:
         buffers = self._rx_buffers
         view = self._rx_view
         counters = self.counters
+        endpoint_of = self._endpoint
         count = 0
         try:
             for _ in range(BATCH):
-                n, ancillary, _, source = recv(buffers, _GRO_CMSG_SPACE)
-                size = _gro_size(ancillary) if ancillary else 0
+                n, ancillary, _, address = recv(buffers, _ANCILLARY_SPACE)
+                size = 0
+                local = b""
+                for level, kind, data in ancillary:
+                    if level == socket.SOL_UDP:
+                        if kind == _UDP_GRO and len(data) >= 4:
+                            size = _GRO_INT.unpack_from(data)[0]
+                    else:
+                        local = data
+                source = endpoint_of(address, local)
                 if 0 < size < n:
                     counters.udp_rx_trains += 1
                     count += -(-n // size)
@@ -274,14 +340,35 @@ class Conn:
         counters.udp_rx += count
         return count
 
+    def _endpoint(self, address: tuple[Any, ...], pktinfo: bytes) -> Endpoint:
+        """The endpoint for a datagram from ``address`` that arrived with this packet-info data: one
+        object per pair while it is remembered (the core stores it as the peer's endpoint)."""
+        key = (address, pktinfo)
+        endpoint = self._endpoints.get(key)
+        if endpoint is not None and endpoint.source is not None:
+            return endpoint
+        source: bytes | None = None
+        if len(pktinfo) >= _IN6_PKTINFO.size:
+            local, ifindex = _IN6_PKTINFO.unpack_from(pktinfo)
+            # The interface matters for link-local addresses only; elsewhere the routing picks it.
+            source = _IN6_PKTINFO.pack(local, ifindex if local[:2] == b"\xfe\x80" else 0)
+        elif len(pktinfo) >= 12:
+            source = bytes(4) + pktinfo[4:8] + bytes(4)  # ipi_spec_dst: the local address reached
+        endpoint = Endpoint(address, source)
+        if len(self._endpoints) >= _ENDPOINT_CACHE:
+            self._endpoints.clear()
+        self._endpoints[key] = endpoint
+        return endpoint
+
     # ------------------------------------------------------------------ send
 
     def send(self, datagrams: list[Datagram]) -> int:
         """Send the core's datagrams; returns how many left. A run of equal-sized datagrams to one
         endpoint (a shorter one may end it) goes out in one ``sendmsg`` with UDP_SEGMENT: the kernel
         cuts it into the same datagrams on the wire, for one trip through the stack instead of one
-        per datagram (the per-datagram ``sendto`` is most of the cost). Failures are counted and
-        logged once per kind, never raised."""
+        per datagram (the per-datagram ``sendto`` is most of the cost). Replies to an
+        :class:`Endpoint` leave from its local address. Failures are counted and logged once per
+        kind, never raised."""
         s4 = self.sock4
         s6 = self.sock6
         counters = self.counters
@@ -307,7 +394,7 @@ class Conn:
                 stop = min(n, i + _GSO_MAX_SEGMENTS, i + _GSO_MAX_BYTES // max(size, 1))
                 while j < stop:
                     more, where = datagrams[j]
-                    if where != endpoint:
+                    if where is not endpoint and (where != endpoint or _source(where) != _source(endpoint)):
                         break
                     m = len(more)
                     if m != size:
@@ -322,19 +409,7 @@ class Conn:
                         i = j
                         continue
                     # UDP GSO refused here: _send_train turned it off; send them one by one.
-            try:
-                sock.sendto(data, endpoint)
-                sent += 1
-            except BlockingIOError:
-                # The socket buffer is full: wait briefly for room (as a blocking send would), once.
-                try:
-                    self._wait_writable(sock)
-                    sock.sendto(data, endpoint)
-                    sent += 1
-                except OSError as e:
-                    self._send_failed(e, endpoint)
-            except OSError as e:
-                self._send_failed(e, endpoint)
+            sent += self._send_one(sock, data, endpoint)
             i += 1
         counters.udp_tx += sent
         return sent
@@ -375,6 +450,37 @@ class Conn:
             return sent + other
         return self.send([(view[i : i + size], endpoint) for i in range(0, n, size)])  # type: ignore[misc]
 
+    def _send_one(self, sock: socket.socket, data: bytes, endpoint: Any) -> int:
+        """One datagram (1 if sent, 0 if dropped)."""
+        for attempt in (0, 1):
+            source = _source(endpoint)
+            try:
+                if source is None:
+                    sock.sendto(data, endpoint)
+                else:
+                    sock.sendmsg([data], [_pktinfo(source)], 0, endpoint)
+                return 1
+            except BlockingIOError:
+                # The socket buffer is full: wait briefly for room (as a blocking send would), once.
+                if attempt:
+                    break
+                self._wait_writable(sock)
+            except OSError as e:
+                if source is not None and e.errno in _STALE_SOURCE:
+                    self._forget_source(endpoint, e)
+                    continue  # once more, from the address the routing picks
+                self._send_failed(e, endpoint)
+                return 0
+        self._send_failed(BlockingIOError(errno.EAGAIN, "socket buffer full"), endpoint)
+        return 0
+
+    def _forget_source(self, endpoint: Endpoint, error: OSError) -> None:
+        """The local address ``endpoint`` stuck to is gone (or no longer routes there)."""
+        address = endpoint.local_address
+        endpoint.source = None
+        log.info(f"Device {self.name}: local address {address} no longer usable towards {endpoint[0]} "
+                 f"({error.strerror or error}); replies leave from the address the routing picks")
+
     def _wait_writable(self, sock: socket.socket) -> None:
         """Wait for room in ``sock``'s buffer, within what is left of this flush's budget.
         ``poll``, not ``select``: select fails on descriptors >= 1024 in a process with many files."""
@@ -389,17 +495,26 @@ class Conn:
         """datagrams[i:j] in one UDP GSO send. Returns how many were sent (0 if dropped), or -1 when
         the kernel refuses GSO on this path (then it is off for GSO_RETRY_AFTER)."""
         buffers = [d for d, _ in datagrams[i:j]]
-        ancillary = [(socket.SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))]
-        for attempt in (0, 1):
+        segment = (socket.SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(size))
+        waited = False
+        while True:
+            source = _source(endpoint)
+            ancillary = [segment] if source is None else [segment, _pktinfo(source)]
             try:
                 sock.sendmsg(buffers, ancillary, 0, endpoint)
                 self.counters.udp_tx_trains += 1
                 return j - i
             except BlockingIOError:
-                if attempt:
+                if waited:
                     break
+                waited = True
                 self._wait_writable(sock)
             except OSError as e:
+                if source is not None and e.errno in _STALE_SOURCE:
+                    # EINVAL is also what a train too big for the path gets: without the source
+                    # the next attempt tells which it was.
+                    self._forget_source(endpoint, e)
+                    continue
                 if e.errno in _GSO_REFUSED:
                     self.gso = False
                     self.counters.udp_gso_refused += 1

@@ -39,7 +39,8 @@ Behaviour follows wireguard-go; where it differs, it says so:
   a listen port change binds the new sockets *before* closing the old ones, so a port in use
   (EADDRINUSE) leaves the device as it was (wireguard-go is left without sockets);
 * fwmark sets SO_MARK on both sockets; a peer whose public key is the device's own is ignored;
-* replies leave from the address the kernel's routing picks (no "sticky" source address);
+* replies leave from the local address the peer last reached (sticky source addresses, as the kernel
+  does; :mod:`.conn`), and from the routing's choice once that address is gone;
 * runs of equal-sized datagrams to one endpoint leave in one UDP GSO send (``UDP_SEGMENT``) when the
   kernel and the path allow it, one by one otherwise; the sockets take UDP GRO, so such trains from
   the peer arrive in one read too (newer wireguard-go does both).
