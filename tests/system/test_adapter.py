@@ -195,6 +195,28 @@ def test_sixty_character_name_works_and_opens_by_both_names(netns, adapters):
     assert out.stdout.strip() == kernel
 
 
+def test_a_name_with_spaces_is_an_altname(netns, adapters):
+    """Wintun names may hold spaces ("Data Center"): on Linux the name is an altname (set through
+    netlink; Debian's ip refuses to set such names but lists them) and the kernel name is derived."""
+    a = Adapter.create("Data Center", "Example", GUID)
+    adapters.append(a)
+    kernel = a.kernel_name
+    assert a.name == "Data Center" and re.fullmatch(r"wt[0-9a-f]{13}", kernel)
+    shown = subprocess.run(["ip", "link", "show", "dev", kernel], capture_output=True, text=True, check=True).stdout
+    assert "altname Data Center\n" in shown
+    with Adapter.open("Data Center") as b:
+        assert (b.luid, b.guid, b.name, b.kernel_name) == (a.luid, GUID, "Data Center", kernel)
+    out = run_python("import wiretun; x = wiretun.Adapter.open('Data Center'); print(x.luid, x.name)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{a.luid} Data Center"
+    longest = "Data Center " + "x" * 115  # 127 bytes
+    b = Adapter.create(longest, "Example")
+    adapters.append(b)
+    assert b.get_name() == longest
+    with pytest.raises(InvalidParameter, match="128 bytes in UTF-8; the limit is 127 bytes"):
+        Adapter.create(longest[:-1] + "é", "Example")  # 127 characters, 128 bytes
+
+
 def test_longest_names(netns, adapters):
     ascii127 = "n" * 127
     wide = "é" * 63  # 126 bytes of UTF-8
@@ -213,7 +235,7 @@ def test_longest_names(netns, adapters):
     [
         ("", "must not be empty"),
         ("a/b", "contains '/'"),
-        ("a b", "whitespace"),
+        ("a\tb", "whitespace"),
         ("tab\tname", "whitespace"),
         ("x" * 128, "the limit is 127"),
     ],
@@ -567,8 +589,10 @@ def test_rename(netns, adapters):
     with pytest.raises(AlreadyExists, match="Taken"):
         a.rename("Taken")
     with pytest.raises(InvalidParameter, match="whitespace"):
-        a.rename("has space")
+        a.rename("has\ttab")
     assert a.name == "Ren3"
+    a.rename("Ren 4")  # a space: an altname, as Wintun's "Data Center"
+    assert a.name == a.get_name() == "Ren 4" and re.fullmatch(r"wt[0-9a-f]{13}", a.kernel_name)
 
 
 def test_opening_what_wiretun_did_not_create_raises_not_found(netns):

@@ -48,7 +48,7 @@ def _show(value: str, limit: int = 40) -> str:
     return repr(value[:limit]) + f"... ({len(value)} characters)"
 
 
-def _check_text(kind: str, value: object, max_chars: int, max_bytes: int, *, allow_space: bool) -> str:
+def _check_text(kind: str, value: object, max_chars: int, max_bytes: int, *, allow_slash: bool) -> str:
     if not isinstance(value, str):
         raise InvalidParameter(f"{kind} must be a str, not {type(value).__name__}")
     if not value:
@@ -58,9 +58,9 @@ def _check_text(kind: str, value: object, max_chars: int, max_bytes: int, *, all
     for ch in value:
         if ch == "\0":
             raise InvalidParameter(f"{kind} {_show(value)} contains a NUL character")
-        if ch == "/" and not allow_space:
+        if ch == "/" and not allow_slash:
             raise InvalidParameter(f"{kind} {_show(value)} contains '/'")
-        if ch.isspace() and not (allow_space and ch == " "):
+        if ch.isspace() and ch != " ":
             raise InvalidParameter(f"{kind} {_show(value)} contains whitespace (U+{ord(ch):04X})")
         if not ch.isprintable():
             raise InvalidParameter(f"{kind} {_show(value)} contains a non-printable character (U+{ord(ch):04X})")
@@ -71,13 +71,17 @@ def _check_text(kind: str, value: object, max_chars: int, max_bytes: int, *, all
 
 
 def validate_name(name: object) -> str:
-    """Return ``name`` if it is a valid adapter name, else raise InvalidParameter saying why."""
-    return _check_text("adapter name", name, MAX_NAME_CHARS, MAX_NAME_BYTES, allow_space=False)
+    """Return ``name`` if it is a valid adapter name, else raise InvalidParameter saying why.
+
+    Spaces are allowed, as in Wintun ("Data Center"): such a name is an altname of the interface (the
+    kernel keeps spaces there; Debian's ``ip`` lists them though it refuses to set them) and the kernel
+    name is derived. The limit is the altname's: 127 bytes of UTF-8."""
+    return _check_text("adapter name", name, MAX_NAME_CHARS, MAX_NAME_BYTES, allow_slash=False)
 
 
 def validate_tunnel_type(tunnel_type: object) -> str:
     """Return ``tunnel_type`` if valid (1..127 printable characters, at most 127 UTF-8 bytes)."""
-    return _check_text("tunnel type", tunnel_type, MAX_TUNNEL_TYPE_CHARS, MAX_TUNNEL_TYPE_BYTES, allow_space=True)
+    return _check_text("tunnel type", tunnel_type, MAX_TUNNEL_TYPE_CHARS, MAX_TUNNEL_TYPE_BYTES, allow_slash=True)
 
 
 def is_kernel_name(name: str) -> bool:
