@@ -26,6 +26,7 @@ import weakref
 from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from .errors import BufferOverflow, EndOfFile, InvalidParameter
+from .offload import HeaderLike
 
 Buffer = bytes | bytearray | memoryview
 
@@ -51,7 +52,7 @@ class SessionLike(Protocol):
 
     def release_receive_packets(self, packets: list[memoryview]) -> None: ...
 
-    def send_packets(self, packets: Sequence[Buffer], headers: Sequence[Any] | None = ...) -> int: ...
+    def send_packets(self, packets: Sequence[Buffer], headers: Sequence[HeaderLike | None] | None = ...) -> int: ...
 
 
 class _Waiters:
@@ -172,7 +173,7 @@ async def packets(session: SessionLike, batch: int = 64) -> AsyncIterator[memory
                 session.release_receive_packets(got[done:])
 
 
-async def send(session: SessionLike, packet: Buffer, header: Any = None) -> None:
+async def send(session: SessionLike, packet: Buffer, header: HeaderLike | None = None) -> None:
     """Send one packet (copied into the send ring when the kernel cannot take it at once).
 
     Sleeps while the kernel refuses writes (EAGAIN/ENOBUFS) and the send ring is full.
@@ -207,7 +208,7 @@ class AsyncSessionMethods:
         """The next packet, awaiting without blocking the event loop; EndOfFile once ended."""
         return await receive(self)
 
-    async def send(self: SessionLike, packet: Buffer, header: Any = None) -> None:
+    async def send(self: SessionLike, packet: Buffer, header: HeaderLike | None = None) -> None:
         """Send one packet (copied), awaiting while the send ring is full; EndOfFile once ended.
 
         ``header`` as for ``Session.send_packet``."""

@@ -16,7 +16,7 @@ The header is in the host's byte order: TUN uses native ("legacy virtio") order 
 from __future__ import annotations
 
 import struct
-from typing import MutableSequence, NamedTuple, Sequence
+from typing import MutableSequence, NamedTuple, Sequence, TypeAlias
 
 from .errors import InvalidData, InvalidParameter, NotSupported
 from .packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_CWR, TCP_FIN, TCP_PSH, ones_sum
@@ -91,6 +91,9 @@ class VirtioNetHeader(NamedTuple):
                                        f"not {value!r}")
         return self
 
+
+HeaderLike: TypeAlias = VirtioNetHeader | bytes | bytearray | memoryview
+"""A virtio-net header as sessions take it: a :class:`VirtioNetHeader`, or its 10 packed bytes."""
 
 _FIELD_LIMITS = (0xFF, 0xFF, 0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF)
 

@@ -36,7 +36,7 @@ from . import log
 from .aio import AsyncSessionMethods
 from .capture import PcapWriter
 from .errors import EndOfFile, InvalidParameter, NoMoreItems, WintunError
-from .offload import VirtioNetHeader
+from .offload import HeaderLike, VirtioNetHeader
 from .ring import check_capacity
 
 if TYPE_CHECKING:
@@ -370,7 +370,7 @@ class Session(AsyncSessionMethods):
         *,
         block: bool = False,
         timeout: float | None = None,
-        headers: list[Any] | None = None,
+        headers: list[bytes] | None = None,
     ) -> list[memoryview]:
         """Up to ``max_count`` packets at once (an empty list when none is waiting, never NoMoreItems).
 
@@ -438,7 +438,7 @@ class Session(AsyncSessionMethods):
         """
         return self._backend.allocate_send_packet(size)  # replaced in __init__
 
-    def send_packet(self, packet: memoryview, header: Any = None) -> None:
+    def send_packet(self, packet: memoryview, header: HeaderLike | None = None) -> None:
         """Send an allocated packet (WintunSendPacket); it leaves after every earlier allocation.
 
         ``header`` is the packet's virtio-net header (a :class:`~wiretun.offload.VirtioNetHeader` or its
@@ -449,7 +449,7 @@ class Session(AsyncSessionMethods):
         self._backend.send_packet(packet, header)  # replaced in __init__
 
     def send_packets(
-        self, packets: Iterable[bytes | bytearray | memoryview], headers: Sequence[Any] | None = None
+        self, packets: Iterable[bytes | bytearray | memoryview], headers: Sequence[HeaderLike | None] | None = None
     ) -> int:
         """Send many packets in order, as allocate + copy + send would; returns how many were taken.
 

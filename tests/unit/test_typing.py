@@ -3,7 +3,7 @@
 ``wiretun`` and ``wiretun.wireguard`` import their heavy names on first use (module ``__getattr__``);
 type checkers see them through ``if TYPE_CHECKING:`` imports. These tests check that the two lists
 agree, and run mypy --strict on small programs using the public API: the names are real types (not
-``Any``) and a misspelt keyword is an error.
+``Any``), sessions, batches, headers and async iterators are typed, and a misspelt keyword is an error.
 """
 
 from __future__ import annotations
@@ -89,18 +89,54 @@ def test_public_names_are_typed(tmp_path: Path) -> None:
     assert "wiretun.wireguard.core.WireGuard" in revealed[5], revealed[5]
 
 
+def test_session_api_is_typed(tmp_path: Path) -> None:
+    rc, out = _mypy(tmp_path, """
+        import wiretun
+        from wiretun.offload import VirtioNetHeader
+
+        async def forward(adapter: wiretun.Adapter, other: wiretun.Session) -> None:
+            with adapter.start_session(0x20000, offload=True) as session:
+                reveal_type(session)
+                headers: list[bytes] = []
+                batch = session.receive_packets(64, headers=headers)
+                reveal_type(batch)
+                other.send_packets(batch, headers=headers)
+                other.send_packets(batch, headers=[VirtioNetHeader(), None])
+                reveal_type(session.packets())
+                async for packet in session.packets():
+                    reveal_type(packet)
+                    await other.send(packet, session.packet_header(packet))
+                    session.release_receive_packet(packet)
+    """)
+    assert rc == 0, out
+    revealed = [line.split("Revealed type is ", 1)[1].replace("builtins.", "")
+                for line in out.splitlines() if "Revealed type is" in line]
+    assert revealed == [
+        '"wiretun.session.Session"',
+        '"list[memoryview[int]]"',
+        '"typing.AsyncIterator[memoryview[int]]"',
+        '"memoryview[int]"',
+    ], out
+
+
 def test_misuse_is_a_type_error(tmp_path: Path) -> None:
     rc, out = _mypy(tmp_path, """
         import wiretun
         import wiretun.wireguard
 
-        def use(adapter: wiretun.Adapter) -> None:
+        def use(adapter: wiretun.Adapter, session: wiretun.Session) -> None:
             wiretun.Adapter.create("wt0", "wiretun", persistant=True)
+            adapter.start_session(0x20000, multiqueue=True)
+            adapter.start_session(0x20000, True)
+            session.send_packet(session.allocate_send_packet(20), header=10)
             wiretun.wireguard.Device(adapter, capacity="big")
             counters = wiretun.wireguard.WireGuard().stats
             counters.rx_bad_tagg += 1
     """)
     assert rc == 1, out
     assert 'Unexpected keyword argument "persistant"' in out, out
+    assert 'Unexpected keyword argument "multiqueue" for "start_session"' in out, out
+    assert 'Too many positional arguments for "start_session"' in out, out
+    assert 'Argument "header" to "send_packet" of "Session" has incompatible type "int"' in out, out
     assert 'Argument "capacity" to "Device" has incompatible type "str"' in out, out
     assert '"Counters" has no attribute "rx_bad_tagg"' in out, out
