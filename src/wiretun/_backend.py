@@ -113,6 +113,10 @@ class SessionBackend(Protocol):
         """Offload flags in effect (Linux ``TUN_F_*``; 0 without offloads or on Windows)."""
         ...
 
+    selectable: bool
+    """Whether the wait handles can go into ``select`` / ``loop.add_reader`` (Linux: descriptors). False for
+    Windows' event HANDLEs: asyncio then waits on :meth:`wait` in a worker thread."""
+
     receive_dropped: int  # packets the backend dropped because the receive ring was full
     send_dropped: int  # packets the kernel rejected
 

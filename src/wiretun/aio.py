@@ -1,8 +1,11 @@
 """asyncio on a session's read-wait handle: ``async for packet in session.packets()`` and awaitable send.
 
-No threads: a coroutine that finds nothing to receive registers the session's read-wait handle with
-``loop.add_reader`` and sleeps until the kernel has packets (or the session ends); a send that finds the
-send ring full registers the TUN queue with ``loop.add_writer``. Readers are registered only while
+No threads on Linux: a coroutine that finds nothing to receive registers the session's read-wait handle
+with ``loop.add_reader`` and sleeps until the kernel has packets (or the session ends); a send that finds
+the send ring full registers the TUN queue with ``loop.add_writer``. On Windows the read-wait handle is an
+event HANDLE that no event loop's selector takes (``Session.read_wait_selectable`` is False): one worker
+thread per session and loop sleeps on it (``Session.wait``, in half-second slices) and wakes the
+coroutines. Readers are registered only while
 someone waits (the handle is level-triggered, so a reader left registered over a non-empty queue would
 fire on every loop iteration), and several coroutines may wait on one session at once.
 
@@ -45,6 +48,11 @@ class SessionLike(Protocol):
     def get_write_wait_event(self) -> int | None: ...
 
     def get_end_event(self) -> int: ...
+
+    @property
+    def read_wait_selectable(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
     def try_receive_packet(self) -> memoryview | None: ...
 
@@ -94,6 +102,46 @@ class _Waiters:
             self._wake()
 
 
+class _ThreadWaiter:
+    """Coroutines sleeping until a session's read-wait event is set where the event cannot go into the
+    loop's selector (a Windows event HANDLE): one worker thread sleeps in ``session.wait`` for all of them,
+    in slices of :data:`THREAD_WAIT_SLICE` seconds, so that a waiter nobody needs any more is gone soon."""
+
+    __slots__ = ("loop", "session", "futures", "running", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, session: SessionLike) -> None:
+        self.loop = loop
+        self.session = weakref.ref(session)  # weak: the table that holds this is keyed by the session
+        self.futures: list[asyncio.Future[None]] = []
+        self.running = False
+
+    def wait(self) -> asyncio.Future[None]:
+        fut = self.loop.create_future()
+        self.futures.append(fut)
+        session = self.session()
+        if session is None:
+            fut.set_result(None)
+        elif not self.running:
+            self.running = True
+            job = self.loop.run_in_executor(None, session.wait, THREAD_WAIT_SLICE)
+            job.add_done_callback(self._done)
+        return fut
+
+    def _done(self, job: asyncio.Future[bool]) -> None:
+        self.running = False
+        if not job.cancelled():
+            job.exception()  # retrieved: an error shows up as the next receive's own
+        futures, self.futures = self.futures, []
+        for fut in futures:
+            if not fut.done():
+                fut.set_result(None)  # woken, or a slice passed: the receiver looks again either way
+
+
+THREAD_WAIT_SLICE = 0.5
+_thread_waiters: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _ThreadWaiter]] = (
+    weakref.WeakKeyDictionary()
+)
+
 _Table = weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, _Waiters]]
 
 # Per session and loop; weak so a forgotten session is not kept alive by asyncio bookkeeping.
@@ -116,6 +164,14 @@ def _waiters(table: _Table, session: Any, fd: int, writer: bool) -> _Waiters:
 async def wait_readable(session: SessionLike) -> None:
     """Sleep until the session's read-wait handle is readable (packets may be waiting, or it ended)."""
     if session.ended:
+        return
+    if not session.read_wait_selectable:
+        loop = asyncio.get_running_loop()
+        per_loop = _thread_waiters.setdefault(session, {})
+        waiter = per_loop.get(loop)
+        if waiter is None:
+            waiter = per_loop[loop] = _ThreadWaiter(loop, session)
+        await waiter.wait()
         return
     await _waiters(_readers, session, session.get_read_wait_event(), False).wait()
 

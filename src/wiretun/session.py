@@ -296,6 +296,13 @@ class Session(AsyncSessionMethods):
 
     # ------------------------------------------------------------------ waiting
 
+    @property
+    def read_wait_selectable(self) -> bool:
+        """Whether :meth:`get_read_wait_event` (and :meth:`get_end_event`) can be given to ``select``,
+        ``selectors`` or ``loop.add_reader``: True on Linux (descriptors); False on Windows, where they are
+        event HANDLEs for ``WaitForSingleObject`` (or :meth:`wait`; asyncio waits in a worker thread)."""
+        return self._backend.selectable
+
     def get_read_wait_event(self) -> int:
         """A descriptor that is readable when packets may be waiting or the session has ended
         (WintunGetReadWaitEvent). Hand it to ``select``, ``selectors`` or ``loop.add_reader``; do not

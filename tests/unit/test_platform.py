@@ -18,6 +18,8 @@ import errno, sys
 import asyncio, mmap, select, socket, subprocess, threading  # the real stdlib first: it checks sys.platform too
 del errno.EBADFD
 sys.platform = {platform!r}
+import ctypes
+ctypes.WINFUNCTYPE = getattr(ctypes, "WINFUNCTYPE", ctypes.CFUNCTYPE)  # a Windows interpreter has it
 
 class _NoPyroute2:
     def find_spec(self, name, path=None, target=None):
@@ -65,18 +67,33 @@ def test_unknown_platform_is_not_supported():
 
 
 def test_windows_selects_the_windows_backend():
-    """On win32 the backend is wiretun.windows: loaded when present, else a clear NotSupported."""
+    """On win32 the backend is wiretun.windows (importing it loads nothing: no DLL, no kernel32)."""
     out = run_faked("win32", """
-        from wiretun import _backend, NotSupported
+        from wiretun import _backend
+        from wiretun.windows import _platform
         assert _backend.BACKENDS["win32"] == "wiretun.windows"
-        try:
-            chosen = _backend.platform()
-        except NotSupported as exc:
-            print("absent", "wiretun.windows" in str(exc))
-        else:
-            print("present", chosen.__name__)
+        print(_backend.platform().__name__, _platform.NAME)
+        import wiretun.example
+        assert "wiretun.linux" not in sys.modules, sorted(m for m in sys.modules if m.startswith("wiretun"))
     """)
-    assert out.split() in (["absent", "True"], ["present", "wiretun.windows"])
+    assert out.split() == ["wiretun.windows", "windows"]
+
+
+def test_windows_without_the_dll_says_what_to_do():
+    out = run_faked("win32", """
+        import importlib.util, os, sysconfig
+        os.environ.pop("WIRETUN_WINTUN_DLL", None)
+        sysconfig.get_platform = lambda: "win-amd64"
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "pytun_pmd3" else real(name, *a)
+        from wiretun import Adapter, NotFound
+        try:
+            Adapter.create("Demo", "Example")
+        except NotFound as e:
+            print(e.code, e)
+    """)
+    assert out.startswith("2 wintun.dll not found (pytun-pmd3 is not installed)"), out
+    assert "WIRETUN_WINTUN_DLL" in out and "amd64" in out
 
 
 def test_linux_selects_the_linux_backend():

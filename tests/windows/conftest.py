@@ -14,7 +14,11 @@ from typing import Iterator
 
 import pytest
 
-from wiretun.windows import wintun_dll
+import wiretun.windows
+from wiretun import _backend
+from wiretun.windows import ipconfig, wintun_dll
+
+from .linux_ip import LinuxIp
 
 SOURCE = Path(__file__).parent / "standin" / "wintun_standin.c"
 
@@ -49,7 +53,18 @@ def standin(standin_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[win
     try:
         yield dll
     finally:
-        dll.set_logger(None)
+        dll.set_logger(wintun_dll.forward_log)
+
+
+@pytest.fixture
+def windows_backend(standin, monkeypatch):
+    """wiretun's backend is the Windows one, its DLL the stand-in, its IP configuration Linux's ip."""
+    monkeypatch.setattr(_backend, "_platform", wiretun.windows)
+    ipconfig.install(LinuxIp())
+    try:
+        yield standin
+    finally:
+        ipconfig.install(None)
 
 
 def ip(*args: str) -> None:

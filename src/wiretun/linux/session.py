@@ -201,6 +201,8 @@ class LinuxSession:
     :meth:`wait` for the blocking forms.
     """
 
+    selectable = True  # the wait handles are descriptors (epoll, eventfd): select and asyncio take them
+
     def __init__(
         self,
         adapter: LinuxAdapter,

@@ -7,3 +7,20 @@ build, :mod:`.adapter` and :mod:`.session` implement :mod:`wiretun._backend`'s i
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .adapter import (
+    create_adapter,
+    delete_driver,
+    enumerate_adapters,
+    get_running_driver_version,
+    open_adapter,
+)
+
+__all__ = ["create_adapter", "delete_driver", "enumerate_adapters", "get_running_driver_version", "open_adapter"]
+
+if TYPE_CHECKING:  # this module is the seam's Platform for win32
+    from .. import _backend, windows
+
+    _PLATFORM: _backend.Platform = windows

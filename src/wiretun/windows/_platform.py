@@ -24,28 +24,27 @@ from typing import Any, Callable
 WAIT_INFINITE = 0xFFFFFFFF
 
 if sys.platform == "win32":
-    _kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-    _WaitForSingleObject = _kernel32.WaitForSingleObject
-    _WaitForSingleObject.restype = ctypes.c_uint32
-    _WaitForSingleObject.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-    _SetEvent = _kernel32.SetEvent
-    _SetEvent.restype = ctypes.c_int32
-    _SetEvent.argtypes = [ctypes.c_void_p]
-    _CloseHandle = _kernel32.CloseHandle
-    _CloseHandle.restype = ctypes.c_int32
-    _CloseHandle.argtypes = [ctypes.c_void_p]
-    _GetCurrentProcess = _kernel32.GetCurrentProcess
-    _GetCurrentProcess.restype = ctypes.c_void_p
-    _GetCurrentProcess.argtypes = []
-    _DuplicateHandle = _kernel32.DuplicateHandle
-    _DuplicateHandle.restype = ctypes.c_int32
-    _DuplicateHandle.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
-        ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint32,
-    ]
-    _CreateEventW = _kernel32.CreateEventW
-    _CreateEventW.restype = ctypes.c_void_p
-    _CreateEventW.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+    import functools
+
+    @functools.cache
+    def _kernel32() -> ctypes.CDLL:
+        """kernel32's calls, declared on first use (importing wiretun loads nothing)."""
+        k = ctypes.WinDLL("kernel32", use_last_error=True)
+        for name, restype, argtypes in (
+            ("WaitForSingleObject", ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_uint32]),
+            ("SetEvent", ctypes.c_int32, [ctypes.c_void_p]),
+            ("CloseHandle", ctypes.c_int32, [ctypes.c_void_p]),
+            ("GetCurrentProcess", ctypes.c_void_p, []),
+            ("DuplicateHandle", ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                 ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint32,
+                                                 ctypes.c_int32, ctypes.c_uint32]),
+            ("CreateEventW", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]),
+        ):
+            fn = getattr(k, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+        return k
+
     _DUPLICATE_SAME_ACCESS = 0x2
     _WAIT_OBJECT_0 = 0x0
     _WAIT_TIMEOUT = 0x102
@@ -63,7 +62,7 @@ if sys.platform == "win32":
 
     def wait(handle: int, milliseconds: int) -> bool:
         """WaitForSingleObject: True when the event was signalled (and, auto-reset, is now clear)."""
-        result = _WaitForSingleObject(handle, milliseconds)
+        result = _kernel32().WaitForSingleObject(handle, milliseconds)
         if result == _WAIT_OBJECT_0:
             return True
         if result == _WAIT_TIMEOUT:
@@ -71,23 +70,24 @@ if sys.platform == "win32":
         raise OSError(0, "WaitForSingleObject failed", None, ctypes.get_last_error())
 
     def signal(handle: int) -> None:
-        if not _SetEvent(handle):
+        if not _kernel32().SetEvent(handle):
             raise OSError(0, "SetEvent failed", None, ctypes.get_last_error())
 
     def duplicate(handle: int) -> int:
         """A second HANDLE to the same event object (it outlives the DLL closing its own)."""
-        process = _GetCurrentProcess()
+        k = _kernel32()
+        process = k.GetCurrentProcess()
         out = ctypes.c_void_p()
-        if not _DuplicateHandle(process, handle, process, ctypes.byref(out), 0, 0, _DUPLICATE_SAME_ACCESS):
+        if not k.DuplicateHandle(process, handle, process, ctypes.byref(out), 0, 0, _DUPLICATE_SAME_ACCESS):
             raise OSError(0, "DuplicateHandle failed", None, ctypes.get_last_error())
         return out.value or 0
 
     def close(handle: int) -> None:
-        _CloseHandle(handle)
+        _kernel32().CloseHandle(handle)
 
     def create_event() -> int:
         """A new manual-reset event, not signalled (it stays signalled once set)."""
-        handle = _CreateEventW(None, 1, 0, None)
+        handle = _kernel32().CreateEventW(None, 1, 0, None)
         if not handle:
             raise OSError(0, "CreateEventW failed", None, ctypes.get_last_error())
         return int(handle)

@@ -22,7 +22,7 @@ import threading
 import uuid
 from typing import Any, Callable, Final
 
-from .. import errors
+from .. import errors, log
 from ..errors import (
     AccessDenied,
     AlreadyExists,
@@ -338,7 +338,13 @@ def load(path: str | None = None) -> WintunDLL:
     with _load_lock:
         if _loaded is None or (path is not None and os.path.abspath(path) != _loaded.path):
             _loaded = WintunDLL(os.path.abspath(path) if path is not None else locate())
+            _loaded.set_logger(forward_log)  # the DLL's own messages go where wiretun's go
         return _loaded
+
+
+def forward_log(level: int, timestamp: int, message: str) -> None:
+    """The logger :func:`load` gives the DLL: its messages go to :mod:`wiretun.log`."""
+    log.log(log.LogLevel(level) if level in (0, 1, 2) else log.LogLevel.ERR, message)
 
 
 def is_elevated() -> bool:

@@ -8,6 +8,8 @@
  *   adapter   a multi-queue Linux TUN device (/dev/net/tun) in the caller's network namespace; the
  *             creating handle keeps one detached queue as its anchor, so closing it removes the device.
  *             LUID = ifindex. A name must also be a kernel name (1..15 bytes): a limit of this stand-in.
+ *             As Wintun reports media connected only while a session runs, the device is set up when a
+ *             session starts and down when it ends.
  *   session   the two rings of Wintun's README (seed 002): TUN_RING {Head, Tail, Alertable, Data[capacity
  *             + 0x10000]}, TUN_PACKET {Size, Data} 4-aligned, in anonymous memory; one attached queue.
  *             Two threads play the driver: one reads the queue into the Send ring (kernel -> client;
@@ -215,6 +217,23 @@ static int is_tun(const char *name)
     int ok = ioctl(sock, SIOCETHTOOL, &ifr) == 0 && strcmp(info.driver, "tun") == 0;
     close(sock);
     return ok;
+}
+
+/* Wintun reports its adapter's media connected while a session runs, disconnected otherwise: the
+ * stand-in sets the TUN device up and down with the session (in the calling thread's namespace). */
+static void set_link_up(const char *name, int up)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    memcpy(ifr.ifr_name, name, strnlen(name, IFNAMSIZ - 1));
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0)
+        return;
+    if (ioctl(sock, SIOCGIFFLAGS, &ifr) == 0) {
+        ifr.ifr_flags = up ? (ifr.ifr_flags | IFF_UP) : (ifr.ifr_flags & ~IFF_UP);
+        ioctl(sock, SIOCSIFFLAGS, &ifr);
+    }
+    close(sock);
 }
 
 static int check_name(const WCHAR *wide, char *name, DWORD *err)
@@ -562,6 +581,7 @@ EXPORT void *WintunStartSession(void *Adapter, DWORD Capacity)
         err = ERROR_NOT_ENOUGH_MEMORY;
         goto failed;
     }
+    set_link_up(a->name, 1);
     say(LOG_INFO, "Started a session on %s (capacity %#x)", a->name, Capacity);
     last_error = ERROR_SUCCESS;
     return s;
@@ -580,6 +600,8 @@ EXPORT void WintunEndSession(void *Session)
     pthread_join(s->reader, NULL);
     pthread_join(s->writer, NULL);
     terminate_rings(s); /* as the driver does when the handle closes: waiters wake and see the end */
+    if (if_nametoindex(s->name) == (unsigned)s->ifindex)
+        set_link_up(s->name, 0);
     unclaim_adapter(s->ifindex);
     free_session(s);
 }

@@ -1,0 +1,507 @@
+"""The session system tests, a second time: wiretun.Adapter / Session on the Windows backend, through the
+wintun.dll binding and its shim, over the Linux stand-in (tests/windows/standin/wintun_standin.c).
+
+The backend is selected as on Windows (``wiretun._backend``'s platform is ``wiretun.windows``); the
+stand-in's adapters are TUN devices in the test's own namespace, configured by LUID through an IpConfig
+that runs Linux's ``ip`` (linux_ip.py) where Windows would use the IP Helper API. Every check is on exact
+bytes, addresses and counts; the ring semantics (release in any order, the full ring) are the DLL's,
+seen through what arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import struct
+import subprocess
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import wiretun
+from wiretun import _backend, packet
+from wiretun.adapter import Adapter
+from wiretun.errors import BufferOverflow, Busy, EndOfFile, InvalidParameter, NoMoreItems, NotSupported
+from wiretun.ring import record_size
+from wiretun.session import Session
+from wiretun.windows import wintun_dll
+from wiretun.windows.session import WintunSession
+
+V4_LOCAL, V4_PEER = "10.0.0.1", "10.0.0.2"
+V6_LOCAL, V6_PEER = "fd00:1::1", "fd00:1::2"
+SMALL = 0x20000
+
+
+@pytest.fixture
+def adapter(netns, windows_backend):
+    a = Adapter.create("wts0", "SessionTest")
+    try:
+        a.add_address(f"{V4_LOCAL}/24")
+        a.add_address(f"{V6_LOCAL}/64")
+        a.up()  # nothing to do on Windows: the link comes up with the session
+        yield a
+    finally:
+        a.close()
+
+
+def receive_matching(session: Session, match: Any, timeout: float = 3.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError("no matching packet arrived")
+        pkt = session.wait_receive_packet(remaining)
+        if pkt is None:
+            continue
+        data = bytes(pkt)
+        session.release_receive_packet(pkt)
+        if match(data):
+            return data
+
+
+def send(session: Session, data: bytes) -> None:
+    buf = session.allocate_send_packet(len(data))
+    buf[:] = data
+    session.send_packet(buf)
+
+
+def is_v4(proto: int, dst: str | None = None) -> Any:
+    dst_b = socket.inet_aton(dst) if dst else None
+    return lambda p: p[0] >> 4 == 4 and p[9] == proto and (dst_b is None or p[16:20] == dst_b)
+
+
+def is_v6(next_header: int, first_byte: int | None = None) -> Any:
+    return lambda p: p[0] >> 4 == 6 and p[6] == next_header and (first_byte is None or p[40] == first_byte)
+
+
+def v4_expected(received: bytes, body: bytes, src: str, dst: str, proto: int, ttl: int = 64) -> bytes:
+    ident = struct.unpack_from("!H", received, 4)[0]
+    df = bool(received[6] & 0x40)
+    return packet.ipv4_header(src, dst, proto, len(body), ttl=ttl, ident=ident, dont_fragment=df) + body
+
+
+def v6_expected(received: bytes, body: bytes, src: str, dst: str, next_header: int) -> bytes:
+    flow = struct.unpack_from("!I", received, 0)[0] & 0xFFFFF
+    return packet.ipv6_header(src, dst, next_header, len(body), hop_limit=64, flow_label=flow) + body
+
+
+def drain(s: Session) -> None:
+    time.sleep(0.2)
+    while (p := s.try_receive_packet()) is not None:  # link-up chatter (IPv6 MLD, RS)
+        s.release_receive_packet(p)
+
+
+# ----------------------------------------------------------------------------- the backend in use
+
+
+def test_the_windows_backend_and_the_standin_are_in_use(adapter, standin_path):
+    assert _backend.platform() is __import__("wiretun.windows").windows
+    assert wintun_dll.load().path == str(standin_path)
+    assert adapter.luid == socket.if_nametoindex("wts0")
+    assert adapter.get_name() == "wts0" and adapter.kernel_name == "wts0"
+    assert wiretun.get_running_driver_version() == 14  # 0.14
+    with adapter.start_session() as s:
+        assert isinstance(s._backend, WintunSession)
+        assert adapter.is_up_now()  # up while the session runs, as Wintun's media state
+    assert not adapter.is_up_now()
+
+
+# ----------------------------------------------------------------------------- kernel <-> session
+
+
+def test_kernel_echo_reply_arrives_with_exact_bytes(adapter):
+    with adapter.start_session(0x400000) as s:
+        request = packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, ident=0x1234, seq=7, payload=b"wiretun ping", ttl=64)
+        send(s, request)
+        reply = receive_matching(s, is_v4(packet.PROTO_ICMP, V4_PEER))
+        icmp = packet.ipv4_icmp_echo(V4_LOCAL, V4_PEER, 0x1234, 7, b"wiretun ping", request=False)[20:]
+        assert reply == v4_expected(reply, icmp, V4_LOCAL, V4_PEER, packet.PROTO_ICMP)
+        assert packet.verify_checksums(reply)
+
+
+def test_kernel_icmpv6_echo_reply_arrives_with_exact_bytes(adapter):
+    with adapter.start_session() as s:
+        request = packet.ipv6_icmp_echo(V6_PEER, V6_LOCAL, ident=0x77, seq=3, payload=b"v6 ping")
+        send(s, request)
+        reply = receive_matching(s, is_v6(packet.PROTO_ICMPV6, packet.ICMPV6_ECHO_REPLY))
+        icmp = packet.ipv6_icmp_echo(V6_LOCAL, V6_PEER, 0x77, 3, b"v6 ping", request=False)[40:]
+        assert reply == v6_expected(reply, icmp, V6_LOCAL, V6_PEER, packet.PROTO_ICMPV6)
+
+
+def test_udp_both_ways_byte_for_byte(adapter):
+    payload = bytes(range(256)) * 3
+    with adapter.start_session() as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((V4_LOCAL, 6000))
+        sock.settimeout(3)
+        sock.sendto(payload, (V4_PEER, 5000))
+        got = receive_matching(s, is_v4(packet.PROTO_UDP, V4_PEER))
+        udp = packet.ipv4_udp(V4_LOCAL, V4_PEER, 6000, 5000, payload)
+        assert got == v4_expected(got, udp[20:], V4_LOCAL, V4_PEER, packet.PROTO_UDP)
+        send(s, packet.ipv4_udp(V4_PEER, V4_LOCAL, 5000, 6000, payload[::-1]))
+        assert sock.recvfrom(2000) == (payload[::-1], (V4_PEER, 5000))
+
+
+def test_batch_forms_and_iterator(adapter):
+    with adapter.start_session() as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((V4_LOCAL, 6100))
+        sock.settimeout(3)
+        datagrams = [packet.ipv4_udp(V4_PEER, V4_LOCAL, 7100 + i, 6100, b"batch %d" % i) for i in range(10)]
+        assert s.send_packets([bytearray(d) for d in datagrams[:5]] + [memoryview(d) for d in datagrams[5:]]) == 10
+        assert sorted(sock.recvfrom(100) for _ in range(10)) == sorted(
+            (b"batch %d" % i, (V4_PEER, 7100 + i)) for i in range(10)
+        )
+        for i in range(10):
+            sock.sendto(b"out %d" % i, (V4_PEER, 5000 + i))
+        got: list[bytes] = []
+        headers: list[Any] = []
+        deadline = time.monotonic() + 3
+        while len(got) < 10 and time.monotonic() < deadline:
+            s.wait(0.5)
+            batch = s.receive_packets(64, headers=headers) if _takes_headers(s) else s.receive_packets(64)
+            got += [bytes(p) for p in batch if is_v4(packet.PROTO_UDP, V4_PEER)(p)]
+            s.release_receive_packets(batch)
+        assert [p[28:] for p in got] == [b"out %d" % i for i in range(10)]
+        assert all(h == bytes(10) for h in headers)
+        seen: list[bytes] = []
+
+        def iterate() -> None:
+            for p in s:
+                seen.append(bytes(p))
+                s.release_receive_packet(p)
+
+        t = threading.Thread(target=iterate)
+        t.start()
+        sock.sendto(b"iterated", (V4_PEER, 5999))
+        deadline = time.monotonic() + 3
+        while not any(p[28:] == b"iterated" for p in seen) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s.end()
+        t.join(2)
+        assert not t.is_alive()
+        assert any(p[28:] == b"iterated" for p in seen)
+
+
+def _takes_headers(s: Session) -> bool:
+    import inspect
+
+    return "headers" in inspect.signature(s.receive_packets).parameters
+
+
+def test_empty_polls(adapter):
+    with adapter.start_session() as s:
+        drain(s)
+        with pytest.raises(NoMoreItems) as e:
+            s.receive_packet()
+        assert e.value.code == 259
+        assert s.try_receive_packet() is None
+        assert s.receive_packets(64) == []
+        t0 = time.monotonic()
+        assert s.wait_receive_packet(0.2) is None
+        assert 0.15 < time.monotonic() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------- ring semantics (the DLL's)
+
+
+def test_out_of_order_release_frees_space_only_from_head(adapter):
+    """A 128 KiB receive ring holds 93 records of 1400-byte packets; the stand-in's driver drops what does
+    not fit. Releasing a packet in the middle frees nothing; releasing the first frees it and the one after."""
+    rec = record_size(1400)
+    fit = (SMALL - 4) // rec
+    assert fit == 93
+    with adapter.start_session(SMALL) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        drain(s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+
+        def blast(first: int, count: int) -> None:
+            for i in range(first, first + count):
+                sock.sendto(struct.pack("!I", i) + bytes(1368), (V4_PEER, 9))
+
+        def seqs(pkts: list[memoryview]) -> list[int]:
+            return [struct.unpack_from("!I", p, 28)[0] for p in pkts]
+
+        def settle() -> None:
+            time.sleep(0.3)  # the stand-in's driver thread has taken (or dropped) every datagram by then
+
+        blast(0, fit + 7)
+        settle()
+        held = s.receive_packets(fit + 7)
+        assert len(held) == fit and all(len(p) == 1400 for p in held)
+        assert seqs(held) == list(range(fit))  # the 7 that did not fit were dropped
+
+        s.release_receive_packet(held[1])  # out of order: marked released, Head stays
+        blast(1000, 1)
+        settle()
+        assert s.receive_packets(10) == []  # its space is not usable yet: dropped
+
+        s.release_receive_packet(held[0])  # now Head moves over both
+        blast(2000, 3)
+        settle()
+        more = s.receive_packets(10)
+        assert seqs(more) == [2000, 2001]  # two records' worth came back; the third did not fit
+        for p, seq in zip(more, (2000, 2001)):  # the first runs into the trailing bytes, the second wraps
+            udp = packet.ipv4_udp(V4_LOCAL, V4_PEER, sock.getsockname()[1], 9, struct.pack("!I", seq) + bytes(1368))
+            assert bytes(p) == v4_expected(bytes(p), udp[20:], V4_LOCAL, V4_PEER, packet.PROTO_UDP)
+        s.release_receive_packets(held[2:])
+        s.release_receive_packets(more)
+        blast(3000, fit)
+        settle()
+        assert seqs(s.receive_packets(fit + 1)) == list(range(3000, 3000 + fit))  # all space is back
+
+
+def test_full_send_ring_is_buffer_overflow_and_nothing_else_breaks(adapter):
+    fit = (SMALL - 4) // record_size(1400)
+    with adapter.start_session(SMALL) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((V4_LOCAL, 6200))
+        sock.settimeout(3)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        bufs = []
+        for i in range(fit):
+            buf = s.allocate_send_packet(1400)
+            buf[:] = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7200, 6200, struct.pack("!I", i) + bytes(1400 - 32))
+            bufs.append(buf)
+        with pytest.raises(BufferOverflow) as e:
+            s.allocate_send_packet(1400)
+        assert e.value.code == 111
+        big = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7200, 6200, bytes(1372))
+        assert s.send_packets([big] * 3) == 0  # the caller drops them
+        smalls = []
+        while True:
+            try:
+                smalls.append(s.allocate_send_packet(8))
+            except BufferOverflow:
+                break
+        assert len(smalls) == (SMALL - 4 - fit * record_size(1400)) // record_size(8) == 41
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+            out.sendto(b"rx ok", (V4_PEER, 9))
+        assert receive_matching(s, is_v4(packet.PROTO_UDP, V4_PEER))[28:] == b"rx ok"
+        for buf in reversed(bufs[1:]):  # nothing leaves until the first allocation is sent
+            s.send_packet(buf)
+        sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            sock.recvfrom(2000)
+        for small in smalls:
+            s.send_packet(small)  # 8 zero bytes: not IP; the kernel refuses them, the driver drops them
+        s.send_packet(bufs[0])
+        sock.settimeout(3)
+        order = [struct.unpack_from("!I", sock.recvfrom(2000)[0])[0] for _ in range(fit)]
+        assert order == list(range(fit))
+        send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 1, 1, b"still alive", 64))
+        assert receive_matching(s, is_v4(packet.PROTO_ICMP, V4_PEER)).endswith(b"still alive")
+
+
+def test_bad_arguments_and_linux_only_options_are_clear_errors(adapter):
+    for bad in (0x1000, 0x20001, 0x30000, 0x8000000, 0):
+        with pytest.raises(InvalidParameter):
+            adapter.start_session(bad)
+    for option in ("multi_queue", "offload"):
+        with pytest.raises(NotSupported) as e:
+            adapter.start_session(**{option: True})
+        assert option in str(e.value) and "Linux" in str(e.value)
+    with pytest.raises(NotSupported):
+        adapter.down()
+    with pytest.raises(NotSupported):
+        adapter.rename("other0")
+    with adapter.start_session() as s:
+        for size in (0, 0x10000, -5):
+            with pytest.raises(InvalidParameter) as e:
+                s.allocate_send_packet(size)
+            assert str(size) in str(e.value)
+        with pytest.raises(InvalidParameter):
+            s.send_packets([b""])
+        with pytest.raises(InvalidParameter):
+            s.send_packets([bytes(0x10000)])
+        with pytest.raises(InvalidParameter):
+            s.receive_packets(0)
+        with pytest.raises(InvalidParameter):
+            s.release_receive_packet(memoryview(bytearray(20)))
+        with pytest.raises(InvalidParameter):
+            s.send_packet(memoryview(bytearray(20)))
+        buf = s.allocate_send_packet(28)
+        buf[:] = packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 9, 9)
+        with pytest.raises(NotSupported):
+            s.send_packet(buf, header=b"\x01" + bytes(9))  # offload header: refused, still allocated
+        s.send_packet(buf)
+        with pytest.raises((InvalidParameter, ValueError)):
+            s.send_packet(buf)  # sent twice (the view was also released)
+        pkt = s.wait_receive_packet(3)
+        assert pkt is not None
+        s.release_receive_packet(pkt)
+        with pytest.raises(InvalidParameter):
+            s.release_receive_packet(pkt)  # released twice
+        with pytest.raises(ValueError):
+            bytes(pkt)  # a released packet's view is released too
+
+
+def test_linux_only_adapter_options_and_missing_calls(netns, windows_backend):
+    for kwargs in ({"persistent": True}, {"owner": 0}, {"group": 0}):
+        with pytest.raises(NotSupported) as e:
+            Adapter.create("wts9", "SessionTest", **kwargs)
+        assert "Linux" in str(e.value)
+    with pytest.raises(NotSupported) as e2:
+        Adapter.enumerate("SessionTest")
+    assert "WintunEnumAdapters" in str(e2.value)
+
+
+def test_second_session_is_busy(adapter):
+    s = adapter.start_session()
+    with pytest.raises(Busy) as e:
+        adapter.start_session()
+    assert e.value.code == 170
+    with Adapter.open("wts0") as other:  # another handle: the DLL says ERROR_ALREADY_INITIALIZED
+        with pytest.raises(Busy):
+            other.start_session()
+    s.end()
+    with adapter.start_session() as again:
+        send(again, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 6, 6, b"again"))
+        assert receive_matching(again, is_v4(packet.PROTO_ICMP)).endswith(b"again")
+
+
+# ----------------------------------------------------------------------------- waiting and ending
+
+
+def test_read_wait_event_with_select_and_asyncio(adapter):
+    with adapter.start_session() as s:
+        handle = s.get_read_wait_event()
+        assert isinstance(handle, int)
+        drain(s)
+        s.wait(0)  # an auto-reset event may still hold a wake-up from before the drain: take it
+        assert s.wait(0.05) is False
+        send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 2, 2, b"waited"))
+        assert s.wait(3)
+        assert receive_matching(s, is_v4(packet.PROTO_ICMP)).endswith(b"waited")
+
+        async def via_asyncio() -> bytes:
+            send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 3, 3, b"asyncio"))
+            while True:
+                pkt = await asyncio.wait_for(s.receive(), 3)
+                data = bytes(pkt)
+                s.release_receive_packet(pkt)
+                if is_v4(packet.PROTO_ICMP)(data):
+                    return data
+
+        assert not s.read_wait_selectable  # a Windows event HANDLE: asyncio waits in a worker thread
+        assert asyncio.run(via_asyncio()).endswith(b"asyncio")
+
+        async def async_send() -> None:
+            await s.send(packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 4, 4, b"async send"))
+
+        asyncio.run(async_send())
+        assert receive_matching(s, is_v4(packet.PROTO_ICMP)).endswith(b"async send")
+
+
+def test_ending_wakes_an_async_receiver(adapter):
+    s = adapter.start_session()
+    drain(s)
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, s.end)
+        async for p in s.packets():  # the iteration ends with the session
+            s.release_receive_packet(p)
+        return loop.time()
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - t0 < 0.3 + 0.45  # woken by the end, not by the half-second slice
+
+
+def _blocked_reader(s: Session, how: str, out: dict[str, Any]) -> None:
+    try:
+        if how == "receive":
+            while True:
+                p = s.wait_receive_packet()
+                if p is not None:
+                    s.release_receive_packet(p)
+        else:
+            handle = s.get_read_wait_event()  # on the stand-in an eventfd: select works as a wait
+            while True:
+                select.select([handle], [], [])
+                p = s.try_receive_packet()
+                if p is not None:
+                    s.release_receive_packet(p)
+    except EndOfFile as e:
+        out["woke"] = time.monotonic()
+        out["error"] = e
+
+
+@pytest.mark.parametrize("how", ["receive", "select"])
+@pytest.mark.parametrize("ender", ["end", "adapter.close"])
+def test_ending_wakes_a_blocked_reader_within_100ms(adapter, how, ender):
+    s = adapter.start_session()
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=_blocked_reader, args=(s, how, out), daemon=True)
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive()
+    t0 = time.monotonic()
+    if ender == "end":
+        s.end()
+    else:
+        adapter.close()
+    t.join(2)
+    assert not t.is_alive()
+    assert out["error"].code == 38
+    assert out["woke"] - t0 < 0.1, f"woke after {1000 * (out['woke'] - t0):.1f} ms"
+    assert s.ended
+    with pytest.raises(EndOfFile):
+        s.try_receive_packet()
+    with pytest.raises(EndOfFile):
+        s.allocate_send_packet(20)
+    with pytest.raises(EndOfFile):
+        s.receive_packets()
+    select.select([s.get_read_wait_event()], [], [], 0)  # still a valid handle (our duplicate)
+    s.end()  # again: nothing
+
+
+def test_closing_the_adapter_ends_the_session_and_releases_held_views(adapter):
+    s = adapter.start_session()
+    send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 5, 5, b"held"))
+    held = s.wait_receive_packet(3)
+    assert held is not None
+    buf = s.allocate_send_packet(100)
+    adapter.close()
+    assert s.ended
+    # The DLL freed the ring: the views are released, not left pointing at freed memory.
+    with pytest.raises(ValueError):
+        bytes(held)
+    with pytest.raises(ValueError):
+        buf[0] = 1
+    s.release_receive_packet(held)  # after the end: nothing happens
+    s.send_packet(buf)
+    r = subprocess.run(["ip", "link", "show", "dev", "wts0"], capture_output=True)
+    assert r.returncode != 0  # the adapter is gone
+    with pytest.raises(EndOfFile):
+        s.try_receive_packet()
+
+
+def test_deleting_the_device_underneath_gives_end_of_file(adapter):
+    s = adapter.start_session()
+    subprocess.run(["ip", "link", "del", "dev", "wts0"], check=True)
+    assert s.wait(2)  # the stand-in's driver terminated the rings and set the event
+    with pytest.raises(EndOfFile):
+        while True:
+            p = s.try_receive_packet()
+            if p is not None:
+                s.release_receive_packet(p)
+    assert s.ended
+    with pytest.raises(EndOfFile):
+        s.allocate_send_packet(20)
+    s.end()
+
+
+def test_capture_records_both_directions(adapter, tmp_path):
+    from wiretun.capture import read_pcap
+
+    path = tmp_path / "wintun.pcap"
+    with adapter.start_session(capture=str(path)) as s:
+        drain(s)
+        request = packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 8, 8, b"captured")
+        send(s, request)
+        reply = receive_matching(s, is_v4(packet.PROTO_ICMP))
+    records = [r.data for r in read_pcap(path).records]
+    assert request in records and reply in records
+    assert records.index(request) < records.index(reply)
