@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import select
 import signal
 import sys
 import threading
@@ -18,7 +17,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from . import log, packet
-from .errors import BufferOverflow, EndOfFile, WintunError
+from .errors import BufferOverflow, EndOfFile, NotSupported, WintunError
 from .log import LogLevel
 
 if TYPE_CHECKING:
@@ -61,7 +60,6 @@ def describe(data: memoryview | bytes) -> str:
 
 
 def _receive_packets(session: Session, quit_event: threading.Event, counts: dict[str, int]) -> None:
-    wait_fd = session.get_read_wait_event()
     while not quit_event.is_set():
         try:
             pkt = session.try_receive_packet()
@@ -71,7 +69,7 @@ def _receive_packets(session: Session, quit_event: threading.Event, counts: dict
             log.err(f"Packet read failed: {e}")
             return
         if pkt is None:
-            select.select([wait_fd], [], [], 0.2)
+            session.wait(0.2)  # WaitForSingleObject(WintunGetReadWaitEvent(...)), with a timeout for Ctrl-C
             continue
         line = describe(pkt)
         session.release_receive_packet(pkt)
@@ -109,9 +107,12 @@ def run(seconds: float | None = None, *, ipv6: bool = True) -> dict[str, int]:
 
     log.set_logger(console_logger)
     log.info("Wintun library loaded")
-    for existing in Adapter.enumerate(TUNNEL_TYPE):
-        log.info(f"Found adapter {existing.name} of type {existing.tunnel_type}")
-        existing.close()
+    try:
+        for existing in Adapter.enumerate(TUNNEL_TYPE):
+            log.info(f"Found adapter {existing.name} of type {existing.tunnel_type}")
+            existing.close()
+    except NotSupported:
+        pass  # Windows: wintun.dll 0.14 cannot enumerate (its example.c does not either)
     quit_event = threading.Event()
     counts = {"sent": 0, "replies": 0}
     adapter = Adapter.create(ADAPTER_NAME, TUNNEL_TYPE, EXAMPLE_GUID)
