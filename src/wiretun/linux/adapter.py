@@ -12,13 +12,15 @@ it is closed and also when the creating process dies, even by SIGKILL.
 ``/run/wiretun/<netns inode>-<ifindex>.lock`` (shared for ``multi_queue=True``, exclusive otherwise,
 never waiting): a second session is Busy whichever side comes second unless both asked to share. The
 kernel drops the lock when the holder's descriptor closes, also on kill -9, so no stale marker can
-block a later session. Programs other than wiretun that attach queues to the device do not take the
+block a later session. The last session to end removes the file (after SIGKILL the empty file stays
+until the adapter's next session, as a UAPI socket file does). Programs other than wiretun that attach queues to the device do not take the
 lock and are outside this rule (an exclusive session still refuses to start while any queue is
 attached). Where the directory cannot be made (no permission), only that queue check remains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -61,16 +63,33 @@ def _require_tun_device() -> None:
 
 
 class SessionClaim:
-    """A session's hold on its adapter across processes: an flock on the adapter's lock file."""
+    """A session's hold on its adapter across processes: an flock on the adapter's lock file.
 
-    __slots__ = ("_fd",)
+    The last holder removes the file as it lets go (so sessions leave nothing behind; only a process
+    killed by SIGKILL leaves its file, which the next session of that adapter reuses). A claimer checks
+    after locking that the path still names the file it locked, so a removal racing with it is harmless.
+    """
 
-    def __init__(self, fd: int) -> None:
+    __slots__ = ("_fd", "_path")
+
+    def __init__(self, fd: int, path: str = "") -> None:
         self._fd = fd
+        self._path = path
 
     def release(self) -> None:
         fd, self._fd = self._fd, -1
-        if fd >= 0:
+        if fd < 0:
+            return
+        try:
+            if self._path:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only when no other session shares it
+                except OSError:
+                    pass
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._path)
+        finally:
             os.close(fd)  # drops the lock
 
 
@@ -197,8 +216,11 @@ class LinuxAdapter:
     def claim_session(self, multi_queue: bool) -> SessionClaim:
         """Take the adapter for a session, across processes (see the module docstring); Busy if taken."""
         name = self.last_name
-        fd = self.call(_open_lock_file, f"cannot read the network namespace of adapter {name}", self._index)
-        if fd >= 0:
+        for _attempt in range(8):
+            fd, path = self.call(_open_lock_file, f"cannot read the network namespace of adapter {name}",
+                                 self._index)
+            if fd < 0:
+                break
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if multi_queue else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -210,7 +232,16 @@ class LinuxAdapter:
             except BaseException:
                 os.close(fd)
                 raise
-        claim = SessionClaim(fd)
+            try:
+                current = os.stat(path).st_ino
+            except OSError:
+                current = -1
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the last holder removed the file between our open and our lock: again
+        else:
+            fd, path = -1, ""
+        claim = SessionClaim(fd, path)
         try:
             if not multi_queue:
                 attached = self.attached_queues()
@@ -352,20 +383,21 @@ def enumerate_adapters(tunnel_type: str) -> list[LinuxAdapter]:
 # --- work done inside the adapter's namespace ----------------------------------------------------------
 
 
-def _open_lock_file(index: int) -> int:
-    """The lock file of adapter ``index`` in this thread's namespace, opened; -1 when it cannot be made."""
+def _open_lock_file(index: int) -> tuple[int, str]:
+    """The lock file of adapter ``index`` in this thread's namespace, opened, and its path; (-1, "") when
+    it cannot be made."""
     ns_inode = os.stat(_THREAD_NETNS).st_ino
     path = os.path.join(LOCK_DIRECTORY, f"{ns_inode}-{index}.lock")
     try:
         os.makedirs(LOCK_DIRECTORY, mode=0o755, exist_ok=True)
-        return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644), path
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
             try:  # made by someone else (root): reading is enough for a lock
-                return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), path
             except OSError:
                 # without a lock file only the attached-queue check remains
-                return -1
+                return -1, ""
         raise
 
 
