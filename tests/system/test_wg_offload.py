@@ -25,7 +25,7 @@ from typing import Iterator
 
 import pytest
 
-from wiretun.linux import netns as _netns
+from tests import netns as _netns
 
 from .wgutil import WIREGUARD_GO, Lab, Node, Wire, nsx, pair, ping, wait_for
 
