@@ -149,3 +149,48 @@ def test_namespace_deleted_with_the_interface_inside(lab: Lab) -> None:
     assert node.proc is not None
     assert node.proc.wait(20) == 0
     wait_for(lambda: not node.socket_path.exists(), 5, "the UAPI socket to be removed")
+
+
+def test_adapter_follows_its_interface_to_another_namespace(lab: Lab) -> None:
+    """The Adapter that created an interface acts on it where it is now: its index (LUID) there, MTU,
+    up/down, addresses, and close() removing it from the namespace it moved to."""
+    import json
+
+    import wiretun
+    from tests import netns as _netns
+
+    a, b = lab.namespace(), lab.namespace()
+    # Two interfaces in B take the indexes the adapter has in A: the move must give it another one.
+    nsx(b, "ip", "link", "add", "wtfill0", "type", "veth", "peer", "name", "wtfill1")
+
+    def index_in(ns: str, name: str) -> int:
+        return int(json.loads(nsx(ns, "ip", "-j", "link", "show", name).stdout)[0]["ifindex"])
+
+    with _netns.entered(a):
+        adapter = wiretun.Adapter.create("wtfollow", "Follow")
+    try:
+        home_index = adapter.luid
+        assert home_index == index_in(a, "wtfollow")
+        nsx(a, "ip", "link", "set", "wtfollow", "netns", b)
+        assert adapter.luid == index_in(b, "wtfollow") != home_index
+        adapter.set_mtu(1300)
+        adapter.up()
+        adapter.add_address("10.9.0.1/24")
+        shown = json.loads(nsx(b, "ip", "-j", "addr", "show", "wtfollow").stdout)[0]
+        assert shown["mtu"] == 1300 and "UP" in shown["flags"]
+        assert "10.9.0.1" in [x["local"] for x in shown["addr_info"]]
+        assert adapter.get_mtu() == 1300 and adapter.is_up_now()
+        assert "10.9.0.1/24" in [str(x) for x in adapter.addresses()]
+        adapter.down()
+        assert not adapter.is_up_now()
+        # Back home, then away again: it keeps following.
+        nsx(b, "ip", "link", "set", "wtfollow", "netns", a)
+        assert adapter.luid == index_in(a, "wtfollow")
+        adapter.set_mtu(1280)
+        assert json.loads(nsx(a, "ip", "-j", "link", "show", "wtfollow").stdout)[0]["mtu"] == 1280
+        nsx(a, "ip", "link", "set", "wtfollow", "netns", b)
+        assert adapter.get_mtu() == 1280
+    finally:
+        adapter.close()
+    assert nsx(b, "ip", "link", "show", "wtfollow", check=False).returncode != 0
+    assert nsx(a, "ip", "link", "show", "wtfollow", check=False).returncode != 0

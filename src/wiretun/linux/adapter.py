@@ -122,12 +122,18 @@ class LinuxAdapter:
         self.tunnel_type = tunnel_type
         self.last_name = name
         self._owned = anchor is not None  # this handle created the adapter
+        self._moved = False  # seen in another namespace than the one it was created in
         self._keep = persistent
 
     # -- identity --
 
     @property
     def luid(self) -> int:
+        """The interface index where the device is now (it may change when it moves to another
+        namespace: one ioctl to check, a lookup only after a move)."""
+        ns, _, temporary = self._where()
+        if temporary:
+            ns.close()
         return self._index
 
     def name(self) -> str:
@@ -142,7 +148,7 @@ class LinuxAdapter:
         old = self.name()
         if new_name == old:
             return
-        self.call(_rename_link, f"cannot rename adapter {old} to {_show(new_name)}", self._index, old, new_name)
+        self.on_link(_rename_link, f"cannot rename adapter {old} to {_show(new_name)}", old, new_name)
         self.last_name = new_name
         log.info(f"Renamed adapter {old} to {new_name}")
 
@@ -158,35 +164,33 @@ class LinuxAdapter:
     def set_mtu(self, value: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not MIN_MTU <= value <= MAX_MTU:
             raise InvalidParameter(f"MTU {value!r} is out of range {MIN_MTU}..{MAX_MTU}")
-        self.call(netlink.set_mtu, f"cannot set MTU {value} on adapter {self.last_name}", self._index, value)
+        self.on_link(netlink.set_mtu, f"cannot set MTU {value} on adapter {self.last_name}", value)
 
     def is_up(self) -> bool:
         return self._link().is_up
 
     def set_up(self, up: bool) -> None:
         what = f"cannot bring adapter {self.last_name} {'up' if up else 'down'}"
-        self.call(netlink.set_up, what, self._index, up)
+        self.on_link(netlink.set_up, what, up)
 
     def add_address(self, iface: IPInterface) -> None:
-        self.call(netlink.add_address, f"cannot add address {iface} to adapter {self.last_name}", self._index, iface)
+        self.on_link(netlink.add_address, f"cannot add address {iface} to adapter {self.last_name}", iface)
 
     def remove_address(self, iface: IPInterface) -> None:
-        self.call(netlink.del_address, f"cannot remove address {iface} from adapter {self.last_name}",
-                  self._index, iface)
+        self.on_link(netlink.del_address, f"cannot remove address {iface} from adapter {self.last_name}", iface)
 
     def addresses(self) -> list[IPInterface]:
-        return self.call(netlink.addresses, f"cannot read addresses of adapter {self.last_name}", self._index)
+        return self.on_link(netlink.addresses, f"cannot read addresses of adapter {self.last_name}")
 
     def add_route(self, net: IPNetwork, gateway: IPAddress | None, metric: int | None) -> None:
-        self.call(netlink.add_route, f"cannot add route {net} via adapter {self.last_name}",
-                  self._index, net, gateway, metric)
+        self.on_link(netlink.add_route, f"cannot add route {net} via adapter {self.last_name}", net, gateway, metric)
 
     def remove_route(self, net: IPNetwork, gateway: IPAddress | None, metric: int | None) -> None:
-        self.call(netlink.del_route, f"cannot remove route {net} via adapter {self.last_name}",
-                  self._index, net, gateway, metric)
+        self.on_link(netlink.del_route, f"cannot remove route {net} via adapter {self.last_name}",
+                     net, gateway, metric)
 
     def routes(self) -> list[Route]:
-        return self.call(netlink.routes, f"cannot read routes of adapter {self.last_name}", self._index)
+        return self.on_link(netlink.routes, f"cannot read routes of adapter {self.last_name}")
 
     # -- link events --
 
@@ -217,8 +221,7 @@ class LinuxAdapter:
         """Take the adapter for a session, across processes (see the module docstring); Busy if taken."""
         name = self.last_name
         for _attempt in range(8):
-            fd, path = self.call(_open_lock_file, f"cannot read the network namespace of adapter {name}",
-                                 self._index)
+            fd, path = self.on_link(_open_lock_file, f"cannot read the network namespace of adapter {name}")
             if fd < 0:
                 break
             try:
@@ -264,13 +267,13 @@ class LinuxAdapter:
         """Attach a new TUN queue to this adapter and return its fd, in the adapter's network namespace
         whichever thread calls (the kernel resolves the name in the opening thread's namespace)."""
 
-        def attach() -> int:
-            link = netlink.get_link(index=self._index)
+        def attach(index: int) -> int:
+            link = netlink.get_link(index=index)
             if link is None:
                 raise OSError(errno.ENODEV, "the adapter no longer exists")
             return tun.open_queue(link.name, nonblock=nonblock)
 
-        return self.call(attach, f"cannot attach a queue to adapter {self.last_name}")
+        return self.on_link(attach, f"cannot attach a queue to adapter {self.last_name}")
 
     # -- lifetime --
 
@@ -279,15 +282,23 @@ class LinuxAdapter:
         res = self._res
         try:
             if self._owned and not self._keep:
+                # Where it is now (it may have moved to another namespace), asked before the anchor goes.
+                try:
+                    ns, index, temporary = self._where()
+                except OSError:
+                    ns, index, temporary = res.ns, self._index, False
                 res.close_anchor()  # the kernel removes the device when its last queue closes
                 try:
-                    link = res.ns.call(netlink.get_link, index=self._index)
+                    link = ns.call(netlink.get_link, index=index)
                     if link is not None and self._is_ours(link):
                         # Other processes still hold queues: remove it anyway, as Wintun does.
-                        res.ns.call(netlink.delete_link, self._index)
+                        ns.call(netlink.delete_link, index)
                 except OSError as exc:
                     if exc.errno != errno.ENODEV:
                         log.warn(f"Removing adapter {self.last_name} failed: {exc.strerror or exc}")
+                finally:
+                    if temporary:
+                        ns.close()
                 log.info(f"Removed adapter {self.last_name}")
             elif self._owned:
                 log.info(f"Closed adapter {self.last_name} (kept: persistent)")
@@ -305,8 +316,63 @@ class LinuxAdapter:
         except OSError as exc:
             raise os_error(exc, what) from None
 
+    def on_link(self, fn: Callable[..., T], what: str, *args: Any) -> T:
+        """Run ``fn(index, *args)`` in the namespace the device is in now, with its index there; an
+        OSError becomes a WintunError."""
+        try:
+            ns, index, temporary = self._where()
+        except OSError as exc:
+            raise os_error(exc, what) from None
+        try:
+            return ns.call(fn, index, *args)
+        except OSError as exc:
+            raise os_error(exc, what) from None
+        finally:
+            if temporary:
+                ns.close()
+
+    def _where(self) -> tuple[netlink.Namespace, int, bool]:
+        """(namespace, index, temporary) of the device now. A handle that created the adapter asks its
+        TUN descriptor (TUNGETDEVNETNS), so it follows ``ip link set X netns B``; ``temporary``: the
+        caller closes that namespace handle (none is kept: a handle would keep the namespace, and with
+        it the device, alive after ``ip netns del``). Other handles stay in their namespace."""
+        res = self._res
+        anchor = res.anchor
+        if anchor is None:
+            return res.ns, self._index, False
+        try:
+            fd = tun.device_netns(anchor)
+        except OSError as exc:
+            if exc.errno in (errno.EBADFD, errno.ENODEV):
+                return res.ns, self._index, False  # gone: the calls say so
+            raise
+        ns = netlink.Namespace.adopt(fd)
+        if ns.ident == res.ns.ident:
+            ns.close()
+            if not self._moved:
+                return res.ns, self._index, False  # the common case: one ioctl
+            ns, temporary = res.ns, False
+            self._moved = False  # back home: look the index up once more
+        else:
+            temporary = True
+            self._moved = True
+        try:
+            name = tun.attached_name(anchor)
+            link = ns.call(netlink.get_link, index=self._index)
+            if link is None or link.name != name:
+                link = ns.call(netlink.get_link, name=name)
+        except BaseException:
+            if temporary:
+                ns.close()
+            raise
+        if link is not None and link.index != self._index:
+            log.info(f"Adapter {self.last_name}: index {self._index} is now {link.index} (moved to another "
+                     "network namespace)")
+            self._index = link.index
+        return ns, self._index, temporary
+
     def _link(self) -> netlink.Link:
-        link = self.call(_get_by_index, f"cannot read adapter {self.last_name}", self._index)
+        link = self.on_link(_get_by_index, f"cannot read adapter {self.last_name}")
         if link is None or not self._is_ours(link):
             raise EndOfFile(f"adapter {self.last_name} no longer exists")
         return link
