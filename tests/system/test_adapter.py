@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 
 import pytest
 from pyroute2 import IPRoute
@@ -548,6 +549,27 @@ def test_mtu(netns, adapters):
         with pytest.raises(InvalidParameter, match="MTU"):
             a.set_mtu(bad)
     assert a.get_mtu() == 65535
+
+
+def test_old_property_spellings_warn_and_still_work(netns, adapters):
+    """mtu, is_up and assigning name did kernel I/O behind a property: they moved to methods; the old
+    spellings keep working with a DeprecationWarning. Reading name is cheap and does not warn."""
+    a = Adapter.create("Old", "Example")
+    adapters.append(a)
+    with pytest.warns(DeprecationWarning, match="get_mtu"):
+        assert a.mtu == link("Old")["mtu"]
+    with pytest.warns(DeprecationWarning, match="set_mtu"):
+        a.mtu = 1300
+    assert link("Old")["mtu"] == 1300
+    a.up()
+    with pytest.warns(DeprecationWarning, match="is_up_now"):
+        assert a.is_up is True
+    with pytest.warns(DeprecationWarning, match="rename"):
+        a.name = "Older"
+    assert link("Older") is not None and a.get_name() == "Older"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert a.name == "Older" and a.get_mtu() == 1300 and a.is_up_now()
 
 
 def test_up_and_down(netns, adapters):
