@@ -2,8 +2,14 @@ import os
 import shutil
 
 import pytest
+from hypothesis import settings
 
 from tests import netns as _netns
+
+# No per-example deadline: on a loaded 2-core machine one example can take hundreds of ms (a GC pause,
+# another engineer's test run), and Hypothesis would call that a flaky failure. Example counts stay as set.
+settings.register_profile("wiretun", deadline=None)
+settings.load_profile("wiretun")
 
 
 def _system_ready() -> str | None:
