@@ -13,9 +13,10 @@ it is closed and also when the creating process dies, even by SIGKILL.
 never waiting): a second session is Busy whichever side comes second unless both asked to share. The
 kernel drops the lock when the holder's descriptor closes, also on kill -9, so no stale marker can
 block a later session. The last session to end removes the file (after SIGKILL the empty file stays
-until the adapter's next session, as a UAPI socket file does). Programs other than wiretun that attach queues to the device do not take the
-lock and are outside this rule (an exclusive session still refuses to start while any queue is
-attached). Where the directory cannot be made (no permission), only that queue check remains.
+until the adapter's next session, as a UAPI socket file does). Programs other than wiretun that attach
+queues to the device do not take the lock and are outside this rule (an exclusive session still refuses
+to start while any queue is attached). Where the directory cannot be made (no permission), only that
+queue check remains.
 """
 
 from __future__ import annotations
