@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests, demo and benchmarks use (installed only when a command is missing).
-APT_PACKAGES := iproute2 iputils-ping wireguard-go wireguard-tools iperf3 tcpdump tshark ethtool gcc libc6-dev python3-venv python3-dev libssl-dev procps
-APT_COMMANDS := ip ping wg wg-quick wireguard-go iperf3 tcpdump tshark ethtool gcc pgrep
+APT_PACKAGES := iproute2 iputils-ping wireguard-go wireguard-tools iperf3 tcpdump tshark ethtool gcc libc6-dev python3-venv python3-dev libssl-dev procps iptables
+APT_COMMANDS := ip ping wg wg-quick wireguard-go iperf3 tcpdump tshark ethtool gcc pgrep iptables
 
-.PHONY: all deps venv demo demo-wireguard-go demo-example lint test test-unit bench fuzz clean
+.PHONY: all deps venv demo demo-wireguard-go demo-example lint test test-unit soak bench fuzz clean
 
 all: venv
 
@@ -60,6 +60,11 @@ test-unit: venv
 # namespaces it makes; prints what it sent and found, fails on any defect. `make test` runs the quick form.
 fuzz: venv
 	$(BIN)/python fuzz/run.py
+
+# The long WireGuard runs: 1 GB each way per case through ~34 KB-MTU tunnels (TCP and iperf3 -u -b 0,
+# outer IPv4 and IPv6, wiretun-wg and wireguard-go); prints the counters. `make test` moves 24 MB a case.
+soak: venv
+	WIRETUN_WG_BYTES=1G $(BIN)/python -m pytest -q -rs -s tests/system/test_wg_bigmtu.py
 
 bench: venv
 	$(BIN)/python bench/run_all.py
