@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Sequence
 
 from .. import log
@@ -74,6 +75,8 @@ class WintunAdapter:
         self.tunnel_type = tunnel_type
         self.last_name = name
         self._luid = dll.get_adapter_luid(handle)
+        # A handle dropped without close() is closed when the object goes, as WintunCloseAdapter would.
+        self._finalizer = weakref.finalize(self, dll.close_adapter, handle)
 
     @property
     def luid(self) -> int:
@@ -148,7 +151,7 @@ class WintunAdapter:
             if self._closed:
                 return
             self._closed = True
-        self._dll.close_adapter(self._handle)
+        self._finalizer()
         log.info(f"{'Removed' if self._created else 'Closed'} adapter {self.last_name}")
 
 
@@ -187,6 +190,10 @@ def open_adapter(name: str) -> WintunAdapter:
     handle = dll.open_adapter(name)
     try:
         adapter = WintunAdapter(dll, handle, name, _NIL, "", created=False)
+    except BaseException:
+        dll.close_adapter(handle)
+        raise
+    try:
         ip = ipconfig.current()
         try:
             adapter.guid = ip.guid(adapter.luid)
@@ -194,7 +201,7 @@ def open_adapter(name: str) -> WintunAdapter:
         except NotSupported:
             pass
     except BaseException:
-        dll.close_adapter(handle)
+        adapter.close()
         raise
     log.info(f"Opened adapter {name} (LUID {adapter.luid:#x})")
     return adapter

@@ -48,13 +48,18 @@ def _packet_view(address: int, size: int) -> memoryview:
 
 class _Handles:
     """The session's own HANDLEs, closed when the session object goes (not at the end: a thread may
-    still be waiting on them then)."""
+    still be waiting on them then); a session dropped without end() is ended then."""
 
-    def __init__(self, read_wait: int, end: int) -> None:
+    def __init__(self, dll: WintunDLL, session: int, read_wait: int, end: int) -> None:
+        self.dll = dll
+        self.session = session  # 0 once WintunEndSession ran
         self.read_wait = read_wait
         self.end = end
 
     def close(self) -> None:
+        session, self.session = self.session, 0
+        if session:
+            self.dll.end_session(session)
         for handle in (self.read_wait, self.end):
             try:
                 _platform.close(handle)
@@ -85,7 +90,7 @@ class WintunSession:
             dll.end_session(handle)
             raise
         self._handle = handle
-        self._handles = _Handles(read_wait, end)
+        self._handles = _Handles(dll, handle, read_wait, end)
         self._finalizer = weakref.finalize(self, self._handles.close)
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
@@ -128,6 +133,8 @@ class WintunSession:
 
     def receive_packet(self) -> memoryview | None:
         """WintunReceivePacket: the next packet as a view into the ring, or None when none is waiting."""
+        if self._ended:  # without the lock: a reader woken by end() must not wait for the DLL to free
+            raise self._eof()
         with self._rx_lock:
             view = self._receive_locked()
         if view is not None and self._record is not None:
@@ -136,6 +143,8 @@ class WintunSession:
 
     def receive_packets(self, max_count: int, headers: list[Any] | None = None) -> list[memoryview]:
         out: list[memoryview] = []
+        if self._ended:
+            raise self._eof()
         with self._rx_lock:
             for _ in range(max_count):
                 try:
@@ -201,6 +210,8 @@ class WintunSession:
     def allocate_send_packet(self, size: int) -> memoryview:
         """WintunAllocateSendPacket: a writable view of ``size`` bytes; BufferOverflow when the ring is full."""
         check_packet_size(size)
+        if self._ended:
+            raise self._eof()
         with self._tx_lock:
             if self._ended:
                 raise self._eof()
@@ -311,6 +322,7 @@ class WintunSession:
                 self._rx_views.clear()
                 self._tx_views.clear()
                 unreleasable = sum(not _release_view(v) for v in held)
+                handles.session = 0
                 self._dll.end_session(self._handle)
         if unreleasable:
             log.warn(
