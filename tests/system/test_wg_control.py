@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
+import select
 import socket
+import struct
 import subprocess
+import threading
 import time
 from typing import Iterator
 
 import pytest
 
+from wiretun.linux import netns as _netns
+from wiretun.wireguard import keys
+
 from ..uapi_client import connect, read_reply
-from .wgutil import WIREGUARD_GO, Lab, Node, nsx, pair, ping, wait_for
+from .wgutil import WIREGUARD_GO, Lab, Node, genkey, nsx, pair, ping, wait_for
 
 KINDS = ["daemon", pytest.param("wggo", marks=pytest.mark.skipif(WIREGUARD_GO is None,
                                                                  reason="wireguard-go is not installed"))]
@@ -204,3 +211,144 @@ def test_out_of_file_descriptors_refuses_new_clients_only(lab: Lab) -> None:
         finally:
             subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:"], check=False)
     assert ping(right.ns, left.inner4) == 3
+
+
+# ------------------------------------------------------------------------------ large set requests
+
+
+def big_set_request(public_key_hex: str, count: int, *last: str) -> bytes:
+    """A set giving one peer ``count`` allowed IPs (3 in 4 IPv4 /32s, 1 in 4 IPv6 /64s), then ``last``."""
+    lines = [f"set=1\npublic_key={public_key_hex}\nreplace_allowed_ips=true\n"]
+    for i in range(count):
+        if i % 4 == 3:
+            lines.append(f"allowed_ip=fd99:{i >> 16:x}:{i & 0xFFFF:x}::/64\n")
+        else:
+            lines.append(f"allowed_ip=10.{100 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}/32\n")
+    lines += [f"allowed_ip={prefix}\n" for prefix in last]
+    lines.append("\n")
+    return "".join(lines).encode()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+class RttProbe:
+    """ICMP echo requests every ``interval`` s from a namespace; round-trip times of the replies."""
+
+    def __init__(self, ns: str, address: str, interval: float = 0.01) -> None:
+        with _netns.entered(ns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        self.address = address
+        self.interval = interval
+        self.ident = random.randint(1, 0xFFFF)
+        self.sent: dict[int, float] = {}
+        self.rtts: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RttProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.sock.close()
+
+    def _run(self) -> None:
+        seq = 0
+        next_send = time.monotonic()
+        stop_at = None
+        while True:
+            now = time.monotonic()
+            if self._stop.is_set() and stop_at is None:
+                stop_at = now + 0.5  # wait for the last replies
+            if stop_at is not None and now >= stop_at:
+                return
+            if stop_at is None and now >= next_send and seq < 60000:
+                header = struct.pack("!BBHHH", 8, 0, 0, self.ident, seq)
+                payload = b"rtt-probe" * 4
+                message = header + payload
+                total = sum(struct.unpack(f"!{len(message) // 2}H", message))
+                total = (total >> 16) + (total & 0xFFFF)
+                total += total >> 16
+                message = header[:2] + struct.pack("!H", ~total & 0xFFFF) + header[4:] + payload
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(message, (self.address, 0))
+                    self.sent[seq] = now
+                seq += 1
+                next_send = now + self.interval
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, min(next_send - time.monotonic(), 0.05)))
+            if ready:
+                data = self.sock.recv(2048)
+                icmp = data[(data[0] & 15) * 4:]
+                if len(icmp) >= 8 and icmp[0] == 0:
+                    _, _, _, ident, rseq = struct.unpack_from("!BBHHH", icmp)
+                    if ident == self.ident and rseq in self.sent and rseq not in self.rtts:
+                        self.rtts[rseq] = time.monotonic() - self.sent[rseq]
+
+
+def test_200k_line_set_does_not_stall_the_tunnel(lab: Lab) -> None:
+    left, right, _ = pair(lab, "daemon", "wggo" if WIREGUARD_GO is not None else "daemon")
+    wait_for(lambda: ping(right.ns, left.inner4, count=1) == 1, 15, "the tunnel to come up")
+    _, other = genkey()
+    request = big_set_request(keys.from_base64(other).hex(), 200_000)
+    with connect_blocking(left) as s, RttProbe(right.ns, left.inner4) as probe:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        s.sendall(request)
+        assert read_reply(s) == "errno=0\n\n"
+        took = time.monotonic() - t0
+        time.sleep(0.3)
+    during = [rtt for seq, rtt in probe.rtts.items() if t0 <= probe.sent[seq] <= t0 + took]
+    lost = [seq for seq, when in probe.sent.items() if t0 <= when <= t0 + took and seq not in probe.rtts]
+    print(f"200k-line set: {took:.2f} s; {len(during)} pings during it, max RTT {max(during) * 1000:.1f} ms, "
+          f"{len(lost)} lost")
+    assert len(during) >= 10
+    assert max(during) < 0.050, f"RTT {max(during) * 1000:.1f} ms while the set was applied"
+    assert len(lost) <= len(during) // 20
+    # The set took effect: the other peer has the prefixes (spot checks through wg).
+    dump = left.wg("show", left.ifname, "allowed-ips").stdout
+    theirs = next(line for line in dump.splitlines() if line.startswith(other))
+    assert theirs.count("/32") == 150_000 and theirs.count("/64") == 50_000
+    assert ping(right.ns, left.inner4) == 3
+
+
+MILLION_CPU_SECONDS = 5.0  # the daemon's own CPU time: what the machine's load cannot inflate
+MILLION_WALL_SECONDS = 30.0  # and a generous bound on the wall clock, for a loaded 2-core machine
+MILLION_PEAK_MB = 400
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_million_allowed_ips_in_one_set(lab: Lab, kind: str) -> None:
+    """1,000,000 allowed_ip lines for the peer of a live tunnel (its own inner addresses last): within
+    5 s of the daemon's CPU time and 400 MB of its peak RSS, and the tunnel then routes by the new list."""
+    left, right, _ = pair(lab, kind, "wggo" if WIREGUARD_GO is not None else "daemon")
+    wait_for(lambda: ping(right.ns, left.inner4, count=1) == 1, 15, "the tunnel to come up")
+    assert left.proc is not None
+    request = big_set_request(keys.from_base64(right.public).hex(), 1_000_000 - 2,
+                              f"{right.inner4}/32", f"{right.inner6}/128")
+    with connect_blocking(left) as s:
+        s.settimeout(60)
+        cpu0 = cpu_seconds(left.proc.pid)
+        t0 = time.monotonic()
+        s.sendall(request)
+        assert read_reply(s) == "errno=0\n\n"
+        took = time.monotonic() - t0
+        cpu = cpu_seconds(left.proc.pid) - cpu0
+    peak = peak_rss_mb(left.proc.pid)
+    print(f"{kind}: 1,000,000-line set in {took:.2f} s ({cpu:.2f} s of CPU), peak RSS {peak:.0f} MB")
+    assert cpu <= MILLION_CPU_SECONDS and took <= MILLION_WALL_SECONDS, f"{cpu:.2f} s of CPU, {took:.2f} s"
+    assert peak <= MILLION_PEAK_MB, f"{peak:.0f} MB"
+    assert ping(left.ns, right.inner4) == 3 and ping(left.ns, right.inner6) == 3
+    # An address of the list that is no peer's inner address: routed to the peer, so nothing comes back.
+    assert ping(left.ns, "10.100.0.1", count=1, wait=0.5) == 0

@@ -10,12 +10,17 @@ the new peer; host bits are masked off; removal only removes what the given peer
 one dict probe per distinct prefix length instead of one Python step per bit, which is what matters
 in Python on the per-packet path.  In front of it, a bounded cache maps exact addresses seen
 recently to their answer (cleared on every change), so a flow's packets cost one dict probe.
+
+A prefix is one integer, its *slot* (:func:`prefix_slot`): the address shifted down to the prefix
+length, the length and the family. Large configurations are applied as slots (:meth:`AllowedIPs.apply`)
+without an ``ip_network`` per prefix, and a configuration change is built on a :meth:`AllowedIPs.copy`
+(copy-on-write: only the tables it changes are copied) that then replaces the table in use at once.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Generic, Hashable, Iterator, TypeVar
+from typing import Any, Generic, Hashable, Iterable, Iterator, TypeVar
 
 from ..errors import InvalidParameter
 
@@ -24,6 +29,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 NetworkLike = str | Network | tuple[Any, int]  # (address as text, bytes or ip_address; prefix length)
 
 _FAMILY_BITS = {4: 32, 6: 128}
+_V6 = 1  # slot bit 0: the family; bits 1..8: the prefix length; the rest: the address >> (bits - length)
 CACHE_SIZE = 4096  # exact addresses remembered per family; the cache is emptied when full
 _MISS = object()  # cached "no peer"
 
@@ -43,6 +49,24 @@ def parse_network(value: NetworkLike) -> Network:
     except ValueError as exc:
         raise InvalidParameter(f"allowed IP {value!r} is not an IPv4/IPv6 prefix: {exc}") from None
     raise InvalidParameter(f"allowed IP must be a prefix string, ip_network or (address, cidr), not {value!r}")
+
+
+def prefix_slot(version: int, length: int, address: int) -> int:
+    """The slot of ``address/length`` (``address`` an int; host bits are ignored)."""
+    bits = 32 if version == 4 else 128
+    return ((address >> (bits - length)) << 9) | (length << 1) | (version == 6)
+
+
+def network_slot(network: Network) -> int:
+    return prefix_slot(network.version, network.prefixlen, int(network.network_address))
+
+
+def slot_network(slot: int) -> Network:
+    """The ``ip_network`` a slot stands for."""
+    length = (slot >> 1) & 0xFF
+    if slot & _V6:
+        return ipaddress.IPv6Network(((slot >> 9) << (128 - length), length))
+    return ipaddress.IPv4Network(((slot >> 9) << (32 - length), length))
 
 
 class _Family(Generic[P]):
@@ -77,74 +101,150 @@ def _resolve(fam: _Family[P], cache: dict[bytes, object], address: bytes) -> obj
 class AllowedIPs(Generic[P]):
     """Longest-prefix-match table from addresses to peers (any hashable object)."""
 
-    __slots__ = ("_v4", "_v6", "_by_peer", "_cache4", "_cache6")
+    __slots__ = ("_v4", "_v6", "_by_peer", "_cache4", "_cache6", "_owned")
 
     def __init__(self) -> None:
         self._v4: _Family[P] = _Family(32)
         self._v6: _Family[P] = _Family(128)
         self._cache4: dict[bytes, object] = {}
         self._cache6: dict[bytes, object] = {}
-        # peer -> {(version, length, key): None}, kept in insertion order for listing.
-        self._by_peer: dict[P, dict[tuple[int, int, int], None]] = {}
+        # peer -> {slot: None}, kept in insertion order for listing.
+        self._by_peer: dict[P, dict[int, None]] = {}
+        # The inner dicts this table may change in place (id -> dict, which also keeps the id
+        # taken); the others are shared with a copy and are copied before their first change.
+        self._owned: dict[int, dict[Any, Any]] = {}
+
+    def copy(self) -> AllowedIPs[P]:
+        """An independent table with the same contents, cheap to make: the per-length tables and
+        per-peer lists are shared until one side changes them. Lookups on either side are unaffected."""
+        other: AllowedIPs[P] = AllowedIPs()
+        for mine, theirs in ((self._v4, other._v4), (self._v6, other._v6)):
+            theirs.tables = dict(mine.tables)
+            theirs.relevel()
+        other._by_peer = dict(self._by_peer)
+        self._owned = {}  # everything is shared now: this side copies before changing too
+        return other
+
+    def _own(self, table: dict[Any, Any]) -> dict[Any, Any]:
+        self._owned[id(table)] = table
+        return table
+
+    def _table_for_change(self, fam: _Family[P], length: int) -> dict[int, P]:
+        table = fam.tables.get(length)
+        if table is None:
+            table = fam.tables[length] = self._own({})
+            fam.relevel()
+        elif id(table) not in self._owned:
+            table = fam.tables[length] = self._own(dict(table))
+            fam.relevel()
+        return table
+
+    def _owned_for_change(self, peer: P) -> dict[int, None]:
+        owned = self._by_peer.get(peer)
+        if owned is None:
+            owned = self._by_peer[peer] = self._own({})
+        elif id(owned) not in self._owned:
+            owned = self._by_peer[peer] = self._own(dict(owned))
+        return owned
 
     def _family(self, version: int) -> _Family[P]:
         return self._v4 if version == 4 else self._v6
-
-    @staticmethod
-    def _slot(network: Network) -> tuple[int, int, int]:
-        version = network.version
-        length = network.prefixlen
-        key = int(network.network_address) >> (_FAMILY_BITS[version] - length)
-        return version, length, key
 
     def insert(self, network: NetworkLike, peer: P) -> Network:
         """Route ``network`` to ``peer`` (taking it from whichever peer had it). Returns the normalised prefix."""
         if peer is None:
             raise InvalidParameter("allowed IP owner must not be None")
         net = parse_network(network)
-        version, length, key = slot = self._slot(net)
-        fam = self._family(version)
-        table = fam.tables.get(length)
-        if table is None:
-            table = fam.tables[length] = {}
-            fam.relevel()
-        old = table.get(key)
-        if old is not None and old is not peer:
-            owned = self._by_peer.get(old)
-            if owned is not None:
-                owned.pop(slot, None)
-                if not owned:
-                    del self._by_peer[old]
-        table[key] = peer
-        self._by_peer.setdefault(peer, {})[slot] = None
+        self._insert(network_slot(net), peer)
         self._cache4.clear()
         self._cache6.clear()
         return net
 
-    def _drop(self, slot: tuple[int, int, int]) -> None:
+    def _insert(self, slot: int, peer: P) -> None:
+        fam = self._v6 if slot & _V6 else self._v4
+        length = (slot >> 1) & 0xFF
+        key = slot >> 9
+        table = fam.tables.get(length)
+        if table is None or id(table) not in self._owned:
+            table = self._table_for_change(fam, length)
+        old = table.get(key)
+        if old is not None and old is not peer:
+            owned = self._by_peer.get(old)
+            if owned is not None:
+                if id(owned) not in self._owned:
+                    owned = self._owned_for_change(old)
+                owned.pop(slot, None)
+                if not owned:
+                    del self._by_peer[old]
+        table[key] = peer
+        owned = self._by_peer.get(peer)
+        if owned is None or id(owned) not in self._owned:
+            owned = self._owned_for_change(peer)
+        owned[slot] = None
+
+    def _remove(self, slot: int, peer: P) -> bool:
+        fam = self._v6 if slot & _V6 else self._v4
+        length = (slot >> 1) & 0xFF
+        key = slot >> 9
+        table = fam.tables.get(length)
+        if table is None or table.get(key) is not peer:
+            return False
+        self._drop(slot)
+        owned = self._owned_for_change(peer)
+        del owned[slot]
+        if not owned:
+            del self._by_peer[peer]
+        return True
+
+    def apply(self, peer: P, changes: Iterable[int]) -> None:
+        """Insert or remove prefixes of ``peer`` in order: each change is ``slot << 1 | remove``
+        (:func:`prefix_slot`). The fast path for large configurations: :meth:`_insert` inlined, with
+        the tables it writes to looked up once."""
+        if peer is None:
+            raise InvalidParameter("allowed IP owner must not be None")
+        by_peer = self._by_peer
+        tables: dict[int, dict[int, P]] = {}  # slot & 0x1FF (family, length) -> a table we own
+        mine: dict[int, None] | None = None
+        for change in changes:
+            slot = change >> 1
+            if change & 1:
+                self._remove(slot, peer)
+                tables.clear()  # a table or our list may have gone
+                mine = None
+                continue
+            head = slot & 0x1FF
+            table = tables.get(head)
+            if table is None:
+                table = tables[head] = self._table_for_change(self._v6 if head & 1 else self._v4, head >> 1)
+            key = slot >> 9
+            old = table.get(key)
+            if old is not peer:
+                if old is not None:
+                    owned = self._owned_for_change(old)
+                    owned.pop(slot, None)
+                    if not owned:
+                        del by_peer[old]
+                table[key] = peer
+            if mine is None:
+                mine = self._owned_for_change(peer)
+            mine[slot] = None
         self._cache4.clear()
         self._cache6.clear()
-        version, length, key = slot
-        fam = self._family(version)
-        table = fam.tables[length]
-        del table[key]
+
+    def _drop(self, slot: int) -> None:
+        self._cache4.clear()
+        self._cache6.clear()
+        fam = self._v6 if slot & _V6 else self._v4
+        length = (slot >> 1) & 0xFF
+        table = self._table_for_change(fam, length)
+        del table[slot >> 9]
         if not table:
             del fam.tables[length]
             fam.relevel()
 
     def remove(self, network: NetworkLike, peer: P) -> bool:
         """Remove ``network`` if ``peer`` owns it (exact prefix, not a covering one). True if removed."""
-        net = parse_network(network)
-        version, length, key = slot = self._slot(net)
-        table = self._family(version).tables.get(length)
-        if table is None or table.get(key) is not peer:
-            return False
-        self._drop(slot)
-        owned = self._by_peer[peer]
-        del owned[slot]
-        if not owned:
-            del self._by_peer[peer]
-        return True
+        return self._remove(network_slot(parse_network(network)), peer)
 
     def remove_by_peer(self, peer: P) -> int:
         """Remove every prefix ``peer`` owns; returns how many."""
@@ -157,15 +257,7 @@ class AllowedIPs(Generic[P]):
 
     def entries_for_peer(self, peer: P) -> list[Network]:
         """The prefixes ``peer`` owns, in the order they were inserted."""
-        out: list[Network] = []
-        for version, length, key in self._by_peer.get(peer, ()):
-            bits = _FAMILY_BITS[version]
-            address = key << (bits - length)
-            if version == 4:
-                out.append(ipaddress.IPv4Network((address, length)))
-            else:
-                out.append(ipaddress.IPv6Network((address, length)))
-        return out
+        return [slot_network(slot) for slot in self._by_peer.get(peer, ())]
 
     def lookup(
         self, address: bytes | bytearray | memoryview | str | ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -208,6 +300,7 @@ class AllowedIPs(Generic[P]):
     def clear(self) -> None:
         self._v4 = _Family(32)
         self._v6 = _Family(128)
-        self._by_peer.clear()
+        self._by_peer = {}
+        self._owned = {}
         self._cache4.clear()
         self._cache6.clear()

@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import ipaddress
+from collections.abc import Iterable, Iterator, Sequence
+from typing import overload
+
+from .allowedips import network_slot, slot_network
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # An endpoint is (host, port) with host a literal IPv4 or IPv6 address string (no brackets).
@@ -34,6 +38,61 @@ EADDRINUSE = _errno.EADDRINUSE
 ENOENT = _errno.ENOENT
 
 
+class AllowedIPChanges(Sequence[tuple[IPNetwork, bool]]):
+    """A peer's ``allowed_ip`` lines in request order, as ``(network, remove)`` pairs.
+
+    Stored as one int per line (:attr:`changes`: the prefix's slot, see
+    :func:`wiretun.wireguard.allowedips.prefix_slot`, shifted left once, plus 1 for a removal), so a
+    request with a million prefixes costs tens of megabytes, not hundreds, and is applied without
+    making an ``ip_network`` per line. Compares equal to a list of the same pairs.
+    """
+
+    __slots__ = ("changes",)
+
+    def __init__(self, items: Iterable[tuple[IPNetwork, bool]] = ()) -> None:
+        self.changes: list[int] = [network_slot(net) << 1 | bool(remove) for net, remove in items]
+
+    def append(self, item: tuple[IPNetwork, bool]) -> None:
+        net, remove = item
+        self.changes.append(network_slot(net) << 1 | bool(remove))
+
+    def clear(self) -> None:
+        self.changes.clear()
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[IPNetwork, bool]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[IPNetwork, bool]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[IPNetwork, bool] | list[tuple[IPNetwork, bool]]:
+        if isinstance(index, slice):
+            return [(slot_network(c >> 1), bool(c & 1)) for c in self.changes[index]]
+        c = self.changes[index]
+        return (slot_network(c >> 1), bool(c & 1))
+
+    def __iter__(self) -> Iterator[tuple[IPNetwork, bool]]:
+        for c in self.changes:
+            yield (slot_network(c >> 1), bool(c & 1))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AllowedIPChanges):
+            return self.changes == other.changes
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{'-' if remove else ''}{net}" for net, remove in self[:8])
+        more = f", ... ({len(self)} in all)" if len(self) > 8 else ""
+        return f"AllowedIPChanges([{shown}{more}])"
+
+
 @dataclasses.dataclass
 class PeerSet:
     """One ``public_key=`` section of a set request. ``None`` means "leave unchanged"."""
@@ -46,8 +105,12 @@ class PeerSet:
     persistent_keepalive_interval: int | None = None  # seconds, 0 disables
     replace_allowed_ips: bool = False
     # In request order: (network, remove). Applied after replace_allowed_ips cleared the list.
-    allowed_ips: list[tuple[IPNetwork, bool]] = dataclasses.field(default_factory=list)
+    allowed_ips: AllowedIPChanges = dataclasses.field(default_factory=AllowedIPChanges)
     protocol_version: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.allowed_ips, AllowedIPChanges):  # a plain list of (network, remove)
+            self.allowed_ips = AllowedIPChanges(self.allowed_ips)
 
 
 @dataclasses.dataclass

@@ -33,6 +33,7 @@ Peer API (used by the UAPI/config layer)::
     add_peer(public_key) -> Peer            # AlreadyExists / InvalidParameter (own key, too many)
     remove_peer(public_key) -> bool
     remove_all_peers()
+    routing_table_copy() / install_routing_table(table)   # change allowed IPs off the data path
     peer(public_key) -> Peer                # NotFound if absent;  get_peer() -> Peer | None
     peers() -> list[Peer]
     set_private_key(key | None)             # re-derives static-static DH, expires sessions,
@@ -421,6 +422,16 @@ class WireGuard:
         for peer in self._peers.values():
             peer.handshake.precompute(identity)
             self._expire_current_keypairs(peer)
+
+    def routing_table_copy(self) -> AllowedIPs[Peer]:
+        """A copy of the allowed-IPs table (copy-on-write, cheap) to change without holding up the
+        data path, then put in place with :meth:`install_routing_table`. Nothing else may change the
+        table in between (the device serialises its configuration calls)."""
+        return self._aips.copy()
+
+    def install_routing_table(self, table: AllowedIPs[Peer]) -> None:
+        """Route by ``table`` from now on (see :meth:`routing_table_copy`)."""
+        self._aips = table
 
     def add_peer(self, public_key: bytes) -> Peer:
         """Create a peer.  AlreadyExists if present; InvalidParameter for our own key or past MAX_PEERS."""

@@ -67,6 +67,7 @@ from ..errors import EndOfFile, InvalidParameter, NotSupported, WintunError
 from . import keys as _keys
 from . import messages as _messages
 from .config import (
+    AllowedIPChanges,
     EADDRINUSE,
     EINVAL,
     EIO,
@@ -387,18 +388,24 @@ class Device:
     # ------------------------------------------------------------------ configuration (any thread)
 
     @contextmanager
+    def _core_locked(self) -> Iterator[None]:
+        """The core's lock, for a configuration call that holds ``_api_mutex``; the loop steps aside
+        for it between batches."""
+        self._api_waiting = True
+        try:
+            self._lock.acquire()
+        finally:
+            self._api_waiting = False
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextmanager
     def _api_lock(self) -> Iterator[None]:
-        """The core's lock for a configuration call; the loop steps aside for it between batches."""
-        with self._api_mutex:
-            self._api_waiting = True
-            try:
-                self._lock.acquire()
-            finally:
-                self._api_waiting = False
-            try:
-                yield
-            finally:
-                self._lock.release()
+        """The core's lock for a configuration call (one call at a time)."""
+        with self._api_mutex, self._core_locked():
+            yield
 
     def apply(self, request: DeviceSet) -> None:
         """Apply a UAPI ``set`` request with wireguard-go's semantics.
@@ -410,15 +417,37 @@ class Device:
         """
         if not isinstance(request, DeviceSet):
             raise InvalidParameter(f"apply() takes a DeviceSet, not {type(request).__name__}")
+        # Allowed-IP changes are collected while the rest is applied under the core's lock, then
+        # made on a copy of the routing table without the lock (a large set would otherwise stall
+        # the data plane for its whole length), and the copy replaces the table at once. Only
+        # configuration calls change the table, and they are serialised by _api_mutex.
+        routes: list[tuple[Peer, list[int] | None]] = []
         try:
-            with self._api_lock():
-                if self._torn_down:
-                    raise UAPIError(EIO, f"device {self._name} is closed")
-                self._apply_locked(request)
+            with self._api_mutex:
+                try:
+                    with self._core_locked():
+                        if self._torn_down:
+                            raise UAPIError(EIO, f"device {self._name} is closed")
+                        self._apply_locked(request, routes)
+                finally:
+                    table = None
+                    if routes:
+                        table = self._core.routing_table_copy()
+                        for peer, changes in routes:
+                            if changes is None:
+                                table.remove_by_peer(peer)
+                            else:
+                                table.apply(peer, changes)
+                    with self._core_locked():
+                        if table is not None and not self._torn_down:
+                            self._core.install_routing_table(table)
+                        self._core.apply_config(time.monotonic())
         finally:
             self._wake()  # flush what the core queued; pick up new sockets
 
-    def _apply_locked(self, request: DeviceSet) -> None:
+    def _apply_locked(self, request: DeviceSet, routes: list[tuple[Peer, list[int] | None]]) -> None:
+        """Everything but the allowed IPs, whose changes go to ``routes`` in request order:
+        ``(peer, None)`` drops all of the peer's prefixes, ``(peer, changes)`` applies changes."""
         core = self._core
         conn = self._conn
         if conn is None:
@@ -447,13 +476,11 @@ class Device:
             if request.replace_peers:
                 core.remove_all_peers()
             for peer_set in request.peers:
-                self._apply_peer(peer_set)
+                self._apply_peer(peer_set, routes)
         except (InvalidParameter, ValueError) as e:
             raise UAPIError(EINVAL, str(e)) from None
-        finally:
-            core.apply_config(time.monotonic())
 
-    def _apply_peer(self, ps: PeerSet) -> None:
+    def _apply_peer(self, ps: PeerSet, routes: list[tuple[Peer, list[int] | None]]) -> None:
         core = self._core
         public_key = _keys.check_key(ps.public_key, "public key")
         own = core.public_key
@@ -463,6 +490,7 @@ class Device:
         if ps.remove:
             if peer is not None:
                 core.remove_peer(public_key)
+                routes.append((peer, None))  # also what earlier sections of this request gave it
                 log.info(f"Device {self._name}: {peer!r} removed")
             return
         if peer is None:
@@ -477,12 +505,9 @@ class Device:
         if ps.persistent_keepalive_interval is not None:
             peer.persistent_keepalive_interval = ps.persistent_keepalive_interval
         if ps.replace_allowed_ips:
-            peer.clear_allowed_ips()
-        for network, remove in ps.allowed_ips:
-            if remove:
-                peer.remove_allowed_ip(network)
-            else:
-                peer.add_allowed_ip(network)
+            routes.append((peer, None))
+        if ps.allowed_ips:
+            routes.append((peer, ps.allowed_ips.changes))
 
     def state(self) -> DeviceState:
         """A snapshot for ``get``: keys, listen port, fwmark, and per peer its configuration, endpoint,
@@ -570,7 +595,7 @@ class Device:
             endpoint=None if endpoint is None else _parse_endpoint(endpoint),
             persistent_keepalive_interval=persistent_keepalive,
             replace_allowed_ips=True,
-            allowed_ips=networks,
+            allowed_ips=AllowedIPChanges(networks),
         )]))
 
     def remove_peer(self, public_key: bytes | str) -> bool:

@@ -24,6 +24,7 @@ Deliberate differences, all on malformed input:
 from __future__ import annotations
 
 import errno as _errno
+import gc
 import hmac
 import ipaddress
 import os
@@ -31,12 +32,14 @@ import re
 import selectors
 import socket
 import stat
+import sys
 import threading
 import time
 from typing import Iterable, Protocol
 
 from .. import log
 from ..errors import AlreadyExists, InvalidParameter
+from .allowedips import network_slot
 from .config import (
     EINVAL,
     EIO,
@@ -57,6 +60,7 @@ __all__ = [
     "UAPIServer",
     "format_errno",
     "format_get",
+    "parse_prefix_change",
     "parse_set",
     "socket_in_use",
     "socket_path",
@@ -205,6 +209,36 @@ def parse_prefix(value: str) -> IPNetwork:
     return ipaddress.ip_network((address, int(bits_text)), strict=False)
 
 
+_PREFIX_BITS = {str(n): n for n in range(129)}  # decimal, no sign, no leading zeros: as Go's ParsePrefix
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+_inet_pton = socket.inet_pton
+
+
+def parse_prefix_change(value: str) -> int:
+    """An ``allowed_ip`` value (``[-]address/bits``) as ``slot << 1 | remove``
+    (:class:`~wiretun.wireguard.config.AllowedIPChanges`).
+
+    The common case goes through ``inet_pton`` (which refuses what Go's ``netip`` refuses: leading
+    zeros in IPv4, zones, spaces); anything it does not take goes through :func:`parse_prefix`, which
+    decides and words the error, so both paths accept exactly the same prefixes.
+    """
+    remove = value[:1] == "-"
+    text, sep, bits_text = (value[1:] if remove else value).rpartition("/")
+    bits = _PREFIX_BITS.get(bits_text)
+    if bits is not None and sep:
+        try:
+            if ":" in text:
+                if bits <= 128:
+                    address = int.from_bytes(_inet_pton(_AF_INET6, text), "big")
+                    return (((address >> (128 - bits)) << 9 | bits << 1 | 1) << 1) | remove
+            elif bits <= 32:
+                address = int.from_bytes(_inet_pton(_AF_INET, text), "big")
+                return (((address >> (32 - bits)) << 9 | bits << 1) << 1) | remove
+        except (OSError, ValueError):
+            pass
+    return network_slot(parse_prefix(value[1:] if remove else value)) << 1 | remove
+
+
 class SetParser:
     """Reads the body of one ``set=1`` request line by line into a :class:`DeviceSet`.
 
@@ -221,12 +255,51 @@ class SetParser:
     def request(self) -> DeviceSet:
         return self._request
 
+    def feed_lines(self, lines: list[str], start: int) -> int:
+        """Feed ``lines[start:]`` (without newlines) up to the request's blank line, as :meth:`feed`
+        does one by one; a trailing ``\\r`` is dropped. Returns the index of the blank line, or
+        ``len(lines)``. On a bad line raises :class:`UAPIError` with ``.line`` set to its index."""
+        n = len(lines)
+        i = start
+        changes = None if self._peer is None else self._peer.allowed_ips.changes
+        parse = parse_prefix_change
+        budget = MAX_SET_LINES - self._lines
+        try:
+            while i < n:
+                line = lines[i]
+                if line[-1:] == "\r":
+                    line = line[:-1]
+                if not line:
+                    break
+                if len(line) > MAX_LINE_LENGTH:
+                    raise UAPIError(EIO, f"set: line of {len(line)} characters is longer than {MAX_LINE_LENGTH}")
+                if changes is not None and line[:11] == "allowed_ip=" and i - start < budget:
+                    changes.append(parse(line[11:]))  # most lines of a large request
+                else:
+                    self._lines += i - start
+                    budget = MAX_SET_LINES - self._lines
+                    start = i
+                    self.feed(line)
+                    start = i + 1
+                    budget = MAX_SET_LINES - self._lines
+                    changes = None if self._peer is None else self._peer.allowed_ips.changes
+                i += 1
+        except UAPIError as e:
+            e.line = i  # type: ignore[attr-defined]
+            raise
+        finally:
+            self._lines += i - start
+        return i
+
     def feed(self, line: str) -> None:
         """One ``key=value`` line (no newline). The blank end-of-request line is not fed."""
         self._lines += 1
         if self._lines > MAX_SET_LINES:
             # The whole request is held until its blank line: bound what one client can make us hold.
             raise UAPIError(EINVAL, f"set: request longer than {MAX_SET_LINES} lines")
+        if line[:11] == "allowed_ip=" and self._peer is not None:  # most lines of a large request
+            self._peer.allowed_ips.changes.append(parse_prefix_change(line[11:]))
+            return
         key, sep, value = line.partition("=")
         if not sep:
             raise UAPIError(EPROTO, f"set: line {_show(line)} is not key=value")
@@ -267,8 +340,7 @@ class SetParser:
             # wireguard-go applies lines in order: prefixes given before this line are dropped again.
             peer.allowed_ips.clear()
         elif key == "allowed_ip":
-            remove = value.startswith("-")
-            peer.allowed_ips.append((parse_prefix(value[1:] if remove else value), remove))
+            peer.allowed_ips.changes.append(parse_prefix_change(value))
         elif key == "protocol_version":
             if value != "1":
                 raise UAPIError(EINVAL, f"protocol_version: only 1 is supported, not {_show(value)}")
@@ -399,6 +471,7 @@ _RECV_SIZE = 256 * 1024
 _MAX_PENDING_REPLY = 1 << 20  # pipelined requests wait while this much of their replies is unsent
 _FD_LOG_INTERVAL = 10.0  # seconds between "out of file descriptors" log lines
 _ACCEPT_PAUSE = 0.5  # seconds without accepting when even the spare descriptor is gone
+_SWITCH_INTERVAL = 0.0005  # seconds: the GIL switch interval while a request is parsed and applied
 _FD_EXHAUSTED = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM})
 
 
@@ -753,31 +826,52 @@ class UAPIServer:
 
     def _process(self, client: _Client) -> None:
         """Act on every complete line received, in order; stop while a reply is waiting to go out."""
+        # A large set makes millions of small objects that are never cyclic garbage: without the
+        # cycle collector looking at them over and over, it parses and applies twice as fast.
+        # Meanwhile the device's loop thread waits for the GIL after each of its system calls, up to
+        # the switch interval each time (5 ms by default: tens of ms per packet's round trip), so
+        # the interval is shortened while a request is worked on.
+        collecting = gc.isenabled()
+        interval = sys.getswitchinterval()
+        gc.disable()
+        sys.setswitchinterval(min(interval, _SWITCH_INTERVAL))
+        try:
+            self._process_lines(client)
+        finally:
+            sys.setswitchinterval(interval)
+            if collecting:
+                gc.enable()
+
+    def _process_lines(self, client: _Client) -> None:
         buf = client.inbuf
         end = buf.rfind(b"\n")
         if end >= 0 and not client.outbuf and not client.hangup:
             lines = buf[:end].decode("latin-1").split("\n")
             del buf[: end + 1]
+            overlong = -1
+            if max(map(len, lines)) > MAX_LINE_LENGTH:  # act on the lines before it, then hang up
+                overlong = next(k for k, line in enumerate(lines) if len(line) > MAX_LINE_LENGTH)
+                buf[:0] = "\n".join(lines[overlong:]).encode("latin-1") + b"\n"
+                lines = lines[:overlong]
             n = len(lines)
             i = 0
             while i < n:
-                line = lines[i]
-                i += 1
-                if len(line) > MAX_LINE_LENGTH:
-                    self._overlong(client, len(line))
-                    return
                 if client.mode == _SET:
-                    i = self._set_lines(client, lines, i - 1)
+                    i = self._set_lines(client, lines, i)
                 else:
+                    line = lines[i]
+                    i += 1
                     self._line(client, line[:-1] if line.endswith("\r") else line)
                 if client.hangup or client.sock.fileno() < 0:
                     return
                 if client.outbuf and i < n:
                     # The reply is not out yet: keep the rest for when it is (bounded memory).
-                    rest = "\n".join(lines[i:]).encode("latin-1") + b"\n"
-                    buf[:0] = rest
+                    buf[:0] = "\n".join(lines[i:]).encode("latin-1") + b"\n"
                     return
-        if len(buf) > MAX_LINE_LENGTH and not client.outbuf and client.sock.fileno() >= 0:
+            if overlong >= 0 and not client.outbuf:
+                self._overlong(client, buf.find(b"\n"))
+                return
+        if len(buf) > MAX_LINE_LENGTH and buf.find(b"\n") < 0 and not client.outbuf and client.sock.fileno() >= 0:
             self._overlong(client, len(buf))
 
     def _set_lines(self, client: _Client, lines: list[str], i: int) -> int:
@@ -785,24 +879,25 @@ class UAPIServer:
         request's blank line (the request then completed) or len(lines)."""
         parser = client.parser
         assert parser is not None
-        feed = parser.feed
         n = len(lines)
         while i < n:
-            line = lines[i]
-            i += 1
-            if line.endswith("\r"):
-                line = line[:-1]
-            if not line:
-                self._finish_set(client)
-                return i
-            if len(line) > MAX_LINE_LENGTH:
-                self._overlong(client, len(line))
-                return n
-            if client.error is None:  # after an error keep reading to the blank line, to stay in step
+            if client.error is None:
                 try:
-                    feed(line)
+                    i = parser.feed_lines(lines, i)
                 except UAPIError as e:
-                    client.error = e
+                    client.error = e  # keep reading to the blank line, to stay in step
+                    i = getattr(e, "line", i) + 1
+                    continue
+            else:
+                line = lines[i]
+                if line[-1:] == "\r":
+                    line = line[:-1]
+                if line:
+                    i += 1
+                    continue
+            if i < n:  # the blank line: the request is complete
+                self._finish_set(client)
+                return i + 1
         return n
 
     def _line(self, client: _Client, line: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from wiretun.errors import InvalidData, InvalidParameter
 from wiretun.wireguard import keys, messages, tai64n
-from wiretun.wireguard.allowedips import AllowedIPs
+from wiretun.wireguard.allowedips import AllowedIPs, prefix_slot
 from wiretun.wireguard.cookie import CookieChecker, CookieGenerator, RateLimiter
 from wiretun.wireguard.replay import REJECT_AFTER_MESSAGES, WINDOW_SIZE, ReplayFilter
 
@@ -512,3 +512,57 @@ def test_allowedips_matches_brute_force(ops: list[tuple[int, int, int, bool]], p
     for owner in owners:
         expected = [ipaddress.IPv4Network(k) for k, v in model.items() if v is owner]
         assert sorted(table.entries_for_peer(owner)) == sorted(expected)
+
+
+def _contents(table: AllowedIPs[Owner], owners: list[Owner]) -> dict[str, list[str]]:
+    return {o.name: [str(n) for n in table.entries_for_peer(o)] for o in owners}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32), st.integers(0, 3), st.integers(0, 2)),
+             max_size=30),
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32), st.integers(0, 3), st.integers(0, 2)),
+             max_size=30),
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=20),
+)
+def test_allowedips_copy_on_write_and_bulk_apply(first: list[tuple[int, int, int, int]],
+                                                 second: list[tuple[int, int, int, int]], probes: list[int]) -> None:
+    """A copy changed with apply() (slots) ends up as the same changes made one by one on a fresh
+    table, and neither the copy nor the original sees the other's later changes."""
+    owners = [Owner(str(i)) for i in range(4)]
+
+    def one_by_one(table: AllowedIPs[Owner], ops: list[tuple[int, int, int, int]]) -> None:
+        for address, cidr, who, op in ops:
+            net = ipaddress.IPv4Network((address, cidr), strict=False)
+            if op == 0:
+                table.insert(net, owners[who])
+            elif op == 1:
+                table.remove(net, owners[who])
+            else:
+                table.remove_by_peer(owners[who])
+
+    def in_bulk(table: AllowedIPs[Owner], ops: list[tuple[int, int, int, int]]) -> None:
+        for address, cidr, who, op in ops:
+            if op == 2:
+                table.remove_by_peer(owners[who])
+            else:
+                table.apply(owners[who], [prefix_slot(4, cidr, address) << 1 | op])
+
+    original: AllowedIPs[Owner] = AllowedIPs()
+    one_by_one(original, first)
+    before = _contents(original, owners)
+    answers = [original.lookup4(p.to_bytes(4, "big")) for p in probes]
+    copy = original.copy()
+    in_bulk(copy, second)
+    assert _contents(original, owners) == before  # the original is untouched
+    assert [original.lookup4(p.to_bytes(4, "big")) for p in probes] == answers
+    reference: AllowedIPs[Owner] = AllowedIPs()
+    one_by_one(reference, first + second)
+    assert _contents(copy, owners) == _contents(reference, owners)
+    for p in probes:
+        assert copy.lookup4(p.to_bytes(4, "big")) is reference.lookup4(p.to_bytes(4, "big"))
+    # And the other way round: changing the original afterwards leaves the copy alone.
+    after = _contents(copy, owners)
+    one_by_one(original, second)
+    assert _contents(copy, owners) == after

@@ -19,12 +19,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wiretun.errors import AlreadyExists, InvalidParameter
+from wiretun.wireguard.allowedips import network_slot, slot_network
 from wiretun.wireguard.config import DeviceSet, DeviceState, PeerSet, PeerState, UAPIError
 from wiretun.wireguard.uapi import (
     MAX_LINE_LENGTH,
     UAPIServer,
     format_errno,
     format_get,
+    parse_prefix,
+    parse_prefix_change,
     parse_set,
     socket_path,
 )
@@ -744,3 +747,49 @@ def test_close_disconnects_clients(tmp_path):
 def test_bad_interface_names(tmp_path, name):
     with pytest.raises(InvalidParameter):
         socket_path(name, str(tmp_path))
+
+
+_PREFIX_PIECES = ["1", "01", "0", "00", "10", "255", "256", "ffff", "FFFF", "0001", "12345", ":", "::", ".", "/",
+                  "%", "%eth0", "-", "a", "g", " ", "\t", "1.2.3.4", "::ffff:", "0x1", "+1", "32", "33", "128",
+                  "129", "64", "é", "\x00", "[", "]"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_PREFIX_PIECES), min_size=1, max_size=9))
+def test_fast_prefix_parser_agrees_with_the_exact_one(pieces: list[str]) -> None:
+    """parse_prefix_change's inet_pton path accepts exactly what parse_prefix (ipaddress, checked
+    against wireguard-go) accepts, with the same network."""
+    value = "".join(pieces)
+    for text in (value, "-" + value):
+        remove = text.startswith("-")
+        try:
+            expected: int | None = network_slot(parse_prefix(text[1:] if remove else text)) << 1 | remove
+        except UAPIError:
+            expected = None
+        try:
+            got: int | None = parse_prefix_change(text)
+        except UAPIError:
+            got = None
+        assert got == expected, text
+
+
+@pytest.mark.parametrize("value, network, remove", [
+    ("10.1.2.3/8", "10.0.0.0/8", False),
+    ("-10.1.2.3/8", "10.0.0.0/8", True),
+    ("0.0.0.0/0", "0.0.0.0/0", False),
+    ("2001:DB8::1/32", "2001:db8::/32", False),
+    ("-::/0", "::/0", True),
+    ("::ffff:10.0.0.0/104", "::ffff:10.0.0.0/104", False),
+])
+def test_prefix_changes(value: str, network: str, remove: bool) -> None:
+    change = parse_prefix_change(value)
+    assert (slot_network(change >> 1), bool(change & 1)) == (ipaddress.ip_network(network), remove)
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/08", "010.0.0.0/8", "10.0.0.0/33", "fe80::1%eth0/64", "::/129",
+                                   "10.0.0.0", "--10.0.0.0/8", "10.0.0.0/+8", " 10.0.0.0/8", "10.0.0.0/8 ",
+                                   "[::1]/128", "::1/0128"])
+def test_prefixes_wireguard_go_refuses(value: str) -> None:
+    with pytest.raises(UAPIError) as info:
+        parse_prefix_change(value)
+    assert info.value.errno == errno.EINVAL
