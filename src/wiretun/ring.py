@@ -609,7 +609,7 @@ class Producer:
     consumer each time Tail moves. Not thread-safe by itself (the session holds a lock).
     """
 
-    __slots__ = ("ring", "tail_moved", "_tail", "_tail_release", "_unsent", "_ended")
+    __slots__ = ("ring", "tail_moved", "_tail", "_tail_release", "_unsent", "_allocated", "_ended")
 
     def __init__(self, ring: Ring, tail_moved: TailMoved | None = None) -> None:
         tail = ring.tail
@@ -620,6 +620,9 @@ class Producer:
         self._tail = tail  # next allocation
         self._tail_release = tail  # == ring Tail: first packet not sent
         self._unsent = 0
+        # Record offsets of the allocated, unsent packets: an offset into a packet's *data* whose word
+        # happens to have bit 31 set must not pass for a packet (sending it would rewrite those bytes).
+        self._allocated: set[int] = set()
         self._ended = False
 
     @property
@@ -652,6 +655,7 @@ class Producer:
         words[DATA_WORD + (tail >> 2)] = size | RELEASE_BIT
         self._tail = (tail + rec) & ring.mask
         self._unsent += 1
+        self._allocated.add(tail)
         return tail + 4
 
     def allocate(self, size: int) -> int:
@@ -675,17 +679,14 @@ class Producer:
         mask = ring.mask
         if not 4 <= offset <= ring.capacity:  # the checks below work modulo the capacity
             raise InvalidParameter(f"offset {offset!r} is outside this ring's data (4..{ring.capacity})")
-        rec = offset - 4
+        rec = (offset - 4) & mask
         tr = self._tail_release
-        if (
-            rec & 3
-            or ((rec - tr) & mask) >= ((self._tail - tr) & mask)
-            or not words[DATA_WORD + (rec >> 2)] & RELEASE_BIT
-        ):
+        if rec not in self._allocated or not words[DATA_WORD + (rec >> 2)] & RELEASE_BIT:
             raise InvalidParameter(
                 f"offset {offset!r} is not an allocated, unsent packet of this ring (sent twice, never "
                 f"allocated, or from another ring)"
             )
+        self._allocated.discard(rec)
         words[DATA_WORD + (rec >> 2)] &= ~RELEASE_BIT
         if rec != tr:
             return  # an earlier allocation is still unsent: this one waits for it
@@ -725,10 +726,12 @@ class Producer:
         size = words[DATA_WORD + (rec >> 2)] if 0 <= rec < self.ring.capacity and not rec & 3 else 0
         if not (
             self._unsent
+            and rec in self._allocated
             and size & RELEASE_BIT
             and ((rec + ((size & ~RELEASE_BIT) + 7 & ~3)) & self.ring.mask) == self._tail
         ):
             raise InvalidParameter(f"offset {offset!r} is not the latest unsent allocation")
+        self._allocated.discard(rec)
         self._tail = rec
         self._unsent -= 1
 

@@ -653,3 +653,22 @@ TestRingModel.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+
+
+def test_send_refuses_an_offset_inside_a_packets_data_that_looks_like_a_header():
+    """Found by fuzz/library.py: an offset into an allocated packet's data whose word has bit 31 set
+    passed for an unsent packet; sending it cleared that bit in the caller's bytes."""
+    ring = Ring(bytearray(ring_size(MIN_CAPACITY)))
+    prod, cons = Producer(ring), Consumer(ring)
+    off = prod.allocate(1000)
+    data = bytes([0xFF]) * 1000  # every word has bit 31 set
+    ring.data[off : off + 1000] = data
+    for inside in (off + 4, off + 8, off + 500, off + 996):
+        with pytest.raises(InvalidParameter):
+            prod.send(inside)
+        with pytest.raises(InvalidParameter):
+            prod.unallocate(inside)
+    assert bytes(ring.data[off : off + 1000]) == data
+    prod.send(off)
+    got = cons.receive()
+    assert got == off and bytes(ring.data[got : got + cons.size(got)]) == data
