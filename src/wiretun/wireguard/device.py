@@ -67,11 +67,11 @@ from ..errors import EndOfFile, InvalidParameter, NotSupported, WintunError
 from . import keys as _keys
 from . import messages as _messages
 from .config import (
-    AllowedIPChanges,
     EADDRINUSE,
     EINVAL,
     EIO,
     KEY_SIZE,
+    AllowedIPChanges,
     DeviceSet,
     DeviceState,
     Endpoint,
