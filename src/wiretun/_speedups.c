@@ -1454,14 +1454,24 @@ core_read_one(CoreObject *self, PyObject **out)
         return -1;
     uint32_t free_bytes = (head - r - 4) & ring->mask;
     int direct = free_bytes >= MAX_RECORD_SIZE;
-    struct iovec iov[2];
-    iov[0].iov_base = self->rx_hdr;
-    iov[0].iov_len = VNET_HDR_SIZE;
-    iov[1].iov_base = direct ? ring->data + r + 4 : self->scratch;
-    iov[1].iov_len = READ_SPAN;
+    /* With room for the whole read (header too) at the record's contents and within the ring's memory,
+     * one read() lands header and packet there and the packet moves down over the header: a read() costs
+     * the kernel less than a readv() of two buffers. Otherwise readv(header, packet). */
+    int whole = free_bytes >= MAX_RECORD_SIZE + 12 && r + 4 + VNET_HDR_SIZE + READ_SPAN <= ring->cap + TRAILING_SIZE;
+    Py_ssize_t n;
+    int err;
     PyThreadState *ts = PyEval_SaveThread();
-    Py_ssize_t n = readv_nogil(self->fd, iov, &ts);
-    int err = errno;
+    if (whole)
+        n = read_nogil(self->fd, ring->data + r + 4, VNET_HDR_SIZE + READ_SPAN, &ts);
+    else {
+        struct iovec iov[2];
+        iov[0].iov_base = self->rx_hdr;
+        iov[0].iov_len = VNET_HDR_SIZE;
+        iov[1].iov_base = direct ? ring->data + r + 4 : self->scratch;
+        iov[1].iov_len = READ_SPAN;
+        n = readv_nogil(self->fd, iov, &ts);
+    }
+    err = errno;
     PyEval_RestoreThread(ts);
     if (n == -2)
         return -1;
@@ -1470,6 +1480,10 @@ core_read_one(CoreObject *self, PyObject **out)
             return 0;
         core_lost(self, err);
         return -1;
+    }
+    if (whole && n >= VNET_HDR_SIZE) {
+        memcpy(self->rx_hdr, ring->data + r + 4, VNET_HDR_SIZE);
+        memmove(ring->data + r + 4, ring->data + r + 4 + VNET_HDR_SIZE, (size_t)n - VNET_HDR_SIZE);
     }
     n -= VNET_HDR_SIZE;
     if (n < 0) {
@@ -1553,56 +1567,42 @@ core_receive_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (views == NULL)
         return NULL;
     lock(&self->rx_lock);
-    PyObject *result = NULL, *got = NULL;
+    PyObject *result = NULL;
     if (self->state) {
         raise_status(STATUS_HANDLE_EOF, "the session has ended");
         goto done;
     }
     if (core_pending_error(self) < 0 || (self->stalled && core_retry_send(self) < 0))
         goto done;
-    Ring *ring = &self->rx;
-    uint32_t r = load_word(ring, TAIL_WORD), head = load_word(ring, HEAD_WORD);
-    if (check_ring_index(ring, "receive", "Tail", r) < 0 || check_ring_index(ring, "receive", "Head", head) < 0)
-        goto done;
-    got = pull_packets(ring, self->fd, max_count, self->rx_hdr, 0, self->scratch, self->rx_data, views, NULL);
-    /* Track whatever was read and published, even when the call failed after it. */
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(views); i++) {
-        PyObject *v = PyList_GET_ITEM(views, i);
-        uint32_t off = (uint32_t)((unsigned char *)PyMemoryView_GET_BUFFER(v)->buf - ring->data);
-        if (tracked_push(&self->rx_out, v, off) < 0)
-            goto done;
-    }
-    if (got == NULL)
-        goto done;
-    Py_ssize_t count, dropped;
-    unsigned long tail;
-    int status;
-    if (!PyArg_ParseTuple(got, "nkin", &count, &tail, &status, &dropped))
-        goto done;
-    self->receive_dropped += dropped;
-    if (status && status != EAGAIN && status != EWOULDBLOCK) {
-        /* Raised now, or, when packets came before it, by the next receive: they are handed out first
-         * (their ring space must not be held by views nobody got). */
-        PyObject *exc;
-        if (status == ST_SHORT_READ) {
-            raise_status(STATUS_INVALID_DATA, "the TUN queue returned a read shorter than the %d-byte virtio-net "
-                         "header", VNET_HDR_SIZE);
-            PyObject *type, *tb;
-            PyErr_Fetch(&type, &exc, &tb);
-            PyErr_NormalizeException(&type, &exc, &tb);
-            Py_XDECREF(type);
-            Py_XDECREF(tb);
+    /* One read at a time, as receive_packet does (a dropped packet counts toward max_count); an error
+     * after some packets is raised by the next receive, those packets handed out first. */
+    for (long i = 0; i < max_count; i++) {
+        PyObject *view = NULL;
+        Py_ssize_t dropped = self->receive_dropped;
+        int rc = core_read_one(self, &view);
+        if (rc > 0) {
+            int failed = PyList_Append(views, view);
+            Py_DECREF(view);
+            if (failed < 0)
+                goto done;
+            continue;
         }
-        else
-            exc = core_io_exception(self, status);
-        if (exc == NULL)
-            goto done;
-        if (count == 0) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-            goto done;
+        if (rc == 0) {
+            if (self->receive_dropped != dropped)
+                continue; /* dropped for lack of room: the queue may hold more */
+            break;
         }
+        if (PyList_GET_SIZE(views) == 0 || !PyErr_ExceptionMatches(PyExc_Exception))
+            goto done;
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (exc != NULL && tb != NULL)
+            PyException_SetTraceback(exc, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
         Py_XSETREF(self->rx_error, exc);
+        break;
     }
     if (headers != Py_None) {
         static PyObject *zero_header;
@@ -1616,7 +1616,6 @@ core_receive_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     views = NULL;
 done:
     unlock(&self->rx_lock);
-    Py_XDECREF(got);
     Py_XDECREF(views);
     return result;
 }

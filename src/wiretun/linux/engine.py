@@ -49,9 +49,9 @@ from ..errors import (
     NoMoreItems,
     WintunError,
 )
-from ..ring import DATA_WORD, HEAD_WORD, HEADER_SIZE, MAX_PACKET_SIZE, MAX_RECORD_SIZE, TAIL_WORD, TRAILING_SIZE
+from ..ring import DATA_WORD, HEAD_WORD, MAX_PACKET_SIZE, MAX_RECORD_SIZE, TAIL_WORD, TRAILING_SIZE
 
-__all__ = ["Status", "SessionCore", "PySessionCore", "SPEEDUPS", "Buffer", "error_for"]
+__all__ = ["Status", "SessionCore", "PySessionCore", "SPEEDUPS", "Buffer", "Words", "error_for"]
 
 VNET_HDR_SIZE = 10
 ZERO_HEADER = bytes(VNET_HDR_SIZE)
@@ -87,11 +87,20 @@ def error_for(status: int, message: str) -> WintunError:
     return _ERROR_CLASSES[Status(status)](message)
 
 
+class Words(Protocol):
+    """A ring as little-endian uint32 words (``wiretun.ring.Ring.words``)."""
+
+    def __getitem__(self, index: int) -> int: ...
+    def __setitem__(self, index: int, value: int) -> None: ...
+
+
 class Buffer(Protocol):
-    """What the core needs of a ring: ``wiretun.ring.Ring``'s ``words`` and ``data``."""
+    """What the core needs of a ring: ``wiretun.ring.Ring``'s ``capacity``, ``words`` and ``data``."""
 
     @property
-    def words(self) -> memoryview: ...
+    def capacity(self) -> int: ...
+    @property
+    def words(self) -> Words: ...
     @property
     def data(self) -> memoryview: ...
 
@@ -228,10 +237,9 @@ class PySessionCore:
         self._rx_data = rx.data
         self._tx_words = tx.words
         self._tx_data = tx.data
-        for words in (self._rx_words, self._tx_words):
-            if words.nbytes - HEADER_SIZE - TRAILING_SIZE != self._rx_words.nbytes - HEADER_SIZE - TRAILING_SIZE:
-                raise InvalidParameter("the two rings must have the same capacity")
-        self._cap = self._rx_words.nbytes - HEADER_SIZE - TRAILING_SIZE
+        if rx.capacity != tx.capacity:
+            raise InvalidParameter("the two rings must have the same capacity")
+        self._cap = rx.capacity
         self._mask = self._cap - 1
         self._io_error = io_error
         self._rx_error: BaseException | None = None  # raised by the next receive (packets came before it)
@@ -299,8 +307,15 @@ class PySessionCore:
         r, head = self._ring_indices()
         free = (head - r - 4) & self._mask
         data = self._rx_data
+        # Room for the whole read at the record's contents: header and packet land there in one read and
+        # the packet moves down over the header (what the C type does: a read costs less than a readv).
+        whole = free >= MAX_RECORD_SIZE + 12 and r + 4 + VNET_HDR_SIZE + _READ_SPAN <= self._cap + TRAILING_SIZE
         try:
-            if free >= MAX_RECORD_SIZE:
+            if whole:
+                n = os.readv(self._fd, [data[r + 4 : r + 4 + VNET_HDR_SIZE + _READ_SPAN]])
+                if n >= VNET_HDR_SIZE:
+                    data[r + 4 : r + n - VNET_HDR_SIZE + 4] = data[r + 4 + VNET_HDR_SIZE : r + 4 + n]
+            elif free >= MAX_RECORD_SIZE:
                 n = os.readv(self._fd, [self._hdr, data[r + 4 : r + 4 + _READ_SPAN]])
             else:
                 n = os.readv(self._fd, [self._hdr, self._scratch])

@@ -90,6 +90,7 @@ from ..ring import (
     ring_size,
 )
 from . import tun
+from .engine import PySessionCore, SessionCore
 from .loops import _rx_frames, _rx_one, _rx_pull, _tx_direct, _tx_flush
 
 if TYPE_CHECKING:
@@ -225,8 +226,9 @@ class LinuxSession:
         self._end_lock = threading.Lock()
         self._rx_lock = threading.Lock()
         self._tx_lock = threading.Lock()
-        self.receive_dropped = 0
-        self.send_dropped = 0
+        self._receive_dropped = 0
+        self._send_dropped = 0
+        self._core: PySessionCore | None = None
         self._send_errors_logged: set[int] = set()
         self._capture: Recorder | None = record
         self._rx_error: WintunError | None = None  # raised by the next receive (packets came before it)
@@ -282,6 +284,17 @@ class LinuxSession:
         self._tx_headers: dict[int, Any] = {}  # data offset -> header, for queued packets sent with one
         self._tx_stalled = False
 
+        if not offload and record is None:
+            # A plain session keeps its per-packet state in one SessionCore (C when built): Wintun's
+            # per-packet calls are the core's own methods, one call each (the portable Session binds
+            # these attributes in turn). Offload and capture sessions run the loops below.
+            core = self._core = _make_core(self)
+            self.receive_packet = core.receive_packet  # type: ignore[method-assign]
+            self.receive_packets = core.receive_packets  # type: ignore[method-assign]
+            self.release_receive_packet = core.release_receive_packet  # type: ignore[method-assign]
+            self.release_receive_packets = core.release_receive_packets  # type: ignore[method-assign]
+            self.allocate_send_packet = core.allocate_send_packet  # type: ignore[method-assign]
+            self.send_packet = core.send_packet  # type: ignore[method-assign]
         self._ended = False
         self._torn_down = False
 
@@ -299,7 +312,20 @@ class LinuxSession:
     @property
     def send_stalled(self) -> bool:
         """The kernel refused writes (EAGAIN/ENOBUFS): sent packets wait in the send ring for the queue."""
-        return self._tx_stalled
+        core = self._core
+        return core.stalled if core is not None else self._tx_stalled
+
+    @property
+    def receive_dropped(self) -> int:
+        """Packets read and dropped because the receive ring had no room (too many held)."""
+        core = self._core
+        return self._receive_dropped + (core.receive_dropped if core is not None else 0)
+
+    @property
+    def send_dropped(self) -> int:
+        """Packets the kernel rejected (or sent with a bad header), dropped."""
+        core = self._core
+        return self._send_dropped + (core.send_dropped if core is not None else 0)
 
     def _record(self, packets: Sequence[Any]) -> None:
         capture = self._capture
@@ -354,6 +380,8 @@ class LinuxSession:
             os.eventfd_write(res.event_fd, 1)  # stays set: the handle is readable from now on
         except OSError:
             pass
+        if self._core is not None:
+            self._core.end()  # waits for calls in flight; later ones raise EndOfFile or do nothing
         with self._rx_lock, self._tx_lock:
             res.close_queue()
             self._claim.release()
@@ -469,7 +497,7 @@ class LinuxSession:
             self._fd, self._rx_words, self._rx_data, max_count, self._rx_hdr, 0, self._rx_scratch, views, offsets
         )
         if dropped:
-            self.receive_dropped += dropped
+            self._receive_dropped += dropped
         if count:
             self._rx_cons.accept(offsets, tail, views)
         if status:
@@ -490,7 +518,7 @@ class LinuxSession:
             raise self._read_error(e) from e
         if not isinstance(view, memoryview):
             if view == -2:
-                self.receive_dropped += 1  # no room for it (too many packets held), as Wintun drops
+                self._receive_dropped += 1  # no room for it (too many packets held), as Wintun drops
             else:
                 self._read_status(errno.EAGAIN if view == -1 else -1, 0)
             return None
@@ -515,7 +543,7 @@ class LinuxSession:
             self._fd, self._rx_words, self._rx_data, max_count, self._rx_scratch, views, offsets, headers
         )
         if dropped:
-            self.receive_dropped += dropped
+            self._receive_dropped += dropped
         if count:
             self._rx_cons.accept(offsets, tail, views)
         if status:
@@ -533,6 +561,15 @@ class LinuxSession:
     def packet_header(self, packet: memoryview) -> VirtioNetHeader:
         """The virtio-net header that came with a received, not yet released packet (all zero without
         offloads). InvalidParameter for a packet that is not a received, unreleased packet of this session."""
+        if self._core is not None:
+            if self._torn_down:
+                raise self._eof()
+            if not self._core.holds(packet):
+                raise InvalidParameter(
+                    f"{type(packet).__name__} at {id(packet):#x} is not a received, unreleased packet of this "
+                    f"session (released twice, never received, or from another session?)"
+                )
+            return VirtioNetHeader()
         with self._rx_lock:
             if self._torn_down:
                 raise self._eof()
@@ -662,7 +699,7 @@ class LinuxSession:
                 if headers:
                     iov[0] = headers.get(head + 4, ZERO_HEADER)
                     if iov[0] is _DROP:
-                        self.send_dropped += 1
+                        self._send_dropped += 1
                         headers.pop(head + 4, None)
                         iov[0] = ZERO_HEADER
                         head = (head + ((size + 7) & ~3)) & mask
@@ -690,7 +727,10 @@ class LinuxSession:
             words[HEAD_WORD] = head
 
     def _send_rejected(self, exc: OSError, size: int) -> None:
-        self.send_dropped += 1
+        self._send_dropped += 1
+        self._log_rejected(exc, size)
+
+    def _log_rejected(self, exc: OSError, size: int) -> None:
         code = exc.errno or 0
         if code not in self._send_errors_logged:
             self._send_errors_logged.add(code)
@@ -773,6 +813,10 @@ class LinuxSession:
         session ended the packets are discarded and all counted as taken, as :meth:`send_packet` does.
         """
         items, sizes, hdrs = _check_batch(packets, headers)
+        if self._core is not None:
+            if hdrs is not None:
+                hdrs = [h if h.__class__ is bytes else bytes(h) for h in hdrs]
+            return self._core.send_packets(items, hdrs)
         count = 0
         with self._tx_lock:
             if self._ended:
@@ -844,6 +888,30 @@ class LinuxSession:
                 raise self._lost(exc) from exc
             self._send_rejected(exc, sizes[i])
             i += 1
+
+def _make_core(session: LinuxSession) -> PySessionCore:
+    """A SessionCore on the session's queue and rings. Its callbacks hold the session weakly, so the
+    session's finalizer still runs when the last reference goes (no cycle through the core)."""
+    ref = weakref.ref(session)
+    name = session._name
+
+    def io_error(code: int) -> BaseException:
+        exc = OSError(code, os.strerror(code))
+        owner = ref()
+        if owner is None:
+            return EndOfFile(f"Session on {name}: the TUN queue failed ({exc.strerror})")
+        return owner._read_error(exc)  # EndOfFile when the queue is gone, else a WintunError
+
+    def rejected(code: int, size: int) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._log_rejected(OSError(code, os.strerror(code)), size)
+
+    def convert_header(header: object) -> bytes:
+        return bytes(_header_bytes(header, "header"))
+
+    return SessionCore(session._fd, session._rx, session._tx, io_error, rejected, convert_header)
+
 
 def _check_batch(packets: Any, headers: Any) -> tuple[Sequence[Any], list[int], list[Any] | None]:
     """Check a send batch before any of it goes out: (packets as a sequence, their sizes in bytes, their
