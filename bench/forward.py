@@ -10,7 +10,7 @@ payloads (packets/s received) from A to B. Forwarders, all in one run:
 * ``wiretun plain``  wiretun sessions without offloads, a thread per direction, batch receive/send
 * ``wiretun offload`` the same with ``offload=True`` (virtio-net header, TSO/USO): super-packets of
                      up to 64 KiB pass from one adapter to the other with their header unchanged
-* ``wiretun per-packet`` Wintun's own loop (example.c's): receive_packet, allocate_send_packet, copy,
+* ``wiretun per-packet`` Wintun's own loop (example.c's): try_receive_packet, allocate_send_packet, copy,
                      send_packet, release_receive_packet, one packet per call, a thread per direction
 * ``C plain``        bench/c/forward.c compiled with gcc into bench/out/: thread per direction
 * ``C offload``      the same with IFF_VNET_HDR + TUNSETOFFLOAD, headers passed through
@@ -101,10 +101,10 @@ def serve_pytun(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     # pytun's mtu property asks the kernel by name, in the calling thread's namespace.
     with netns.entered(ns_a):
         a = pytun.TunTapDevice(name=dev_a, flags=flags)
-        mtu_a = a.get_mtu()
+        mtu_a = a.mtu  # pytun.TunTapDevice.mtu (a property there)
     with netns.entered(ns_b):
         b = pytun.TunTapDevice(name=dev_b, flags=flags)
-        mtu_b = b.get_mtu()
+        mtu_b = b.mtu
 
     def pump(src: pytun.TunTapDevice, dst: pytun.TunTapDevice, size: int) -> None:
         read, write = src.read, dst.write
@@ -209,11 +209,13 @@ def serve_wiretun_single(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     """wiretun with Wintun's per-packet calls, as a port of example.c forwards: a thread per direction,
     each receiving one packet (sleeping on the read-wait handle while none waits), allocating its room
     in the other session's send ring, copying it there, sending it and releasing the received packet.
-    A full send ring drops the packet (BufferOverflow), as a Wintun program does."""
+    A full send ring drops the packet (BufferOverflow), as a Wintun program does. The receive is
+    ``try_receive_packet`` (Wintun's receive, None instead of ERROR_NO_MORE_ITEMS), as bench/session.py's
+    per-packet rows."""
     from tests import netns
 
     from wiretun import Adapter
-    from wiretun.errors import BufferOverflow, EndOfFile, NoMoreItems
+    from wiretun.errors import BufferOverflow, EndOfFile
 
     with netns.entered(ns_a):
         a = Adapter.create(dev_a, "Bench")
@@ -223,13 +225,12 @@ def serve_wiretun_single(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     sb = b.start_session(0x800000)
 
     def pump(src, dst) -> None:  # type: ignore[no-untyped-def]
-        receive, release, wait = src.receive_packet, src.release_receive_packet, src.wait
+        receive, release, wait = src.try_receive_packet, src.release_receive_packet, src.wait
         allocate, send = dst.allocate_send_packet, dst.send_packet
         try:
             while True:
-                try:
-                    packet = receive()
-                except NoMoreItems:
+                packet = receive()
+                if packet is None:
                     wait()
                     continue
                 try:

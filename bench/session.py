@@ -16,7 +16,10 @@ Everything happens in a network namespace this script creates and removes. The a
   packet])``. Session per-packet: ``allocate_send_packet`` + copy + ``send_packet``. Session batch:
   ``send_packets`` of 64 at a time.
 
-Methods are interleaved round by round; the table shows the median of the rounds.
+Methods are interleaved round by round (the plain loops before and after the session's in each round);
+the table shows the median of the rounds, and "vs plain" the median of the per-round ratios to the
+plain loop (the mean of its two runs in that round), which a machine whose load changes from round to
+round distorts far less than a ratio of medians.
 """
 
 from __future__ import annotations
@@ -168,21 +171,10 @@ def main() -> None:
             for size in (64, 1400):
                 payload = bytes(size - 28)
                 out_pkt = packet.ipv4_udp(PEER_ADDR, ADAPTER_ADDR, 40000, SINK_PORT, bytes(size - 28))
-                for _ in range(rounds):
-                    # plain loop on a queue of its own (no session attached meanwhile)
-                    fd = tun.open_queue(adapter.kernel_name)
-                    try:
-                        tun.set_offload(fd, 0)
-                        prefill(sender, payload, count)
-                        n, dt = timed(partial(drain_plain, fd))
-                        _record(results, ("receive", size, "plain os.read loop"), n, count, dt)
-                        prefill(sender, payload, count)
-                        n, dt = timed(partial(drain_plain_strip, fd))
-                        _record(results, ("receive", size, "plain read + strip hdr"), n, count, dt)
-                        n, dt = timed(partial(send_plain, fd, out_pkt, count))
-                        _record(results, ("send", size, "plain os.writev loop"), n, count, dt)
-                    finally:
-                        os.close(fd)
+                for r in range(rounds):
+                    # The plain loops run before and after the session's (their mean is the round's
+                    # baseline), so that load changing during the round hits both sides alike.
+                    plain_round(adapter, sender, payload, out_pkt, count, size, results, r)
                     with adapter.start_session(0x400000) as session:
                         prefill(sender, payload, count)
                         n, dt = timed(partial(drain_session_single, session))
@@ -194,26 +186,53 @@ def main() -> None:
                         _record(results, ("send", size, "session per-packet"), n, count, dt)
                         n, dt = timed(partial(send_session_batch, session, out_pkt, count))
                         _record(results, ("send", size, f"session batch ({BATCH})"), n, count, dt)
+                    plain_round(adapter, sender, payload, out_pkt, count, size, results, r)
             sender.close()
             sink.close()
         finally:
             adapter.close()
 
     print(f"machine: {machine()}")
-    print(f"{count} packets per measurement, median of {rounds} rounds\n")
+    print(f"{count} packets per measurement, median of {rounds} rounds; vs plain: the median of each "
+          f"round's ratio to the plain loop run just before and just after it\n")
     print(f"{'direction':<9} {'size':>5}  {'method':<24} {'packets/s':>12}  {'vs plain':>8}")
     for direction in ("receive", "send"):
         for size in (64, 1400):
-            rows = [(k[2], statistics.median(v)) for k, v in results.items() if k[0] == direction and k[1] == size]
-            base = rows[0][1]
-            for name, pps in rows:
-                print(f"{direction:<9} {size:>5}  {name:<24} {pps:>12,.0f}  {pps / base:>7.0%}")
+            rows = [(k[2], v) for k, v in results.items() if k[0] == direction and k[1] == size]
+            base = rows[0][1]  # the plain loop: two measurements per round
+            for name, values in rows:
+                per_round = [statistics.mean(v) for v in values]
+                ratios = [p / statistics.mean(b) for p, b in zip(per_round, base)]
+                print(f"{direction:<9} {size:>5}  {name:<24} {statistics.median(per_round):>12,.0f}  "
+                      f"{statistics.median(ratios):>7.0%}")
 
 
-def _record(results: dict, key: tuple[str, int, str], n: int, expected: int, dt: float) -> None:
+def plain_round(adapter: Adapter, sender: socket.socket, payload: bytes, out_pkt: bytes, count: int, size: int,
+                results: dict, r: int) -> None:
+    """The plain loops, on a queue of their own (no session attached meanwhile)."""
+    fd = tun.open_queue(adapter.kernel_name)
+    try:
+        tun.set_offload(fd, 0)
+        prefill(sender, payload, count)
+        n, dt = timed(lambda: drain_plain(fd))
+        _record(results, ("receive", size, "plain os.read loop"), n, count, dt, r)
+        prefill(sender, payload, count)
+        n, dt = timed(lambda: drain_plain_strip(fd))
+        _record(results, ("receive", size, "plain read + strip hdr"), n, count, dt, r)
+        n, dt = timed(lambda: send_plain(fd, out_pkt, count))
+        _record(results, ("send", size, "plain os.writev loop"), n, count, dt, r)
+    finally:
+        os.close(fd)
+
+
+def _record(results: dict, key: tuple[str, int, str], n: int, expected: int, dt: float, r: int = -1) -> None:
+    """Packets/s of one measurement, kept per round (a round may measure a method more than once)."""
     if n != expected:
         raise SystemExit(f"{key}: moved {n} packets, expected {expected} (the queue dropped some?)")
-    results.setdefault(key, []).append(n / dt)
+    per_round = results.setdefault(key, [])
+    if r < 0 or r >= len(per_round):
+        per_round.append([])
+    per_round[-1].append(n / dt)
 
 
 if __name__ == "__main__":

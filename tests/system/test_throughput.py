@@ -751,7 +751,7 @@ def test_forwarding_benchmark_smoke(tmp_path):
     """bench/forward.py for one second per run: every forwarder starts, moves TCP, and cleans up."""
     if shutil.which("iperf3") is None or shutil.which("gcc") is None:
         pytest.skip("needs iperf3 and gcc")
-    kinds = ["wiretun plain", "wiretun offload", "C plain", "C offload"]
+    kinds = ["wiretun plain", "wiretun per-packet", "wiretun offload", "C plain", "C offload"]
     if subprocess.run([sys.executable, "-c", "import pytun"], capture_output=True).returncode == 0:
         kinds.insert(0, "python-pytun")
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
@@ -762,8 +762,8 @@ def test_forwarding_benchmark_smoke(tmp_path):
         capture_output=True, text=True, timeout=180,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = {line[:16].strip(): line[16:].split() for line in out.stdout.splitlines()
-            if line[:16].strip() in kinds}
+    rows = {kind: line[len(kind):].split() for line in out.stdout.splitlines() for kind in kinds
+            if line.startswith(kind + " ")}
     assert set(rows) == set(kinds), out.stdout
     for kind, cells in rows.items():
         assert float(cells[0]) > 0, f"{kind} moved nothing: {out.stdout}"
@@ -775,7 +775,7 @@ def test_forwarding_benchmark_smoke(tmp_path):
         flags = int(results[kind]["offloads"], 16)
         assert flags & 0x03 == 0x03, f"{kind} did not negotiate checksum + TSO4: {results[kind]['offloads']}"
         assert results[kind]["tcp_read_avg"] > 1500, f"{kind} read no super-packets: {results[kind]}"
-    for kind in ("wiretun plain", "C plain"):
+    for kind in ("wiretun plain", "wiretun per-packet", "C plain"):
         assert int(results[kind]["offloads"], 16) == 0, results[kind]
         assert results[kind]["tcp_read_avg"] <= 1500 + 10, f"{kind} read more than an MTU: {results[kind]}"
     ratio = results["wiretun offload"]["tcp_bps"] / results["C offload"]["tcp_bps"]
