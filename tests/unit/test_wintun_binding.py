@@ -233,3 +233,31 @@ def test_setup_builds_the_c_extension_on_linux_only(platform, built, monkeypatch
     runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
     assert bool(captured["ext_modules"]) is built
     assert os.path.exists(ROOT / "setup.py")
+
+
+# ----------------------------------------------------------------------------- IP Helper structures
+
+
+@pytest.mark.skipif(ctypes.sizeof(ctypes.c_void_p) != 8, reason="the sizes below are the 64-bit SDK's")
+def test_ip_helper_structures_have_the_sdk_layout():
+    """netioapi.h's sizes on 64-bit Windows; x86-64 Linux aligns these field types the same way."""
+    from wiretun.windows import ipconfig as ipc
+
+    sizes = {"_SockaddrInet": 28, "_UnicastRow": 80, "_Prefix": 32, "_ForwardRow": 104,
+             "_IpInterfaceRow": 168, "_IfRow2": 1352}
+    assert {name: ctypes.sizeof(getattr(ipc, name)) for name in sizes} == sizes
+    assert ipc._UnicastRow.InterfaceLuid.offset == 32 and ipc._UnicastRow.OnLinkPrefixLength.offset == 60
+    assert ipc._ForwardRow.NextHop.offset == 44 and ipc._ForwardRow.Metric.offset == 84
+    assert ipc._IfRow2.Mtu.offset == 1124 and ipc._IfRow2.OperStatus.offset == 1156
+
+
+def test_sockaddr_inet_round_trips_both_families():
+    import ipaddress
+
+    from wiretun.windows import ipconfig as ipc
+
+    for text in ("10.6.7.7", "fd00:6:7::7"):
+        address = ipaddress.ip_address(text)
+        sa = ipc._SockaddrInet.of(address, address.version)
+        assert sa.family == (ipc.AF_INET if address.version == 4 else ipc.AF_INET6)
+        assert sa.address() == address

@@ -355,6 +355,39 @@ def test_linux_only_adapter_options_and_missing_calls(netns, windows_backend):
     assert "WintunEnumAdapters" in str(e2.value)
 
 
+def test_packet_from_another_session_is_refused(adapter):
+    with Adapter.create("wts1", "SessionTest") as other:
+        other.add_address("10.9.9.1/24")
+        with adapter.start_session() as s1, other.start_session() as s2:
+            drain(s2)
+            send(s2, packet.ipv4_icmp_echo("10.9.9.2", "10.9.9.1", 1, 1, b"other"))
+            foreign = receive_matching_view(s2, is_v4(packet.PROTO_ICMP))
+            with pytest.raises(InvalidParameter):
+                s1.release_receive_packet(foreign)
+            with pytest.raises(InvalidParameter):
+                s1.release_receive_packets([foreign])
+            with pytest.raises(InvalidParameter):
+                s2.release_receive_packets([foreign, foreign])  # twice in one batch: none released
+            assert bytes(foreign).endswith(b"other")
+            s2.release_receive_packet(foreign)  # still releasable by its own session
+            buf = s2.allocate_send_packet(20)
+            with pytest.raises(InvalidParameter):
+                s1.send_packet(buf)
+
+
+def receive_matching_view(session: Session, match: Any, timeout: float = 3.0) -> memoryview:
+    """As receive_matching, but the matching packet is returned unreleased."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pkt = session.wait_receive_packet(max(0.0, deadline - time.monotonic()))
+        if pkt is None:
+            continue
+        if match(bytes(pkt)):
+            return pkt
+        session.release_receive_packet(pkt)
+    raise AssertionError("no matching packet arrived")
+
+
 def test_second_session_is_busy(adapter):
     s = adapter.start_session()
     with pytest.raises(Busy) as e:

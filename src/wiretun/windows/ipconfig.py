@@ -114,7 +114,8 @@ ERROR_OBJECT_ALREADY_EXISTS = 5010
 class _SockaddrInet(ctypes.Structure):
     """SOCKADDR_INET: the 28-byte union of SOCKADDR_IN and SOCKADDR_IN6, as raw bytes."""
 
-    _fields_ = [("family", ctypes.c_uint16), ("raw", ctypes.c_uint8 * 26)]
+    # 4-aligned, as the union's SOCKADDR_IN6 member (ULONG fields) makes it: IP_ADDRESS_PREFIX depends on it.
+    _fields_ = [("family", ctypes.c_uint16), ("port", ctypes.c_uint16), ("rest", ctypes.c_uint32 * 6)]
 
     @classmethod
     def of(cls, address: IPAddress | None, version: int) -> _SockaddrInet:
