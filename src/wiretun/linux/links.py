@@ -25,8 +25,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
@@ -44,6 +47,8 @@ _NETLINK_LISTEN_ALL_NSID = 8
 _RECV_BUFFER = 1 << 20
 _CMSG_SPACE = socket.CMSG_SPACE(4)
 _LOCATE_ATTEMPTS = 5  # the device may move again while it is being looked up
+_DISMANTLE_POLL = 0.05  # seconds between looks at a device whose namespace is being removed
+_DISMANTLE_WAIT = 60.0  # the kernel removes it well within this
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,13 @@ def _nsid(ancillary: list[tuple[int, int, bytes]]) -> int:
     return -1  # no id attached: the socket's own namespace
 
 
+class _Dismantling(OSError):
+    """The device's namespace is being removed (``ip netns del``): the device goes with it."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EINVAL, "the interface's network namespace is being removed")
+
+
 class LinkMonitor:
     """Up/down, MTU, moves and the deletion of the TUN device behind ``tun_fd`` (any queue of it,
     attached or detached; the monitor keeps a duplicate). ``index`` is its interface index in ``home``,
@@ -94,9 +106,15 @@ class LinkMonitor:
         self._sock: socket.socket | None = None
         self._marshal = MarshalRtnl()
         self._deleted = False
+        self._watching = False
+        # One descriptor to wait on: the netlink socket, and an eventfd for what netlink cannot say.
+        self._poller = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             self._home = home.call(netlink.Namespace)  # our own handle of it
             self._sock = self._home.call(_listen_socket)
+            self._poller.register(self._sock.fileno(), select.EPOLLIN)
+            self._poller.register(self._wake, select.EPOLLIN)
             # Subscribed first, then read: a change in between arrives as an event too.
             state = self._locate(index)
             if state is None:
@@ -111,7 +129,7 @@ class LinkMonitor:
     def fileno(self) -> int:
         if self._sock is None:
             raise OSError(errno.EBADF, "the link monitor is closed")
-        return self._sock.fileno()
+        return self._poller.fileno()
 
     @property
     def state(self) -> LinkState:
@@ -129,6 +147,11 @@ class LinkMonitor:
             return []
         events: list[LinkEvent] = []
         recheck = False
+        try:
+            os.eventfd_read(self._wake)
+            recheck = True  # the dismantling watcher saw the device go (or stay)
+        except BlockingIOError:
+            pass
         while True:
             try:
                 data, ancillary, _, _ = sock.recvmsg(65536, _CMSG_SPACE)
@@ -170,6 +193,8 @@ class LinkMonitor:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+            self._poller.close()
+            os.close(self._wake)
         home, self._home = self._home, None
         if home is not None:
             home.close()
@@ -197,12 +222,44 @@ class LinkMonitor:
             events.append(LinkEvent(LinkEventKind.UP if up else LinkEventKind.DOWN))
 
     def _recheck(self, events: list[LinkEvent]) -> None:
-        state = self._locate(self._state.index)
+        try:
+            state = self._locate(self._state.index)
+        except _Dismantling:
+            # Its namespace is being removed, and the device with it. That namespace has lost its id
+            # here already, so its RTM_DELLINK never reaches this socket: watch the device instead.
+            self._watch_dismantling()
+            return
         if state is None:
             self._deleted = True
             events.append(LinkEvent(LinkEventKind.DELETED))
             return
         self._update(events, state.netns, state.nsid, state.index, state.name, state.up, state.mtu)
+
+    def _watch_dismantling(self) -> None:
+        if self._watching:
+            return
+        self._watching = True
+        tun_fd = fcntl.fcntl(self._tun, fcntl.F_DUPFD_CLOEXEC, 0)
+        wake = fcntl.fcntl(self._wake, fcntl.F_DUPFD_CLOEXEC, 0)
+
+        def watch() -> None:
+            try:
+                deadline = time.monotonic() + _DISMANTLE_WAIT
+                while time.monotonic() < deadline:
+                    time.sleep(_DISMANTLE_POLL)
+                    try:
+                        os.close(tun.device_netns(tun_fd))
+                    except OSError as e:
+                        if e.errno == errno.EINVAL:
+                            continue  # still dying
+                    break  # gone (EBADFD) or settled: let read_events look
+                self._watching = False
+                os.eventfd_write(wake, 1)
+            finally:
+                os.close(tun_fd)
+                os.close(wake)
+
+        threading.Thread(target=watch, name="wiretun-link-dismantle", daemon=True).start()
 
     def _locate(self, index: int) -> LinkState | None:
         """Where the device is now and its state there; None once it is gone (EBADFD)."""
@@ -215,6 +272,8 @@ class LinkMonitor:
             except OSError as e:
                 if e.errno in (errno.EBADFD, errno.ENODEV):
                     return None
+                if e.errno == errno.EINVAL:
+                    raise _Dismantling() from None  # the namespace is dying: no handle can be had
                 raise
 
             with netlink.Namespace.adopt(fd) as ns:
