@@ -261,3 +261,14 @@ def test_sockaddr_inet_round_trips_both_families():
         sa = ipc._SockaddrInet.of(address, address.version)
         assert sa.family == (ipc.AF_INET if address.version == 4 else ipc.AF_INET6)
         assert sa.address() == address
+
+
+def test_wintun_name_limit_counts_utf16_code_units():
+    from wiretun.windows.adapter import _check_wintun_name
+
+    _check_wintun_name("adapter name", "x" * 127)
+    _check_wintun_name("adapter name", "Data Center")
+    _check_wintun_name("adapter name", "\U0001F600" * 63 + "x")  # 127 units
+    with pytest.raises(errors.InvalidParameter) as e:
+        _check_wintun_name("adapter name", "\U0001F600" * 64)  # 64 characters, 128 UTF-16 units
+    assert "128 UTF-16 code units" in str(e.value) and "127" in str(e.value)

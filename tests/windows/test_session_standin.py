@@ -11,6 +11,7 @@ seen through what arrives.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import select
 import socket
 import struct
@@ -25,7 +26,7 @@ import wiretun
 from wiretun import _backend, packet
 from wiretun.adapter import Adapter
 from wiretun.errors import BufferOverflow, Busy, EndOfFile, InvalidParameter, NoMoreItems, NotSupported
-from wiretun.ring import record_size
+from wiretun.ring import RELEASE_BIT, record_size
 from wiretun.session import Session
 from wiretun.windows import wintun_dll
 from wiretun.windows.session import WintunSession
@@ -240,8 +241,14 @@ def test_out_of_order_release_frees_space_only_from_head(adapter):
         held = s.receive_packets(fit + 7)
         assert len(held) == fit and all(len(p) == 1400 for p in held)
         assert seqs(held) == list(range(fit))  # the 7 that did not fit were dropped
+        # Zero copy: the views are the DLL's ring itself, one TUN_PACKET record after another, each
+        # behind its 4-byte Size.
+        where = [address_of(p) for p in held]
+        assert all(b - a == rec for a, b in zip(where, where[1:]))
+        assert ctypes.c_uint32.from_address(where[0] - 4).value == 1400
 
         s.release_receive_packet(held[1])  # out of order: marked released, Head stays
+        assert ctypes.c_uint32.from_address(where[1] - 4).value == RELEASE_BIT | 1400
         blast(1000, 1)
         settle()
         assert s.receive_packets(10) == []  # its space is not usable yet: dropped
@@ -259,6 +266,10 @@ def test_out_of_order_release_frees_space_only_from_head(adapter):
         blast(3000, fit)
         settle()
         assert seqs(s.receive_packets(fit + 1)) == list(range(3000, 3000 + fit))  # all space is back
+
+
+def address_of(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def test_full_send_ring_is_buffer_overflow_and_nothing_else_breaks(adapter):
