@@ -300,16 +300,18 @@ class Lab:
             nsx(ns, "ip", "link", "set", ifname, "up")
         return w
 
-    def node(self, kind: str, ns: str, port: int, *, ifname: str | None = None, configure: bool = True) -> Node:
-        """Start a node; ``configure`` gives it its key, ``port`` and inner addresses and sets it up."""
+    def node(self, kind: str, ns: str, port: int, *, ifname: str | None = None, configure: bool = True,
+             env: dict[str, str] | None = None, device_options: dict[str, Any] | None = None) -> Node:
+        """Start a node; ``configure`` gives it its key, ``port`` and inner addresses and sets it up.
+        ``env`` adds to a process's environment, ``device_options`` are keywords for an in-process Device."""
         node = Node(self, kind, ns, next(self._indexes), ifname)
         self.nodes.append(node)
         if kind == "inproc":
-            self._start_inproc(node)
+            self._start_inproc(node, device_options or {})
         elif kind == "daemon":
-            self._start_process(node, [sys.executable, "-m", "wiretun.wireguard.daemon", "-f", node.ifname])
+            self._start_process(node, [sys.executable, "-m", "wiretun.wireguard.daemon", "-f", node.ifname], env)
         elif kind == "wggo":
-            self._start_process(node, [WIREGUARD_GO, "-f", node.ifname])
+            self._start_process(node, [WIREGUARD_GO, "-f", node.ifname], env)
         else:
             raise ValueError(kind)
         if configure:
@@ -318,18 +320,18 @@ class Lab:
             node.port = port
         return node
 
-    def _start_inproc(self, node: Node) -> None:
+    def _start_inproc(self, node: Node, device_options: dict[str, Any]) -> None:
         from wiretun.wireguard.device import Device
         from wiretun.wireguard.uapi import UAPIServer
 
         with _netns.entered(node.ns):  # the adapter, sockets and the loop thread live there
             node.adapter = wiretun.Adapter.create(node.ifname, "WireGuard")
-            node.device = Device(node.adapter)
+            node.device = Device(node.adapter, **device_options)
             node.server = UAPIServer(node.ifname, node.device)
             node.device.start()
 
-    def _start_process(self, node: Node, argv: list[str]) -> None:
-        env = dict(os.environ, LOG_LEVEL="error", WG_PROCESS_FOREGROUND="1")
+    def _start_process(self, node: Node, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, LOG_LEVEL="error", WG_PROCESS_FOREGROUND="1", **(extra_env or {}))
         node.log_path = self.tmp / f"{node.ifname}.log"  # what the process printed (error level)
         with open(node.log_path, "w") as out:
             node.proc = subprocess.Popen(["ip", "netns", "exec", node.ns, *argv], env=env,

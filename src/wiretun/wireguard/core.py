@@ -39,6 +39,8 @@ Peer API (used by the UAPI/config layer)::
     set_private_key(key | None)             # re-derives static-static DH, expires sessions,
                                             # removes a peer whose key equals the new public key
     private_key, public_key                 # read-only properties (None when unset)
+    keylog = callable | None                # (local static private, remote static public, local
+                                            # ephemeral private, psk) per handshake message we make
     under_load = True | False | None        # None: decide from the rate of handshake messages that
                                             # passed MAC1 (under_load_threshold a second) or backlog
     handshake_backlog = n                   # device hint: handshake datagrams it has queued
@@ -373,6 +375,9 @@ class WireGuard:
         self._load_count = 0
         self._under_load_until = _NEVER
         self.on_event: Callable[[str, Peer], None] | None = None
+        # Called as keylog(local static private, remote static public, local ephemeral private,
+        # preshared key) for each initiation or response this side makes: for a Wireshark key log.
+        self.keylog: Callable[[bytes, bytes, bytes, bytes], None] | None = None
         self.stats = Counters()
         self.datagrams: list[tuple[bytes, Any]] = []
         self.packets: list[bytes] = []
@@ -877,6 +882,8 @@ class WireGuard:
         if msg is None:
             return
         self._handshakes[index] = peer
+        if self.keylog is not None:
+            self._log_keys(peer)
         peer.cookie_generator.add_macs(msg, now)
         timers.any_authenticated_packet_traversal(now)
         timers.any_authenticated_packet_sent()
@@ -894,6 +901,8 @@ class WireGuard:
             self.stats.rx_bad_handshake += 1
             return
         self._handshakes[index] = peer
+        if self.keylog is not None:
+            self._log_keys(peer)
         peer.cookie_generator.add_macs(msg, now)
         kp = noise.derive_keypair(hs, now)
         if kp is None:  # cannot happen after a created response; keep the table clean anyway
@@ -906,6 +915,14 @@ class WireGuard:
         timers.any_authenticated_packet_sent()
         self.stats.tx_responses += 1
         self._send(peer, bytes(msg))
+
+    def _log_keys(self, peer: Peer) -> None:
+        hook = self.keylog
+        ephemeral = peer.handshake.local_ephemeral
+        private = self._identity.private_key
+        if hook is None or ephemeral is None or private is None:
+            return
+        hook(private, peer.public_key, ephemeral.private_bytes_raw(), peer.handshake.preshared_key)
 
     def _send(self, peer: Peer, datagram: bytes) -> None:
         endpoint = peer.endpoint

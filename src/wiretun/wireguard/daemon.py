@@ -10,6 +10,9 @@ daemonizes: it starts itself again in the foreground in a new session (marked by
 interface and the socket ready, so ``wg-quick`` (``WG_QUICK_USERSPACE_IMPLEMENTATION=wiretun-wg``) can
 run ``wg setconf`` straight away.
 
+``WIRETUN_KEYLOG_FILE=path`` appends every handshake's keys to ``path`` for Wireshark (see
+:mod:`wiretun.wireguard.keylog`; off by default, and a warning is logged when it is on).
+
 ``LOG_LEVEL`` is ``verbose`` (or ``debug``), ``error`` (the default) or ``silent``; lines go to stdout
 as wireguard-go writes them (``DEBUG: (wg0) 2006/01/02 15:04:05 message``). wiretun's log levels keep
 their meaning: info is ``DEBUG`` (shown at ``verbose``), warnings are ``WARNING`` and errors ``ERROR``
@@ -182,6 +185,7 @@ def run_foreground(interface: str, logger: Logger) -> int:
         import wiretun
 
         from .device import Device
+        from .keylog import ENV_KEYLOG_FILE
         from .uapi import UAPIServer, socket_in_use, socket_path
 
         path = socket_path(interface)
@@ -199,7 +203,8 @@ def run_foreground(interface: str, logger: Logger) -> int:
     device = server = None
     try:
         try:
-            device = Device(adapter)
+            # WIRETUN_KEYLOG_FILE: append handshake keys for Wireshark (off unless set; see keylog.py).
+            device = Device(adapter, keylog=os.environ.get(ENV_KEYLOG_FILE) or None)
         except Exception as e:
             return fail(f"Failed to create device: {e}")
         name = device.name

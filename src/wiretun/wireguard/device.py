@@ -81,6 +81,7 @@ from .config import (
 )
 from .conn import Conn, close_all
 from .core import CounterSet, Peer, WireGuard
+from .keylog import KeyLog
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -202,7 +203,8 @@ class Device:
     it (idempotent); :attr:`closed` is set then, and also when the adapter disappears.
     """
 
-    def __init__(self, adapter: Adapter, *, capacity: int = DEFAULT_CAPACITY, offload: bool | None = None) -> None:
+    def __init__(self, adapter: Adapter, *, capacity: int = DEFAULT_CAPACITY, offload: bool | None = None,
+                 keylog: str | os.PathLike[str] | None = None) -> None:
         if offload is None:
             offload = os.environ.get("WIRETUN_WG_OFFLOAD", "1") != "0"
         self._adapter = adapter
@@ -219,6 +221,11 @@ class Device:
 
         self._core = WireGuard(mtu=DEFAULT_MTU)
         self._core.on_event = self._on_core_event
+        self._keylog: KeyLog | None = None
+        if keylog is not None:  # off by default; an unusable file is logged and the device runs without it
+            self._keylog = KeyLog(keylog, self._name)
+            if self._keylog.active:
+                self._core.keylog = self._keylog.write
         self._ns: netlink.Namespace | None = None
         self._session: Session | None = None
         self._conn: Conn | None = None
@@ -369,6 +376,9 @@ class Device:
             self._core.take_packets()
             self._core.take_trains()
             self._core.take_frames()
+            self._core.keylog = None
+            if self._keylog is not None:
+                self._keylog.close()
         links, self._links = self._links, None
         if links is not None:
             links.close()

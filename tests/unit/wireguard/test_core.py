@@ -820,3 +820,25 @@ def test_timer_armed_by_a_handler_does_not_delay_an_earlier_one(pair) -> None:
     start = net.now
     net.run(start + 4, keep=lambda node, ep, data: False)
     assert (pytest.approx(start + 3), "keys_zeroed") in fired
+
+
+def test_keylog_hook_gets_the_keys_of_each_handshake_message(pair) -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    net, a, b = pair
+    logged: dict[str, list[tuple[bytes, bytes, bytes, bytes]]] = {"A": [], "B": []}
+    a.wg.keylog = lambda *keys: logged["A"].append(keys)
+    b.wg.keylog = lambda *keys: logged["B"].append(keys)
+    psk = bytes(range(32))
+    a.peer_of(b).preshared_key = psk
+    b.peer_of(a).preshared_key = psk
+    handshake(net, a, b)
+    initiation = net.sent("A", 1)[0]
+    response = net.sent("B", 2)[0]
+    [(a_static, a_remote, a_ephemeral, a_psk)] = logged["A"]
+    [(b_static, b_remote, b_ephemeral, b_psk)] = logged["B"]
+    assert (a_static, a_remote, a_psk) == (keys.clamp(a.private_key), b.public_key, psk)
+    assert (b_static, b_remote, b_psk) == (keys.clamp(b.private_key), a.public_key, psk)
+    # The logged ephemeral private keys are the ones whose public halves went on the wire.
+    assert X25519PrivateKey.from_private_bytes(a_ephemeral).public_key().public_bytes_raw() == initiation[8:40]
+    assert X25519PrivateKey.from_private_bytes(b_ephemeral).public_key().public_bytes_raw() == response[12:44]
