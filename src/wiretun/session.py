@@ -306,7 +306,8 @@ class Session(AsyncSessionMethods):
     def get_read_wait_event(self) -> int:
         """A descriptor that is readable when packets may be waiting or the session has ended
         (WintunGetReadWaitEvent). Hand it to ``select``, ``selectors`` or ``loop.add_reader``; do not
-        read or close it."""
+        read or close it. On Windows it is an event HANDLE (:attr:`read_wait_selectable` is False): wait
+        on it with ``WaitForSingleObject``, or use :meth:`wait`."""
         return self._backend.read_wait_handle()
 
     def get_write_wait_event(self) -> int | None:
@@ -315,7 +316,8 @@ class Session(AsyncSessionMethods):
         return self._backend.write_wait_handle()
 
     def get_end_event(self) -> int:
-        """A descriptor that becomes readable, and stays so, when the session ends."""
+        """A descriptor that becomes readable, and stays so, when the session ends (on Windows a
+        manual-reset event HANDLE that becomes signalled)."""
         return self._backend.end_wait_handle()
 
     def wait(self, timeout: float | None = None) -> bool:
