@@ -13,6 +13,7 @@ import datetime
 import signal
 import sys
 import threading
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -136,7 +137,13 @@ def run(seconds: float | None = None, *, ipv6: bool = True) -> dict[str, int]:
             for sig in previous:
                 signal.signal(sig, lambda *_: quit_event.set())
             try:
-                quit_event.wait(seconds)
+                # In slices: on Windows a wait without a timeout is not interrupted by Ctrl-C.
+                deadline = None if seconds is None else time.monotonic() + seconds
+                while not quit_event.is_set():
+                    left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                    if left <= 0:
+                        break
+                    quit_event.wait(left)
             finally:
                 log.info("Cleaning up and shutting down...")
                 quit_event.set()
