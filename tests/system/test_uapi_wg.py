@@ -428,6 +428,81 @@ def test_get_matches_wireguard_go_byte_for_byte(uapi, wireguard_go):
     assert exchange(server.path, b"get=1\n\n") == exchange(wireguard_go, b"get=1\n\n")
 
 
+UPSTREAM = os.environ.get("WIREGUARD_GO_UPSTREAM", "")
+
+# Prefix and endpoint edge cases: removal with "-", leading zeros, zones. Upstream wireguard-go decides
+# (Debian's 2022 build predates "-"); each request is followed by a get, so what was applied is compared
+# too, byte for byte.
+PEER_HEX = "b85996fecc9c7f1fc6d2572a76eda11d59bcd20be8e543b15ce4bd85a8e75a33"
+PREFIX_REQUESTS = [
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=10.0.0.0/8\nallowed_ip=fd00::/64\nallowed_ip=10.1.0.0/16\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=-10.0.0.0/8\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=-10.1.2.3/16\n\n",  # host bits: the same prefix
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=-192.168.0.0/16\n\n",  # not there: nothing happens
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=--fd00::/64\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=-fd00::/64\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=010.0.0.0/8\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=10.0.0.0/08\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=::/0128\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=-10.0.0.0/008\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=fe80::1%lo/64\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=fe80::1%25lo/64\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nendpoint=[fe80::1%lo]:51820\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nendpoint=010.0.0.1:51820\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nendpoint=10.0.0.1:051820\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nallowed_ip=::ffff:10.0.0.0/104\nallowed_ip=0.0.0.0/0\nallowed_ip=::/0\n\n",
+    f"set=1\npublic_key={PEER_HEX}\nreplace_allowed_ips=true\nallowed_ip=-0.0.0.0/0\nallowed_ip=1.2.3.4/32\n\n",
+]
+
+
+@pytest.fixture
+def upstream_wireguard_go(netns):
+    """Upstream wireguard-go (``WIREGUARD_GO_UPSTREAM=/path``) in the test's namespace; its socket path."""
+    if not UPSTREAM or not os.access(UPSTREAM, os.X_OK):
+        pytest.skip("WIREGUARD_GO_UPSTREAM does not name an upstream wireguard-go binary")
+    name = unique("wtu")
+    path = SOCK_DIR / f"{name}.sock"
+    proc = subprocess.Popen([UPSTREAM, "-f", name], env=dict(os.environ, WG_PROCESS_FOREGROUND="1",
+                                                             LOG_LEVEL="silent"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: path.exists() or proc.poll() is not None, 10, "upstream wireguard-go to start")
+        if proc.poll() is not None:
+            pytest.skip(f"upstream wireguard-go did not start (exit {proc.returncode})")
+        yield path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def test_prefix_validation_matches_upstream_wireguard_go(uapi, upstream_wireguard_go):
+    _, _, server = uapi
+    for request in PREFIX_REQUESTS:
+        theirs = exchange(upstream_wireguard_go, request)
+        ours = exchange(server.path, request)
+        assert ours == theirs, request
+        assert without_port(exchange(server.path, b"get=1\n\n")) == \
+            without_port(exchange(upstream_wireguard_go, b"get=1\n\n")), request
+
+
+def test_prefix_validation_of_the_daemon_matches_upstream_wireguard_go(netns, upstream_wireguard_go):
+    with foreground_daemon(unique("wtd"), "error") as (_, path):
+        for request in PREFIX_REQUESTS:
+            assert exchange(path, request) == exchange(upstream_wireguard_go, request), request
+            assert without_port(exchange(path, b"get=1\n\n")) == \
+                without_port(exchange(upstream_wireguard_go, b"get=1\n\n")), request
+
+
+def without_port(reply: str) -> str:
+    return "".join(line for line in reply.splitlines(keepends=True) if not line.startswith("listen_port="))
+
+
 # ------------------------------------------------------------------------------------ daemon
 
 
