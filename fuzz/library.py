@@ -23,6 +23,7 @@ import os
 import random
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +42,11 @@ MAX_DEFECTS_KEPT = 40
 class Fuzz:
     """Counts, the transcript and the defects of one run."""
 
+    current: Fuzz  # the run in progress (one per process)
+
     def __init__(self, seed: int) -> None:
+        Fuzz.current = self
+        self.foreign = 0  # packets the kernel queued on its own (see _is_ours)
         self.rng = random.Random(seed)
         self.calls = 0
         self.by_area: dict[str, int] = {}
@@ -405,8 +410,16 @@ def _session_rounds(f: Fuzz, rng: random.Random, rounds: int) -> None:
             with wiretun.Adapter.create(f"fzl{os.getpid() % 100000}", "Fuzz") as adapter:
                 adapter.add_address("10.91.0.1/24")
                 adapter.up()
+                # No qdisc: a datagram sent to the adapter is in its queue when sendto returns (a qdisc
+                # may hand it over later, from another CPU), so both runs see the same queue.
+                subprocess.run(["tc", "qdisc", "replace", "dev", adapter.kernel_name, "root", "noqueue"],
+                               check=False, capture_output=True)
                 with adapter.start_session(0x20000, offload=offload) as s, \
                         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    # Bound to where the fuzzer's valid packets go (port 9), so the kernel never answers
+                    # them with a port unreachable: rate-limited ICMP would make the queue timing-dependent.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+                    sock.bind(("10.91.0.1", 9))
                     _session_round(f, rng, s, sock, offload)
                     f.call("session", "end", s.end)
                     f.call("session", "receive_packet(after end)", s.receive_packet)
@@ -426,12 +439,12 @@ def _session_round(f: Fuzz, rng: random.Random, s: Any, sock: socket.socket, off
                 sock.sendto(rng.randbytes(rng.choice([0, 1, 100, 1400])), ("10.91.0.2", 9000 + i))
             queued += k
         elif op == 1:
-            ok, v = f.call("session", "try_receive_packet()", s.try_receive_packet)
+            ok, v = f.call("session", "try_receive_packet()", partial(_try_one, f, s))
             if ok and v is not None:
                 held.append(v)
         elif op == 2:
             n = rng.choice([1, 8, 64, f.weird_int()])
-            ok, views = f.call("session", f"receive_packets({n!r})", partial(s.receive_packets, n),
+            ok, views = f.call("session", f"receive_packets({n!r})", partial(_many, f, s, n),
                                loose=wrong_type(n))
             if ok:
                 held.extend(views)
@@ -446,7 +459,7 @@ def _session_round(f: Fuzz, rng: random.Random, s: Any, sock: socket.socket, off
                 sock.sendto(b"wake", ("10.91.0.2", 9999))
                 queued += 1
             f.call("session", f"wait_receive_packet({t!r})",
-                   partial(s.wait_receive_packet, t), loose=not isinstance(t, int | float))
+                   partial(_wait_one, f, s, t), loose=not isinstance(t, int | float))
         elif op == 5 and held:
             v = held.pop(rng.randrange(len(held)))
             f.call("session", "release_receive_packet", partial(s.release_receive_packet, v))
@@ -522,7 +535,7 @@ def _session_round(f: Fuzz, rng: random.Random, s: Any, sock: socket.socket, off
     # Drain and check what the kernel queued: every datagram sent arrives, none twice.
     got = 0
     for _ in range(200):
-        ok, views = f.call("session", "receive_packets(64) drain", partial(s.receive_packets, 64))
+        ok, views = f.call("session", "receive_packets(64) drain", partial(_many, f, s, 64))
         if not ok or not views:
             break
         got += len(views)
@@ -531,8 +544,49 @@ def _session_round(f: Fuzz, rng: random.Random, s: Any, sock: socket.socket, off
         f.call("session", "release_receive_packet(held)", partial(s.release_receive_packet, v))
 
 
-def _receive_into(held: list[memoryview], s: Any, timeout: float) -> memoryview | None:
+# The kernel may put packets of its own into the queue at any moment (an ICMP error, rate-limited, so
+# timing decides whether it is sent): they are released and counted, not fuzzed, so that the C and the
+# pure-Python runs see the same queue. The fuzzer's own packets are UDP to 10.91.0.2, ports 9000-9999.
+def _is_ours(view: memoryview) -> bool:
+    pkt = bytes(view[:24])
+    return len(pkt) >= 24 and pkt[0] == 0x45 and pkt[9] == 17 and pkt[16:20] == bytes([10, 91, 0, 2]) and \
+        9000 <= int.from_bytes(pkt[22:24], "big") <= 9999
+
+
+def _keep_ours(f: Fuzz, s: Any, views: list[memoryview]) -> list[memoryview]:
+    ours = [v for v in views if _is_ours(v)]
+    for v in views:
+        if not _is_ours(v):
+            f.foreign += 1
+            s.release_receive_packet(v)
+    return ours
+
+
+def _try_one(f: Fuzz, s: Any) -> memoryview | None:
+    for _ in range(100):
+        view: memoryview | None = s.try_receive_packet()
+        if view is None or _is_ours(view):
+            return view
+        f.foreign += 1
+        s.release_receive_packet(view)
+    return None
+
+
+def _many(f: Fuzz, s: Any, n: Any) -> list[memoryview]:
+    return _keep_ours(f, s, s.receive_packets(n))
+
+
+def _wait_one(f: Fuzz, s: Any, timeout: Any) -> memoryview | None:
     view: memoryview | None = s.wait_receive_packet(timeout)
+    if view is None or _is_ours(view):
+        return view
+    f.foreign += 1
+    s.release_receive_packet(view)
+    return _try_one(f, s)
+
+
+def _receive_into(held: list[memoryview], s: Any, timeout: float) -> memoryview | None:
+    view = _wait_one(Fuzz.current, s, timeout)
     if view is not None:
         held.append(view)
     return view
@@ -584,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "speedups": _speedups_in_use(),
         "calls": f.calls,
+        "foreign": f.foreign,
         "by_area": f.by_area,
         "defect_count": f.defect_count,
         "defects": f.defects,
