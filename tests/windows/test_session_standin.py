@@ -34,6 +34,7 @@ from wiretun.windows.session import WintunSession
 V4_LOCAL, V4_PEER = "10.0.0.1", "10.0.0.2"
 V6_LOCAL, V6_PEER = "fd00:1::1", "fd00:1::2"
 SMALL = 0x20000
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h (Python's socket module lacks them)
 
 
 @pytest.fixture
@@ -311,6 +312,70 @@ def test_full_send_ring_is_buffer_overflow_and_nothing_else_breaks(adapter):
         assert order == list(range(fit))
         send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 1, 1, b"still alive", 64))
         assert receive_matching(s, is_v4(packet.PROTO_ICMP, V4_PEER)).endswith(b"still alive")
+
+
+def test_threads_receive_release_and_send_at_once(adapter):
+    """Two receiving threads (releasing out of order, in batches) and two sending threads on one session:
+    every datagram arrives exactly once each way; nothing is lost in a ring big enough for all of them."""
+    count = 1500
+    with adapter.start_session(0x400000) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as inbound:
+        drain(s)
+        inbound.bind((V4_LOCAL, 6400))
+        inbound.settimeout(5)
+        # Room for every datagram at once, so that nothing but the session could lose one: the socket's
+        # buffer (forced past rmem_max: the tests run as root) and the TUN device's queue.
+        inbound.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        out.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 8 << 20)
+        subprocess.run(["ip", "link", "set", "dev", "wts0", "txqueuelen", str(4 * count)], check=True)
+        seen: list[list[int]] = [[], []]
+        errors: list[BaseException] = []
+
+        def receiver(k: int) -> None:
+            try:
+                deadline = time.monotonic() + 10
+                while len(seen[0]) + len(seen[1]) < count and time.monotonic() < deadline:
+                    batch = s.receive_packets(16)
+                    if not batch:
+                        s.wait(0.1)
+                        continue
+                    for p in batch:
+                        if is_v4(packet.PROTO_UDP, V4_PEER)(p):
+                            seen[k].append(struct.unpack_from("!I", p, 28)[0])
+                    s.release_receive_packets(batch[::-1])  # newest first: out of order
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        def sender(k: int) -> None:
+            try:
+                for i in range(k, count, 2):
+                    dgram = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7400, 6400, struct.pack("!I", i) + bytes(60))
+                    while True:
+                        try:
+                            buf = s.allocate_send_packet(len(dgram))
+                            break
+                        except BufferOverflow:
+                            time.sleep(0.001)
+                    buf[:] = dgram
+                    s.send_packet(buf)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=receiver, args=(k,)) for k in (0, 1)]
+        threads += [threading.Thread(target=sender, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for i in range(count):
+            out.sendto(struct.pack("!I", i) + bytes(60), (V4_PEER, 9))
+            if i % 100 == 99:
+                time.sleep(0.005)  # let the receivers keep up with the kernel's queue
+        got_in = sorted(struct.unpack_from("!I", inbound.recvfrom(2000)[0])[0] for _ in range(count))
+        for t in threads:
+            t.join(15)
+        assert not errors, errors
+        assert not any(t.is_alive() for t in threads)
+        assert got_in == list(range(count))
+        assert sorted(seen[0] + seen[1]) == list(range(count))
 
 
 def test_bad_arguments_and_linux_only_options_are_clear_errors(adapter):
