@@ -546,7 +546,11 @@ def mac1(pub_b64: str, msg: bytearray) -> None:
 def capture_corpus(lab: Lab, version: int, count: int) -> None:
     """Quiet traffic (probes only) until ``count`` genuine frames of this IP version are captured, every
     probe of the window delivered: so each captured datagram was processed once, and a replay is a replay."""
+    # The peer forgets its session, so its next probe starts a handshake: the corpus gets an initiation.
+    endpoint = f"{T4}:{PORT_T}" if version == 4 else f"[{T6}]:{PORT_T}"
+    sh("wg", "set", lab.pif, "peer", lab.t_pub, "remove")
     lab.capturing = True
+    sh("wg", "set", lab.pif, "peer", lab.t_pub, "allowed-ips", f"{TI4}/32,{TI6}/128", "endpoint", endpoint)
     sent: list[int] = []
     deadline = time.monotonic() + 30
     while len(lab.corpus[version]) < count and time.monotonic() < deadline:
@@ -586,12 +590,12 @@ def run(budget: Budget, peer_kind: str, seed: int) -> tuple[list[str], dict[str,
         sent: dict[str, int] = {}
         try:
             for version in (4, 6):
-                if version == 6:
-                    sh("wg", "set", lab.pif, "peer", lab.t_pub, "endpoint", f"[{T6}]:{PORT_T}")
-                    if not lab.probe_through(10):
-                        defects.add("IPv6 outer: no probe got through after the peer moved to IPv6")
                 capture_corpus(lab, version, 200)
                 corpus = lab.corpus[version]
+                types = [f[14:][P.parse(f[14:]).payload_offset] for f in corpus]
+                figures[f"corpus v{version} (initiations / transport)"] = f"{types.count(1)} / {types.count(4)}"
+                if not corpus:
+                    defects.add(f"IPv{version} outer: no genuine datagram captured (is the tunnel up over it?)")
                 payloads = [udp_of_frame(f)[2] for f in corpus]  # type: ignore[index]
                 share = 0.8 if version == 4 else 0.2  # most over IPv4, a fifth over IPv6
                 real_endpoint = lab.endpoint()
@@ -711,7 +715,9 @@ def run(budget: Budget, peer_kind: str, seed: int) -> tuple[list[str], dict[str,
             lab.check_alive("UAPI garbage", timeout=20)
         finally:
             attacker.drain()
-            figures["replies to the attacker by message type"] = dict(sorted(attacker.replies.items()))
+            figures["replies to the attacker by message type"] = dict(sorted(attacker.replies.items())) or "none"
+            if attacker.replies.get(2):
+                defects.add(f"{attacker.replies[2]} handshake responses to replayed or forged initiations")
             attacker.close()
         time.sleep(2.0)  # sockets of closed UAPI clients, timers: let them go
         rss1, fds1 = lab.rss_kib(), lab.fds()
