@@ -255,6 +255,10 @@ class AllowedIPs(Generic[P]):
             self._drop(slot)
         return len(owned)
 
+    def slots_for_peer(self, peer: P) -> list[int]:
+        """The slots of the prefixes ``peer`` owns, in the order they were inserted."""
+        return list(self._by_peer.get(peer, ()))
+
     def entries_for_peer(self, peer: P) -> list[Network]:
         """The prefixes ``peer`` owns, in the order they were inserted."""
         return [slot_network(slot) for slot in self._by_peer.get(peer, ())]

@@ -93,6 +93,49 @@ class AllowedIPChanges(Sequence[tuple[IPNetwork, bool]]):
         return f"AllowedIPChanges([{shown}{more}])"
 
 
+class AllowedIPList(Sequence[IPNetwork]):
+    """A peer's allowed IPs in a :class:`PeerState`, kept as slots
+    (:func:`wiretun.wireguard.allowedips.prefix_slot`) so a state with a million of them is cheap to
+    take and to format; reads as a sequence of ``ip_network`` and compares equal to a list of them."""
+
+    __slots__ = ("slots",)
+
+    def __init__(self, slots: Iterable[int] = ()) -> None:
+        self.slots: list[int] = list(slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @overload
+    def __getitem__(self, index: int) -> IPNetwork: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[IPNetwork]: ...
+
+    def __getitem__(self, index: int | slice) -> IPNetwork | list[IPNetwork]:
+        if isinstance(index, slice):
+            return [slot_network(slot) for slot in self.slots[index]]
+        return slot_network(self.slots[index])
+
+    def __iter__(self) -> Iterator[IPNetwork]:
+        for slot in self.slots:
+            yield slot_network(slot)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AllowedIPList):
+            return self.slots == other.slots
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(str(net) for net in self[:8])
+        more = f", ... ({len(self)} in all)" if len(self) > 8 else ""
+        return f"AllowedIPList([{shown}{more}])"
+
+
 @dataclasses.dataclass
 class PeerSet:
     """One ``public_key=`` section of a set request. ``None`` means "leave unchanged"."""
@@ -132,7 +175,8 @@ class PeerState:
     last_handshake_time_nsec: int = 0
     rx_bytes: int = 0
     tx_bytes: int = 0
-    allowed_ips: list[IPNetwork] = dataclasses.field(default_factory=list)
+    # A list, or an AllowedIPList (what Device.state() gives: the same networks, kept compact).
+    allowed_ips: list[IPNetwork] | AllowedIPList = dataclasses.field(default_factory=list)
     protocol_version: int = 1
 
 

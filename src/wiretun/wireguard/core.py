@@ -290,6 +290,11 @@ class Peer:
     def allowed_ips(self) -> list[Network]:
         return self._core._aips.entries_for_peer(self)
 
+    @property
+    def allowed_ip_slots(self) -> list[int]:
+        """:attr:`allowed_ips` as slots (:func:`wiretun.wireguard.allowedips.prefix_slot`): cheap for many."""
+        return self._core._aips.slots_for_peer(self)
+
     def add_allowed_ip(self, network: NetworkLike) -> Network:
         """Route ``network`` to this peer (taking it from another peer if one had it)."""
         self._check_live()

@@ -72,6 +72,7 @@ from .config import (
     EIO,
     KEY_SIZE,
     AllowedIPChanges,
+    AllowedIPList,
     DeviceSet,
     DeviceState,
     Endpoint,
@@ -537,7 +538,7 @@ class Device:
                         last_handshake_time_nsec=nsec,
                         rx_bytes=peer.rx_bytes,
                         tx_bytes=peer.tx_bytes,
-                        allowed_ips=list(peer.allowed_ips),
+                        allowed_ips=AllowedIPList(peer.allowed_ip_slots),
                     )
                 )
             return DeviceState(private_key=core.private_key, listen_port=self.listen_port,

@@ -45,6 +45,7 @@ from .config import (
     EIO,
     EPROTO,
     KEY_SIZE,
+    AllowedIPList,
     DeviceSet,
     DeviceState,
     Endpoint,
@@ -155,6 +156,22 @@ def format_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
             scope = address.scope_id
             return f"::ffff:{mapped}" + (f"%{scope}" if scope else "")
     return str(address)
+
+
+_inet_ntop = socket.inet_ntop
+
+
+def format_slot(slot: int) -> str:
+    """A prefix slot as ``address/bits``, exactly as :func:`format_ip` (Go's netip) prints it, fast:
+    ``inet_ntop`` except for the IPv6 addresses of ::/96 and ::ffff:0:0/96, where glibc and Go differ."""
+    length = (slot >> 1) & 0xFF
+    if slot & 1:
+        address = (slot >> 9) << (128 - length)
+        top = address >> 32
+        if top == 0 or top == 0xFFFF:
+            return f"{format_ip(ipaddress.IPv6Address(address))}/{length}"
+        return f"{_inet_ntop(socket.AF_INET6, address.to_bytes(16, 'big'))}/{length}"
+    return f"{_inet_ntop(socket.AF_INET, ((slot >> 9) << (32 - length)).to_bytes(4, 'big'))}/{length}"
 
 
 def parse_endpoint(value: str) -> Endpoint:
@@ -421,8 +438,11 @@ def format_get(state: DeviceState) -> str:
         out.append(f"tx_bytes={peer.tx_bytes:d}\n")
         out.append(f"rx_bytes={peer.rx_bytes:d}\n")
         out.append(f"persistent_keepalive_interval={peer.persistent_keepalive_interval:d}\n")
-        for network in peer.allowed_ips:
-            out.append(f"allowed_ip={format_ip(network.network_address)}/{network.prefixlen:d}\n")
+        if isinstance(peer.allowed_ips, AllowedIPList):
+            out.extend([f"allowed_ip={format_slot(slot)}\n" for slot in peer.allowed_ips.slots])
+        else:
+            for network in peer.allowed_ips:
+                out.append(f"allowed_ip={format_ip(network.network_address)}/{network.prefixlen:d}\n")
     out.append("errno=0\n\n")
     return "".join(out)
 

@@ -20,12 +20,14 @@ from hypothesis import strategies as st
 
 from wiretun.errors import AlreadyExists, InvalidParameter
 from wiretun.wireguard.allowedips import network_slot, slot_network
-from wiretun.wireguard.config import DeviceSet, DeviceState, PeerSet, PeerState, UAPIError
+from wiretun.wireguard.config import AllowedIPList, DeviceSet, DeviceState, PeerSet, PeerState, UAPIError
 from wiretun.wireguard.uapi import (
     MAX_LINE_LENGTH,
     UAPIServer,
     format_errno,
     format_get,
+    format_ip,
+    format_slot,
     parse_prefix,
     parse_prefix_change,
     parse_set,
@@ -793,3 +795,26 @@ def test_prefixes_wireguard_go_refuses(value: str) -> None:
     with pytest.raises(UAPIError) as info:
         parse_prefix_change(value)
     assert info.value.errno == errno.EINVAL
+
+
+_GROUPS = st.sampled_from([0, 0, 0, 1, 0xFFFF, 0xFFFE, 0x2001, 0xDB8, 0x10, 0xABCD])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_GROUPS, min_size=8, max_size=8), st.integers(0, 128), st.integers(0, 2**32 - 1), st.integers(0, 32))
+def test_format_slot_prints_what_format_ip_prints(groups: list[int], length: int, v4: int, length4: int) -> None:
+    address = int.from_bytes(b"".join(g.to_bytes(2, "big") for g in groups), "big")
+    for net in (ipaddress.IPv6Network((address, length), strict=False),
+                ipaddress.IPv4Network((v4, length4), strict=False),
+                ipaddress.IPv6Network((address & (2**32 - 1), length), strict=False),
+                ipaddress.IPv6Network(((0xFFFF << 32) | (address & (2**32 - 1)), length), strict=False)):
+        assert format_slot(network_slot(net)) == f"{format_ip(net.network_address)}/{net.prefixlen}"
+
+
+def test_state_with_slots_formats_like_a_list() -> None:
+    nets = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "::ffff:10.0.0.0/104", "fd00::/64", "::102:304/128")]
+    listed = DeviceState(peers=[PeerState(public_key=bytes(32), allowed_ips=list(nets))])
+    slotted = DeviceState(peers=[PeerState(public_key=bytes(32),
+                                           allowed_ips=AllowedIPList(network_slot(n) for n in nets))])
+    assert format_get(slotted) == format_get(listed)
+    assert slotted.peers[0].allowed_ips == nets
