@@ -39,6 +39,7 @@ from ..offload import (
     VirtioNetHeader,
     split,
 )
+from ..offload import segment_count as _segment_count
 from ..offload import split_packets as _split_packets
 from ..packet import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_PSH, ones_sum
 from .replay import RING_BITS, WINDOW_SIZE
@@ -86,14 +87,19 @@ def _padded(n: int, mtu: int) -> int:
 
 
 def segment_count(header: Buffer, packet: Buffer) -> int:
-    """How many wire packets :func:`seal_super` makes of this read (ValueError if it is malformed)."""
+    """How many wire packets :func:`seal_super` makes of this read; ValueError where it would refuse it."""
+    if len(header) != VIRTIO_NET_HDR_LEN:
+        raise ValueError(f"virtio-net header must be {VIRTIO_NET_HDR_LEN} bytes, not {len(header)}")
+    n = len(packet)
+    if not 0 < n <= MAX_SUPER:
+        raise ValueError(f"packet of {n} bytes is outside 1..65535")
+    flags, gso_type, _, _, csum_start, csum_offset = _NATIVE_HDR.unpack_from(header)
+    if gso_type & ~GSO_ECN == GSO_NONE:
+        if flags & F_NEEDS_CSUM and csum_start + csum_offset + 2 > n:
+            raise ValueError("checksum field lies beyond the packet")
+        return 1
     try:
-        hdr = VirtioNetHeader.unpack_from(header)
-        if hdr.gso_type & ~GSO_ECN == GSO_NONE:
-            return 1
-        from ..offload import segment_count as count
-
-        return count(hdr, packet)
+        return _segment_count(VirtioNetHeader.unpack_from(header), packet)
     except WintunError as e:
         raise ValueError(str(e)) from None
 

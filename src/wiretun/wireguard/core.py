@@ -75,7 +75,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
@@ -105,7 +105,7 @@ from .timers import (
     Timer,
 )
 
-__all__ = ["WireGuard", "Peer", "Counters", "default_source_address"]
+__all__ = ["WireGuard", "Peer", "Counters", "SealJob", "default_source_address"]
 
 _HEADER_PACK = m.TRANSPORT_HEADER.pack
 _HEADER_UNPACK = m.TRANSPORT_HEADER.unpack_from
@@ -343,6 +343,25 @@ class Peer:
     def _check_live(self) -> None:
         if self.removed:
             raise NotFound(f"{self!r} was removed")
+
+
+class SealJob(NamedTuple):
+    """What :meth:`WireGuard.reserve_super_packet` reserved: seal with :meth:`seal` (no lock needed)."""
+
+    key: bytes
+    receiver: int
+    counter: int  # the first of ``segments`` reserved counters
+    segments: int
+    mtu: int
+    endpoint: Any
+    peer: Peer
+
+    def seal(self, header: bytes | bytearray | memoryview, packet: bytes | bytearray | memoryview) -> tuple[bytes, int]:
+        """(train, datagram size) for the read this job was reserved for (:func:`batch.seal_super`)."""
+        train, count, size = batch.seal_super(self.key, self.receiver, self.counter, header, packet, self.mtu)
+        if count != self.segments:  # cannot happen: both come from the same checks of the same read
+            raise ValueError(f"sealed {count} wire packets where {self.segments} were reserved")
+        return train, size
 
 
 class WireGuard:
@@ -746,11 +765,24 @@ class WireGuard:
         entry of :attr:`trains`: ``(train, datagram size, endpoint)``, datagrams end to end, all of that
         size but the last (a UDP GSO send). Without a usable session its wire packets take
         :meth:`send_packet`'s way (queued for the handshake). A header that does not fit the packet is
-        counted in ``tx_bad_packet``."""
+        counted in ``tx_bad_packet``. This is :meth:`reserve_super_packet` and :meth:`SealJob.seal`."""
+        job = self.reserve_super_packet(header, packet, now)
+        if job is not None:
+            train, size = job.seal(header, packet)
+            self.trains.append((train, size, job.endpoint))
+            job.peer.tx_bytes += len(train)
+
+    def reserve_super_packet(self, header: bytes | bytearray | memoryview, packet: bytes | bytearray | memoryview,
+                             now: float) -> SealJob | None:
+        """The state half of :meth:`send_super_packet`: route, take the counters the packet's wire packets
+        will use and run the timer hooks. The caller seals with :meth:`SealJob.seal`, which needs no
+        lock (another thread may do it, in the order of the reservations for each peer), sends the
+        train to ``job.endpoint`` and adds its length to ``job.peer.tx_bytes`` later, with the core's
+        lock. None when there is nothing to seal (dropped, counted, or queued for a handshake)."""
         n = len(packet)
         if n == 0:
             self.stats.tx_bad_packet += 1
-            return
+            return None
         version = packet[0] >> 4
         if version == 4 and n >= 20:
             peer = self._aips.lookup4(packet[16:20])
@@ -758,32 +790,27 @@ class WireGuard:
             peer = self._aips.lookup6(packet[24:40])
         else:
             self.stats.tx_bad_packet += 1
-            return
+            return None
         if peer is None:
             self.stats.tx_no_route += 1
-            return
+            return None
+        try:
+            count = batch.segment_count(header, packet)
+        except ValueError:
+            self.stats.tx_bad_packet += 1
+            return None
         kp = peer.current
         if (
             kp is None
             or peer.staged
-            or kp.send_counter >= REJECT_AFTER_MESSAGES - batch.MAX_SUPER
+            or kp.send_counter + count >= REJECT_AFTER_MESSAGES
             or now - kp.created >= REJECT_AFTER_TIME
             or not self._up
         ):
-            try:
-                wire = batch.split_packets(header, packet)
-            except ValueError:
-                self.stats.tx_bad_packet += 1
-                return
-            for one in wire:
+            for one in batch.split_packets(header, packet):
                 self.send_packet(one, now)
-            return
+            return None
         counter = kp.send_counter
-        try:
-            train, count, size = batch.seal_super(kp.send_key, kp.remote_index, counter, header, packet, self._mtu)
-        except ValueError:
-            self.stats.tx_bad_packet += 1
-            return
         kp.send_counter = counter + count
         timers = peer.timers
         interval = timers.persistent_keepalive_interval
@@ -794,13 +821,12 @@ class WireGuard:
         if timers.deadlines[_T_NEW_HANDSHAKE] is None:
             timers.data_sent(now)
         endpoint = peer.endpoint
-        if endpoint is None:
-            self.stats.tx_no_endpoint += count
-            return
-        self.trains.append((train, size, endpoint))
-        peer.tx_bytes += len(train)
         if counter + count > REKEY_AFTER_MESSAGES or (kp.is_initiator and now - kp.created > REKEY_AFTER_TIME):
             self._send_handshake_initiation(peer, False, now)
+        if endpoint is None:
+            self.stats.tx_no_endpoint += count
+            return None
+        return SealJob(kp.send_key, kp.remote_index, counter, count, self._mtu, endpoint, peer)
 
     def _stage(self, peer: Peer, packet: bytes | bytearray | memoryview) -> None:
         staged = peer.staged

@@ -20,7 +20,8 @@ What ``wg(8)`` does through the UAPI socket (:class:`~wiretun.wireguard.uapi.UAP
 ``get`` is answered from :meth:`Device.state`. The convenience methods (:meth:`configure`,
 :meth:`add_peer`, :meth:`remove_peer`) build such requests.
 
-Threads: one event-loop thread (started by :meth:`start`) waits with ``epoll`` on the session's read-wait
+Threads: one event-loop thread (started by :meth:`start`; with offloads a second one reads the TUN, see
+below) waits with ``epoll`` on the session's read-wait
 handle, the UDP sockets (:class:`~.conn.Conn`: IPv4 and IPv6 on one port, as wireguard-go binds), an rtnetlink socket
 for the interface's up/down and MTU, and an eventfd that :meth:`apply` and :meth:`close` use to wake it.
 Each wake-up drains in batches (TUN packets -> core -> UDP; UDP datagrams -> core -> TUN) and runs the
@@ -44,6 +45,14 @@ Behaviour follows wireguard-go; where it differs, it says so:
 * runs of equal-sized datagrams to one endpoint leave in one UDP GSO send (``UDP_SEGMENT``) when the
   kernel and the path allow it, one by one otherwise; the sockets take UDP GRO, so such trains from
   the peer arrive in one read too (newer wireguard-go does both).
+* the data path runs on TUN offloads (an offload session, as current wireguard-go does): one read
+  brings a TCP/UDP super-packet of up to 64 KiB, which is split into wire packets, sealed in one batch
+  (:mod:`.batch`: C with the GIL released, or its pure-Python twin) and sent as UDP GSO trains; a UDP
+  read (a GRO train) is opened in one batch, replay-checked, and its TCP (and, on Linux 6.2+, UDP)
+  packets coalesced back into super-packets written with their virtio-net header. ``offload=False``
+  (or ``WIRETUN_WG_OFFLOAD=0`` in the environment) keeps the packet-by-packet path, as does a kernel
+  that refuses TUN offloads. With offloads, TUN -> UDP runs on a second thread (reads, seals with the
+  GIL released and sends while the event loop opens what arrives; ``WIRETUN_WG_THREADS=0``: one thread).
 
 Bad datagrams of any kind are dropped and counted (:attr:`Device.stats`), never raised.
 """
@@ -239,6 +248,9 @@ class Device:
         self._udp_coalesce = False  # the kernel takes UDP super-packets (USO) on write
         self._open_out = memoryview(bytearray(_OPEN_OUT_SIZE))  # decrypted trains, coalesced
         self._rx_headers: list[Any] = []
+        self._tun_thread: threading.Thread | None = None
+        self._tun_thread_wanted = os.environ.get("WIRETUN_WG_THREADS", "1") != "0"
+        self._send_lock = threading.Lock()  # the conn's sends, from the event loop and the TUN thread
         try:
             from ..linux import netlink  # Linux only: imported where used, so the module imports anywhere
 
@@ -330,7 +342,14 @@ class Device:
             if self._thread is not None:
                 raise InvalidParameter(f"device {self._name} is already started")
             self._thread = threading.Thread(target=self._run, name=f"wiretun-wg-{self._name}", daemon=True)
+            if self._offload and self._tun_thread_wanted:
+                # TUN -> UDP on a thread of its own: reads, seals (GIL released) and sends while the
+                # event loop opens what arrives, so both directions (and both cores) work at once.
+                self._tun_thread = threading.Thread(target=self._tun_run, name=f"wiretun-wg-{self._name}-tun",
+                                                    daemon=True)
             self._thread.start()
+            if self._tun_thread is not None:
+                self._tun_thread.start()
         log.info(f"Device {self._name}: started")
 
     def close(self) -> None:
@@ -369,6 +388,15 @@ class Device:
             self._torn_down = True
             self._closing = True
             wake_fd, self._wake_fd = self._wake_fd, -1
+        tun_thread = self._tun_thread
+        if tun_thread is not None and tun_thread is not threading.current_thread():
+            session = self._session
+            if session is not None:
+                try:
+                    session.end()  # wakes the TUN thread, which then stops
+                except Exception as e:
+                    log.warn(f"Device {self._name}: ending the session failed: {e}")
+            tun_thread.join(JOIN_TIMEOUT)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -700,7 +728,8 @@ class Device:
         netlink_fd = links.fileno() if links is not None else -1
         poller = select.epoll()
         try:
-            poller.register(session_fd, select.EPOLLIN)
+            if self._tun_thread is None:
+                poller.register(session_fd, select.EPOLLIN)
             poller.register(wake_fd, select.EPOLLIN)
             if netlink_fd >= 0:
                 poller.register(netlink_fd, select.EPOLLIN)
@@ -801,6 +830,64 @@ class Device:
         self.counters.tun_rx += len(views)
         self._flush()
 
+    def _tun_run(self) -> None:
+        try:
+            self._tun_loop()
+        except EndOfFile:
+            if not self._closing:
+                log.info(f"Device {self._name}: the adapter is gone; closing")
+        except Exception as e:  # a bug must not leave a daemon running without a data path
+            log.err(f"Device {self._name}: TUN thread failed: {e!r}; closing")
+        finally:
+            if not self._closing:
+                self._closing = True
+                self._wake()  # the event loop tears down
+
+    def _tun_loop(self) -> None:
+        """TUN -> UDP on its own thread: per batch, routes and counters under the core's lock
+        (:meth:`WireGuard.reserve_super_packet`), then sealing (the GIL released) and sending without it,
+        in reservation order, so packets of one peer leave in order. Nothing is queued between threads:
+        the TUN is read again only when the batch has left (back-pressure to the kernel's queue)."""
+        session = self._session
+        conn = self._conn
+        if session is None or conn is None:
+            return
+        lock = self._lock
+        core = self._core
+        reserve = core.reserve_super_packet
+        headers: list[Any] = []
+        monotonic = time.monotonic
+        while not self._closing:
+            if self._api_waiting:
+                self._step_aside()
+            headers.clear()
+            views = session.receive_packets(BATCH, block=True, timeout=MAX_WAIT, headers=headers)
+            if not views:
+                continue
+            sealed: list[tuple[bytes, int, Any]] = []
+            sent_by: list[tuple[Any, int]] = []
+            try:
+                now = monotonic()
+                with lock:
+                    jobs = [reserve(header, view, now) for view, header in zip(views, headers)]
+                    datagrams = core.take_datagrams() if core.datagrams else None
+                for job, view, header in zip(jobs, views, headers):
+                    if job is not None:
+                        train, size = job.seal(header, view)
+                        sealed.append((train, size, job.endpoint))
+                        sent_by.append((job.peer, len(train)))
+            finally:
+                session.release_receive_packets(views)
+            with self._send_lock:
+                if datagrams:
+                    conn.send(datagrams)
+                if sealed:
+                    self._send_trains(conn, sealed)
+            with lock:
+                self.counters.tun_rx += len(views)
+                for peer, size in sent_by:
+                    peer.tx_bytes += size
+
     def _train_received(self, data: memoryview, segment: int, source: Any, now: float) -> None:
         """One UDP read (a GRO train or one datagram) through the core, its packets to the session at
         once (they live in the one decrypt buffer until then)."""
@@ -836,13 +923,30 @@ class Device:
         if datagrams:
             core.datagrams = []
             if conn is not None:
-                conn.send(datagrams)
+                with self._send_lock:
+                    conn.send(datagrams)
         trains = core.trains
         if trains:
             core.trains = []
             if conn is not None:
-                for train, size, endpoint in trains:
-                    conn.send_train(train, size, endpoint)
+                with self._send_lock:
+                    self._send_trains(conn, trains)
+
+    @staticmethod
+    def _send_trains(conn: Conn, trains: list[tuple[bytes, int, Any]]) -> None:
+        """Trains in order; runs of single datagrams (small packets: ACKs, 64-byte UDP) go together
+        through :meth:`Conn.send`, which sends runs of equal size to one endpoint as one GSO train."""
+        singles: list[tuple[bytes, Any]] = []
+        for train, size, endpoint in trains:
+            if len(train) <= size:
+                singles.append((train, endpoint))
+                continue
+            if singles:
+                conn.send(singles)
+                singles = []
+            conn.send_train(train, size, endpoint)
+        if singles:
+            conn.send(singles)
 
     def _link_events(self) -> None:
         """Follow the interface's up/down state and MTU (wireguard-go's tun events), wherever it is:
