@@ -211,9 +211,28 @@ def test_udp_datagrams_are_exact_and_never_twice(lab: Lab, kinds: tuple[str, str
         assert dups == 0 and corrupt == 0
         counters = {n.kind: {k: v for k, v in n.stats().items() if v and ("drop" in k or "err" in k)}
                     for n in (left, right) if n.kind == "inproc"}
-        assert len(seen) >= 1900, f"only {len(seen)} of 2000 datagrams arrived (gso={gso}); {counters}"
+        # UDP may lose a little on a loaded machine (wireguard-go reads one datagram at a time); what
+        # arrives must be exact and once.
+        assert len(seen) >= 1800, f"only {len(seen)} of 2000 datagrams arrived (gso={gso}); {counters}"
     if left.kind == "inproc":
         assert left.stats()["tx_data_packets"] > left.stats()["tun_rx"]  # UDP super-packets were split
+
+
+@pytest.mark.parametrize("env", [{"WIRETUN_WG_THREADS": "0"}, {"WIRETUN_WG_OFFLOAD": "0"}],
+                         ids=["one-thread", "no-offload"])
+def test_other_data_paths(lab: Lab, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """The same stream on one thread, and packet by packet without offloads (what a kernel without
+    them gets)."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    left, right, _ = start_pair(lab, "inproc", "inproc")
+    assert left.device.offload == ("WIRETUN_WG_OFFLOAD" not in env)
+    for inner in (4, 6):
+        address = right.inner4 if inner == 4 else right.inner6
+        count, digest = tcp_transfer(left.ns, right.ns, address, PAYLOAD[: 4 << 20])
+        assert (count, digest) == (4 << 20, hashlib.sha256(PAYLOAD[: 4 << 20]).hexdigest())
+    if not left.device.offload:
+        assert left.stats()["tx_data_packets"] <= left.stats()["tun_rx"]  # one wire packet per read
 
 
 @pytest.mark.parametrize("mtus", [(1420, 1280), (1280, 1420), (1500, 1380)], ids=lambda m: f"{m[0]}-{m[1]}")
