@@ -354,7 +354,8 @@ def test_reordered_duplicated_lost_datagrams(lab: Lab, right_kind: str) -> None:
         seen, dups, corrupt = udp_transfer(left.ns, right.ns, right.inner6, 1500, 1000, gso=True, pause=0.01)
         assert dups == 0 and corrupt == 0  # duplicates stop at the replay window, never reach the TUN
         lost = sum(relay.counts[k] - before[k] for k in ("dropped", "send_failed"))
-        assert len(seen) >= 1500 - lost - 30, (len(seen), relay.counts)  # what the relay lost, little else
+        # What the relay lost, and little else (a loaded machine may lose a few more, see above).
+        assert len(seen) >= (1500 - lost) * 0.9, (len(seen), relay.counts)
         assert relay.counts["duplicated"] > 20 and relay.counts["reordered"] > 20 and relay.counts["dropped"] > 20
         stats = left.stats()
         assert stats["rx_replay"] > 0  # the duplicates the relay made of the right side's datagrams
