@@ -20,8 +20,9 @@ their meaning: info is ``DEBUG`` (shown at ``verbose``), warnings are ``WARNING`
 LOG_LEVEL is set and not silent.
 
 The daemon exits 0 on SIGINT/SIGTERM, when its interface is deleted (``ip link del``, which is how
-``wg-quick down`` stops userspace implementations) and when its socket file is deleted, and removes
-its socket and interface on the way out.
+``wg-quick down`` stops userspace implementations, also in the namespace it was moved to; moving it
+with ``ip link set INTERFACE netns B`` is not a deletion: the daemon follows it) and when its socket
+file is deleted, and removes its socket and interface on the way out.
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ What ``wg(8)`` does through the UAPI socket (:class:`~wiretun.wireguard.uapi.UAP
 :meth:`add_peer`, :meth:`remove_peer`) build such requests.
 
 Threads: one event-loop thread (started by :meth:`start`; with offloads a second one reads the TUN, see
-below) waits with ``epoll`` on the session's read-wait
-handle, the UDP sockets (:class:`~.conn.Conn`: IPv4 and IPv6 on one port, as wireguard-go binds), an rtnetlink socket
-for the interface's up/down and MTU, and an eventfd that :meth:`apply` and :meth:`close` use to wake it.
+below) waits with ``epoll`` on the session's read-wait handle, the UDP sockets (:class:`~.conn.Conn`:
+IPv4 and IPv6 on one port, as wireguard-go binds), the adapter's link monitor (up/down, MTU, moved to
+another namespace, deleted: the interface is followed wherever it moves, the sockets stay), and an
+eventfd that :meth:`apply` and :meth:`close` use to wake it.
 Each wake-up drains in batches (TUN packets -> core -> UDP; UDP datagrams -> core -> TUN) and runs the
 core's timers when due. Configuration calls from other threads take the core's lock between batches.
 
