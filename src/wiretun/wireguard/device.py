@@ -836,7 +836,8 @@ class Device:
             self._tun_loop()
         except EndOfFile:
             if not self._closing:
-                log.info(f"Device {self._name}: the adapter is gone; closing")
+                self._interface_deleted = True  # the session ends on its own only when the interface goes
+                log.info(f"Device {self._name}: the interface is gone; closing")
         except Exception as e:  # a bug must not leave a daemon running without a data path
             log.err(f"Device {self._name}: TUN thread failed: {e!r}; closing")
         finally:
