@@ -225,8 +225,13 @@ def serve_wiretun_single(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
     sb = b.start_session(0x800000)
 
     def pump(src, dst) -> None:  # type: ignore[no-untyped-def]
-        receive, release, wait = src.try_receive_packet, src.release_receive_packet, src.wait
+        receive, release = src.try_receive_packet, src.release_receive_packet
         allocate, send = dst.allocate_send_packet, dst.send_packet
+        # example.c sleeps on the session's read-wait event (WaitForMultipleObjects); here its handle,
+        # readable when packets may be waiting or the session ended.
+        poller = select.poll()
+        poller.register(src.get_read_wait_event(), select.POLLIN)
+        wait = poller.poll
         try:
             while True:
                 packet = receive()
