@@ -536,3 +536,47 @@ def test_queue_held_elsewhere_is_busy_unless_multi_queue(adapter):
         os.close(fd)
     with adapter.start_session() as s:
         assert not s.multi_queue
+
+
+# ----------------------------------------------------------------------------- the session core
+
+
+def test_plain_sessions_run_on_the_session_core(adapter):
+    """A plain session's per-packet calls are its SessionCore's own methods (the C type when built, the
+    Python twin with WIRETUN_NO_SPEEDUPS=1): one call each. Batch and per-packet calls share its state:
+    packets received in a batch are released one by one, out of order, and the ring empties."""
+    from wiretun.linux import engine
+
+    with adapter.start_session(SMALL) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        core = s._backend._core
+        assert type(core) is engine.SessionCore
+        assert s.try_receive_packet == core.receive_packet
+        assert s.release_receive_packet == core.release_receive_packet
+        assert s.allocate_send_packet == core.allocate_send_packet
+        assert s.send_packet == core.send_packet
+        time.sleep(0.2)
+        while (p := s.try_receive_packet()) is not None:  # link-up chatter
+            s.release_receive_packet(p)
+        for i in range(6):
+            sock.sendto(struct.pack("!I", i) + bytes(60), (V4_PEER, 9))
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 6 and time.monotonic() < deadline:
+            for p in s.receive_packets(64):
+                if p[0] >> 4 == 4 and p[9] == 17:  # our UDP datagrams; anything else goes back at once
+                    got.append(p)
+                else:
+                    s.release_receive_packet(p)
+            s.wait(0.2)
+        assert [struct.unpack_from("!I", p, 28)[0] for p in got] == list(range(6))
+        ring = s._backend._rx
+        for i in (3, 1, 5, 0, 2):
+            s.release_receive_packet(got[i])
+        assert ring.head != 0  # packet 4, still held, pins Head at its record
+        s.release_receive_packet(got[4])
+        assert ring.head == ring.tail == 0  # all back: the ring rewound
+        with pytest.raises(InvalidParameter):
+            s.release_receive_packet(got[4])
+        assert core.received == 0
+    with adapter.start_session(SMALL, offload=True) as s:
+        assert s._backend._core is None

@@ -658,3 +658,14 @@ _step = st.one_of(
 @given(st.lists(_step, max_size=120))
 def test_random_sequences_match(steps: list[Step]) -> None:
     run_both(steps, sndbuf=8192)
+
+
+def test_the_twin_is_chosen_without_the_extension() -> None:
+    """WIRETUN_NO_SPEEDUPS=1 gives PySessionCore (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = "import wiretun.linux.engine as e; print(e.SPEEDUPS, e.SessionCore is e.PySessionCore)"
+    env = dict(os.environ, WIRETUN_NO_SPEEDUPS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
