@@ -18,21 +18,22 @@ from typing import Iterator
 
 import pytest
 
-from .wgutil import WIREGUARD_GO, Lab, bracket, nsx, ping, wait_for
+from .wgutil import WIREGUARD_GO, Lab, bracket, iperf, nsx, ping, wait_for
 
 pytestmark = pytest.mark.skipif(
-    WIREGUARD_GO is None or any(shutil.which(t) is None for t in ("wg", "tcpdump")),
-    reason="needs wireguard-go, wg and tcpdump",
+    WIREGUARD_GO is None or any(shutil.which(t) is None for t in ("wg", "tcpdump", "iperf3", "ss")),
+    reason="needs wireguard-go, wg, tcpdump, iperf3 and ss",
 )
 
 
 @contextlib.contextmanager
-def sources(ns: str, ifname: str, port: int) -> Iterator[list[str]]:
+def sources(ns: str, ifname: str, port: int, *, other_than: str | None = None) -> Iterator[list[str]]:
     """Source addresses of the UDP datagrams from ``port`` seen on ``ifname`` in ``ns`` during the
-    block (filled in when it ends)."""
+    block (filled in when it ends); with ``other_than``, only those from any other address."""
     found: list[str] = []
+    expression = f"udp and src port {port}" + (f" and not src host {other_than}" if other_than else "")
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, "tcpdump", "-i", ifname, "-n", "-l", "-p", "-U", f"udp and src port {port}"],
+        ["ip", "netns", "exec", ns, "tcpdump", "-i", ifname, "-n", "-l", "-p", "-U", expression],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -90,6 +91,15 @@ def test_replies_leave_from_the_address_the_peer_reached(lab: Lab, kind: str, ou
         assert ping(right_ns, node.inner6, 3) == 3
         assert ping(left_ns, peer.inner6, 3) == 3
     assert seen and set(seen) == {second}, seen
+    assert endpoint_seen_by_peer() == f"{bracket(second)}:{node.port}"
+    # Bulk both ways (UDP GSO trains leave the node): still from the second address, every datagram.
+    trains = node.stats()["udp_tx_trains"] if node.device is not None else 0
+    with sources(right_ns, wire.b_if, node.port, other_than=second) as stray:
+        assert iperf(peer, node, peer.inner4) > 1_000_000
+        assert iperf(peer, node, peer.inner4, reverse=True) > 1_000_000
+    assert stray == [], stray[:5]
+    if node.device is not None:
+        assert node.stats()["udp_tx_trains"] > trains
     assert endpoint_seen_by_peer() == f"{bracket(second)}:{node.port}"
 
     if kind == "wggo" and outer == 4:
