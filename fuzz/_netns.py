@@ -25,7 +25,7 @@ def _setns(fd: int) -> None:
 
 
 def create(prefix: str) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}{os.environ.get('WIRETUN_NETNS_TAG', '')}-{uuid.uuid4().hex[:8]}"  # see tests/netns.py
     subprocess.run(["ip", "netns", "add", name], check=True)
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
     return name

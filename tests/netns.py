@@ -26,7 +26,9 @@ def _setns(fd: int) -> None:
 
 
 def create(prefix: str = "wt") -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    # WIRETUN_NETNS_TAG marks the namespaces of one run, so a test can tell its leftovers from those of
+    # other runs on the same machine.
+    name = f"{prefix}{os.environ.get('WIRETUN_NETNS_TAG', '')}-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     return name
 

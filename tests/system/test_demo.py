@@ -12,13 +12,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("right", ["wiretun-wg", "wireguard-go"])
 def test_wireguard_demo(right):
-    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         ["bash", str(ROOT / "demo" / "wireguard.sh"), right],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "IPERF_SECONDS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "IPERF_SECONDS": "1"},
     )
-    out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise
+    namespaces = {f"wtdemo-l-{proc.pid}", f"wtdemo-r-{proc.pid}"}  # the script names them after its pid
+    assert proc.returncode == 0, out + err
     assert "3 packets transmitted, 3 received, 0% packet loss" in out
     sender = re.search(r"([\d.]+) MBytes\s+([\d.]+) Mbits/sec\s+\d*\s+sender", out)
     assert sender and float(sender.group(1)) > 0, out
@@ -33,5 +38,5 @@ def test_wireguard_demo(right):
     if right == "wiretun-wg":
         assert "ERROR" not in out, out
     after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    assert not {n for n in after - before if n.startswith("wtdemo-")}
+    assert not after & namespaces, "demo namespaces left behind"
     assert not any(p.name in ("wg0.sock", "wg1.sock") for p in Path("/var/run/wireguard").glob("*.sock"))

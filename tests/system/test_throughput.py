@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -754,12 +755,12 @@ def test_forwarding_benchmark_smoke(tmp_path):
     kinds = ["wiretun plain", "wiretun per-packet", "wiretun offload", "C plain", "C offload"]
     if subprocess.run([sys.executable, "-c", "import pytun"], capture_output=True).returncode == 0:
         kinds.insert(0, "python-pytun")
-    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    tag = uuid.uuid4().hex[:6]  # this run's namespaces (others may run benchmarks meanwhile)
     report = tmp_path / "forward.json"
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "forward.py"), "--seconds", "1", "--no-udp", "--rounds", "1",
          "--only", ",".join(kinds), "--json", str(report)],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True, text=True, timeout=180, env={**os.environ, "WIRETUN_NETNS_TAG": tag},
     )
     assert out.returncode == 0, out.stdout + out.stderr
     rows = {kind: line[len(kind):].split() for line in out.stdout.splitlines() for kind in kinds
@@ -783,5 +784,5 @@ def test_forwarding_benchmark_smoke(tmp_path):
                      out.stdout, re.M)
     assert line, out.stdout
     assert line.group(1) == f"{ratio:.2f}" and (line.group(2) == "met") == (ratio >= 0.8), (line.group(0), ratio)
-    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    assert not {n for n in after - before if n.startswith("wtb")}, "benchmark namespaces left behind"
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not [n for n in after if f"{tag}-" in n], "benchmark namespaces left behind"
