@@ -25,7 +25,7 @@ def test_wait_is_auto_reset_and_times_out():
         assert _platform.wait(event, 0) is False
         t0 = time.monotonic()
         assert _platform.wait(event, 100) is False
-        assert 0.08 < time.monotonic() - t0 < 1.0
+        assert 0.08 < time.monotonic() - t0 < 10.0  # never early; the upper bound only catches a hang
         _platform.signal(event)
         _platform.signal(event)
         assert _platform.wait(event, 0) is True  # both sets are taken by one wait: an event, not a count

@@ -211,7 +211,7 @@ def test_empty_polls(adapter):
         assert s.receive_packets(64) == []
         t0 = time.monotonic()
         assert s.wait_receive_packet(0.2) is None
-        assert 0.15 < time.monotonic() - t0 < 1.0
+        assert 0.15 < time.monotonic() - t0 < 10.0  # never early; the upper bound only catches a hang
 
 
 # ----------------------------------------------------------------------------- ring semantics (the DLL's)

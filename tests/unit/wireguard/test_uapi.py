@@ -621,7 +621,7 @@ def test_idle_client_between_requests_is_never_cut_off(server):
         s.sendall(b"set=1\n")  # a request begun, then idle inside it: that one is cut off
         t0 = time.monotonic()
         assert s.recv(100) == b""
-        assert 1.5 < time.monotonic() - t0 < 4.0
+        assert 1.5 < time.monotonic() - t0 < 10.0  # the 2 s timeout; the upper bound only catches "never"
     assert server.device.requests == []
 
 
