@@ -72,7 +72,10 @@ def _listen_socket() -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECV_BUFFER)
         except OSError:
             pass  # the default buffer; an overflow means a resync, not a lost event
-        sock.setsockopt(_SOL_NETLINK, _NETLINK_LISTEN_ALL_NSID, 1)
+        try:
+            sock.setsockopt(_SOL_NETLINK, _NETLINK_LISTEN_ALL_NSID, 1)
+        except PermissionError:
+            pass  # without CAP_NET_BROADCAST: events of the home namespace only
         sock.bind((0, _RTMGRP_LINK | _RTMGRP_NSID))
     except BaseException:
         sock.close()
@@ -274,6 +277,11 @@ class LinkMonitor:
                     return None
                 if e.errno == errno.EINVAL:
                     raise _Dismantling() from None  # the namespace is dying: no handle can be had
+                if e.errno == errno.EPERM:
+                    # Without CAP_NET_ADMIN where the device is, only the home namespace can be seen.
+                    link = home.call(netlink.get_link, index=index)
+                    if link is not None and link.kind == "tun":
+                        return LinkState(home.ident, -1, link.index, link.name, link.is_up, link.mtu)
                 raise
 
             with netlink.Namespace.adopt(fd) as ns:
