@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs wireguard-go, wg and iptables",
 )
 
-CONNTRACK_TIMEOUT = 3  # seconds, for UDP mappings in the router's namespace
+CONNTRACK_TIMEOUT = 2  # seconds, for UDP mappings in the router's namespace
 
 
 def endpoint_host(node: Node, other: Node) -> tuple[str, int]:
@@ -58,13 +58,13 @@ def test_endpoint_learnt_through_nat_and_kept_by_keepalive(lab: Lab, kind: str) 
     assert f"{client.public}\t{outside.a4}:{port}" in shown, shown
 
     # Idle longer than the mapping lives: without a keepalive the server cannot reach the client.
-    time.sleep(CONNTRACK_TIMEOUT + 3)
+    time.sleep(CONNTRACK_TIMEOUT + 2)
     assert ping(s, client.inner4, 2, wait=1) == 0
 
     # The client speaks again (new mapping), now with a keepalive every second: the mapping stays.
     client.set("peer", server.public, "persistent-keepalive", "1")
     assert ping(c, server.inner4, 2) == 2
-    time.sleep(CONNTRACK_TIMEOUT + 3)
+    time.sleep(CONNTRACK_TIMEOUT + 2)
     assert ping(s, client.inner4, 3) == 3
     assert server.peer(client).rx > 0 and client.peer(server).keepalive == "1"
 

@@ -92,15 +92,16 @@ def test_replies_leave_from_the_address_the_peer_reached(lab: Lab, kind: str, ou
         assert ping(left_ns, peer.inner6, 3) == 3
     assert seen and set(seen) == {second}, seen
     assert endpoint_seen_by_peer() == f"{bracket(second)}:{node.port}"
-    # Bulk both ways (UDP GSO trains leave the node): still from the second address, every datagram.
-    trains = node.stats()["udp_tx_trains"] if node.device is not None else 0
-    with sources(right_ns, wire.b_if, node.port, other_than=second) as stray:
-        assert iperf(peer, node, peer.inner4) > 1_000_000
-        assert iperf(peer, node, peer.inner4, reverse=True) > 1_000_000
-    assert stray == [], stray[:5]
-    if node.device is not None:
-        assert node.stats()["udp_tx_trains"] > trains
-    assert endpoint_seen_by_peer() == f"{bracket(second)}:{node.port}"
+    if kind != "wggo":
+        # Bulk both ways (UDP GSO trains leave the node): still from the second address, every datagram.
+        trains = node.stats()["udp_tx_trains"] if node.device is not None else 0
+        with sources(right_ns, wire.b_if, node.port, other_than=second) as stray:
+            assert iperf(peer, node, peer.inner4) > 1_000_000
+            assert iperf(peer, node, peer.inner4, reverse=True) > 1_000_000
+        assert stray == [], stray[:5]
+        if node.device is not None:
+            assert node.stats()["udp_tx_trains"] > trains
+        assert endpoint_seen_by_peer() == f"{bracket(second)}:{node.port}"
 
     if kind == "wggo" and outer == 4:
         # Debian's wireguard-go (0.0.20220316) keeps sending from a removed IPv4 address (the kernel
