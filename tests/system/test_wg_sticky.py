@@ -33,7 +33,8 @@ def sources(ns: str, ifname: str, port: int, *, other_than: str | None = None) -
     found: list[str] = []
     expression = f"udp and src port {port}" + (f" and not src host {other_than}" if other_than else "")
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns, "tcpdump", "-i", ifname, "-n", "-l", "-p", "-U", expression],
+        ["ip", "netns", "exec", ns, "tcpdump", "-i", ifname, "-n", "-l", "-p", "-U", "--immediate-mode",
+         expression],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -198,8 +198,8 @@ def test_persistent_keepalive_on_the_wire(lab):
     rx_before = right.peer(left).rx
     # Keepalives are transport messages with no content: 32 bytes of UDP payload, type 4.
     capture = subprocess.Popen(
-        ["ip", "netns", "exec", left.ns, "tcpdump", "-i", wire.a_if, "-nn", "-l", "-q", "-Q", "out",
-         f"udp and src port {left.port} and udp[4:2] = 40 and udp[8] = 4"],
+        ["ip", "netns", "exec", left.ns, "tcpdump", "-i", wire.a_if, "-nn", "-l", "-q", "--immediate-mode",
+         "-Q", "out", f"udp and src port {left.port} and udp[4:2] = 40 and udp[8] = 4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(5):
