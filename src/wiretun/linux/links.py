@@ -168,8 +168,8 @@ class LinkMonitor:
             if not data:
                 break
             nsid = _nsid(ancillary)
-            state = self._state
             for msg in self._marshal.parse(data):
+                state = self._state
                 if msg["header"]["type"] == _RTM_DELNSID:
                     # The namespace the device is in may be going away (ip netns del): when it
                     # does, the device goes with it, and its last events come without an id.
@@ -196,8 +196,11 @@ class LinkMonitor:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+        if not self._poller.closed:
             self._poller.close()
-            os.close(self._wake)
+        wake, self._wake = self._wake, -1
+        if wake >= 0:
+            os.close(wake)
         home, self._home = self._home, None
         if home is not None:
             home.close()

@@ -351,7 +351,8 @@ class Conn:
         if len(pktinfo) >= _IN6_PKTINFO.size:
             local, ifindex = _IN6_PKTINFO.unpack_from(pktinfo)
             # The interface matters for link-local addresses only; elsewhere the routing picks it.
-            source = _IN6_PKTINFO.pack(local, ifindex if local[:2] == b"\xfe\x80" else 0)
+            link_local = local[0] == 0xFE and (local[1] & 0xC0) == 0x80  # fe80::/10
+            source = _IN6_PKTINFO.pack(local, ifindex if link_local else 0)
         elif len(pktinfo) >= 12:
             source = bytes(4) + pktinfo[4:8] + bytes(4)  # ipi_spec_dst: the local address reached
         endpoint = Endpoint(address, source)
