@@ -31,6 +31,7 @@ system calls. A receive that finds the send side stalled retries it only if the 
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import threading
 from enum import IntEnum
@@ -294,12 +295,13 @@ class PySessionCore:
         words = self._rx_words
         tail = words[TAIL_WORD]
         head = words[HEAD_WORD]
-        for name, value in (("Tail", tail), ("Head", head)):
-            if value >= self._cap or value & 3:
-                raise _fail(
-                    Status.INVALID_DATA,
-                    f"receive ring {name} {value:#x} is not a 4-aligned offset below capacity {self._cap:#x}",
-                )
+        cap = self._cap
+        if tail >= cap or tail & 3 or head >= cap or head & 3:
+            name, value = ("Tail", tail) if tail >= cap or tail & 3 else ("Head", head)
+            raise _fail(
+                Status.INVALID_DATA,
+                f"receive ring {name} {value:#x} is not a 4-aligned offset below capacity {cap:#x}",
+            )
         return tail, head
 
     def _read_one(self) -> memoryview | None:
@@ -360,13 +362,18 @@ class PySessionCore:
 
     def receive_packet(self) -> memoryview | None:
         """The next packet (WintunReceivePacket), or None when none is waiting; EndOfFile after the end."""
-        with self._rx_lock:
+        lock = self._rx_lock
+        lock.acquire()  # not a with-block: half the cost, paid per packet
+        try:
             if self._state:
                 raise _fail(Status.HANDLE_EOF, "the session has ended")
-            self._raise_pending()
+            if self._rx_error is not None:
+                self._raise_pending()
             if self._stalled:
                 self._retry_send()
             return self._read_one()
+        finally:
+            lock.release()
 
     def receive_packets(self, max_count: int, headers: list[bytes] | None = None) -> list[memoryview]:
         """Up to ``max_count`` packets (an empty list when none is waiting); a packet dropped for lack of
@@ -383,20 +390,61 @@ class PySessionCore:
             self._raise_pending()
             if self._stalled:
                 self._retry_send()
+            # The usual case inline (what _read_one does when the whole read fits at Tail), the rest
+            # through _read_one: the same steps in the same order, only fewer Python calls.
+            words, data, fd, mask, cap = self._rx_words, self._rx_data, self._fd, self._mask, self._cap
+            views, offsets = self._rx_out.views, self._rx_out.offsets
+            readv = os.readv
+            room = MAX_RECORD_SIZE + 12
+            last = cap + TRAILING_SIZE - 4 - VNET_HDR_SIZE - _READ_SPAN  # the last Tail a whole read fits at
+            span = VNET_HDR_SIZE + _READ_SPAN
             for _ in range(max_count):
+                r = words[TAIL_WORD]
+                head = words[HEAD_WORD]
+                if r <= last and not r & 3 and head < cap and not head & 3 and (head - r - 4) & mask >= room:
+                    d = r + 4
+                    try:
+                        n = readv(fd, [data[d : d + span]])
+                    except OSError as e:
+                        code = e.errno or errno.EIO
+                        if code == errno.EAGAIN:
+                            break
+                        exc: BaseException = self._lost(code)
+                        if not out:
+                            raise exc from e
+                        self._rx_error = exc
+                        break
+                    if n >= VNET_HDR_SIZE:
+                        n -= VNET_HDR_SIZE
+                        data[d : d + n] = data[d + VNET_HDR_SIZE : d + VNET_HDR_SIZE + n]
+                        words[DATA_WORD + (r >> 2)] = n
+                        view = data[d : d + n]
+                        views.append(view)
+                        offsets.append(d)
+                        words[TAIL_WORD] = (r + ((n + 7) & ~3)) & mask
+                        out.append(view)
+                        continue
+                    exc = _fail(
+                        Status.INVALID_DATA,
+                        f"the TUN queue returned a read shorter than the {VNET_HDR_SIZE}-byte virtio-net header",
+                    )
+                    if not out:
+                        raise exc
+                    self._rx_error = exc
+                    break
                 dropped = self.receive_dropped
                 try:
-                    view = self._read_one()
+                    got = self._read_one()
                 except Exception as exc:  # a failed read: after packets, the next receive raises it
                     if not out:
                         raise
                     self._rx_error = exc
                     break
-                if view is None:
+                if got is None:
                     if self.receive_dropped == dropped:
                         break
                     continue  # dropped for lack of room: the queue may hold more
-                out.append(view)
+                out.append(got)
         if headers is not None:
             headers.extend([ZERO_HEADER] * len(out))
         return out
@@ -423,12 +471,28 @@ class PySessionCore:
     def release_receive_packet(self, packet: memoryview) -> None:
         """Give a received packet's space back (WintunReleaseReceivePacket), in any order; the view is
         released. InvalidParameter for one not received or released twice; nothing after the end."""
-        with self._rx_lock:
+        lock = self._rx_lock
+        lock.acquire()  # not a with-block: see receive_packet
+        try:
             if self._state == 2:
                 return
-            if not self._release_locked(packet):
+            out = self._rx_out
+            views = out.views
+            if len(views) == 1 and views[0] is packet:  # the only one out: all back, rewind (the usual case)
+                views.clear()
+                out.offsets.clear()
+                out.first = 0
+                words = self._rx_words
+                words[TAIL_WORD] = 0
+                words[HEAD_WORD] = 0
+            elif not self._release_locked(packet):
                 raise _not_received(packet)
-        _release_view(packet)
+        finally:
+            lock.release()
+        try:
+            packet.release()
+        except (BufferError, AttributeError):
+            pass
 
     def release_receive_packets(self, packets: Iterable[memoryview]) -> None:
         """Release several packets: all or nothing (one bad or repeated packet releases none)."""
@@ -443,12 +507,15 @@ class PySessionCore:
             if self._state == 2:
                 return
             out = self._rx_out
-            seen: set[int] = set()
-            for packet in packets:
-                index = out.find(packet, self._rx_data, self._mask)
-                if index < 0 or index in seen:
-                    raise _not_received(packet)
-                seen.add(index)
+            first, k = out.first, len(packets)
+            oldest = out.views[first : first + k]
+            if not (k and len(oldest) == k and all(map(operator.is_, oldest, packets))):
+                seen: set[int] = set()  # not simply the oldest, in order: check each one
+                for packet in packets:
+                    index = out.find(packet, self._rx_data, self._mask)
+                    if index < 0 or index in seen:
+                        raise _not_received(packet)
+                    seen.add(index)
             for packet in packets:
                 self._release_locked(packet)
         for packet in packets:
@@ -491,7 +558,9 @@ class PySessionCore:
             if isinstance(size, bool) or not isinstance(size, int):
                 raise InvalidParameter(f"packet size must be an int, not {type(size).__name__} ({size!r})")
             raise InvalidParameter(f"packet size {size} is out of range: must be 1..{MAX_PACKET_SIZE} (0xFFFF)")
-        with self._tx_lock:
+        lock = self._tx_lock
+        lock.acquire()  # not a with-block: see receive_packet
+        try:
             if self._state:
                 raise _fail(Status.HANDLE_EOF, "the session has ended")
             record = self._allocate_locked(size)
@@ -505,6 +574,8 @@ class PySessionCore:
             out = self._tx_out
             out.views.append(view)
             out.offsets.append(record + 4)
+        finally:
+            lock.release()
         return view
 
     def _mark_sent(self, record: int) -> None:
@@ -539,25 +610,39 @@ class PySessionCore:
                 hdr = bytes(self._convert(header))
             except InvalidParameter as exc:
                 bad = exc
-        with self._tx_lock:
+        lock = self._tx_lock
+        lock.acquire()  # not a with-block: see receive_packet
+        try:
             if self._state:
                 return
             out = self._tx_out
-            index = out.find(packet, self._tx_data, self._mask)
-            if index < 0:
-                raise _not_allocated(packet)
-            record = out.offsets[index] - 4
-            if index == out.first:
-                out.drop_front()
+            views = out.views
+            if len(views) == 1 and views[0] is packet:  # the only one out (the usual case)
+                record = out.offsets[0] - 4
+                views.clear()
+                out.offsets.clear()
+                out.first = 0
             else:
-                out.views[index] = None
+                index = out.find(packet, self._tx_data, self._mask)
+                if index < 0:
+                    raise _not_allocated(packet)
+                record = out.offsets[index] - 4
+                if index == out.first:
+                    out.drop_front()
+                else:
+                    views[index] = None
             if bad is not None:
                 self._tx_headers[record] = None
             elif hdr is not None and hdr != ZERO_HEADER:
                 self._tx_headers[record] = hdr
             self._mark_sent(record)
             self._flush()
-        _release_view(packet)
+        finally:
+            lock.release()
+        try:
+            packet.release()
+        except (BufferError, AttributeError):
+            pass
         if bad is not None:
             raise InvalidParameter(f"{bad} (the packet was dropped)") from None
 
