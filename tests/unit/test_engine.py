@@ -633,6 +633,20 @@ def test_wrap_around_matches() -> None:
 
 
 @needs_c
+def test_full_send_ring_and_stall_match() -> None:
+    """The kernel stops taking writes (a small socket buffer): sent packets stay queued (stalled), the
+    ring fills, allocation says BufferOverflow; the kernel drains, a flush and later sends catch up."""
+    steps: list[Step] = []
+    for _ in range(120):
+        steps += [("alloc", 1400), ("send", -1)]  # the latest allocation
+    steps += [("kernel_read",), ("flush",), ("alloc", 1000), ("kernel_read",), ("flush",), ("send", -1),
+              ("kernel_read",), ("flush",), ("kernel_read",), ("send_many", [b"a" * 1400] * 100), ("kernel_read",),
+              ("flush",), ("kernel_read",)]
+    results = run_both(steps, sndbuf=4096)
+    assert "BufferOverflow" in results
+
+
+@needs_c
 def test_lost_queue_matches() -> None:
     steps: list[Step] = [("inject", dgram(0, 20)), ("recv",), ("alloc", 5), ("close_queue",), ("recv",),
                          ("release", 0), ("send", 0), ("alloc", 3), ("recv",)]
