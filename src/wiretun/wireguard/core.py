@@ -105,7 +105,7 @@ from .timers import (
     Timer,
 )
 
-__all__ = ["WireGuard", "Peer", "Counters", "SealJob", "default_source_address"]
+__all__ = ["WireGuard", "Peer", "Counters", "SealJob", "OpenJob", "default_source_address"]
 
 _HEADER_PACK = m.TRANSPORT_HEADER.pack
 _HEADER_UNPACK = m.TRANSPORT_HEADER.unpack_from
@@ -362,6 +362,24 @@ class SealJob(NamedTuple):
         if count != self.segments:  # cannot happen: both come from the same checks of the same read
             raise ValueError(f"sealed {count} wire packets where {self.segments} were reserved")
         return train, size
+
+
+class OpenJob(NamedTuple):
+    """A run of transport messages for one keypair at ``pos`` in a read (:meth:`WireGuard.open_job`)."""
+
+    keypair: Keypair
+    receiver: int  # the keypair's local index, as the messages name it
+    pos: int
+
+    def open(self, data: memoryview, segment: int, out: memoryview, udp: bool) -> batch.OpenResult:
+        """Open the run (:func:`batch.open_train`) into ``out`` at the same offset; updates the keypair's
+        replay window."""
+        replay = self.keypair.replay
+        pos = self.pos
+        r = batch.open_train(self.keypair.receive_key, self.receiver, data[pos:], segment, replay._ring, replay.last,
+                             REJECT_AFTER_MESSAGES, out[pos:], udp)
+        replay.last = r.last
+        return r
 
 
 class WireGuard:
@@ -1021,57 +1039,77 @@ class WireGuard:
         shorter) from ``source``. Transport messages are opened in batches into ``out`` (at least
         ``len(data)`` bytes) and their packets coalesced into super-packets (TCP; UDP too with ``udp``)
         appended to :attr:`frames` as ``(virtio-net header, view of out)``: write them before ``out`` is
-        used again. Other messages take :meth:`receive_datagram`'s way (packets in :attr:`packets`)."""
-        n = len(data)
-        if n == 0:
-            self.receive_datagram(data, source, now)  # counted as too short
-            return
+        used again. Other messages take :meth:`receive_datagram`'s way (packets in :attr:`packets`).
+        This is :meth:`open_job`, :meth:`OpenJob.open` and :meth:`opened` in a loop."""
         pos = 0
-        stats = self.stats
+        while True:
+            job, pos = self.open_job(data, pos, segment, source, now)
+            if job is None:
+                return
+            pos = self.opened(job, job.open(data, segment, out, udp), data, segment, source, now, out)
+
+    def open_job(self, data: memoryview, pos: int, segment: int, source: Any,
+                 now: float) -> tuple[OpenJob | None, int]:
+        """From ``pos`` on in a read of :meth:`receive_train`: datagrams that are not transport messages for
+        a live keypair go :meth:`receive_datagram`'s way; at the first that is, ``(job, pos)`` to open
+        with :meth:`OpenJob.open` (no lock needed: only the thread that receives opens, and a keypair's
+        replay window is touched by nothing else) and then hand to :meth:`opened`. ``(None, end)`` when
+        the read is done."""
+        n = len(data)
+        if n == 0 and pos == 0:
+            self.receive_datagram(data, source, now)  # counted as too short
+            return None, 0
         keypairs = self._keypairs
         while pos < n:
             length = min(segment, n - pos)
-            if length < m.MIN_MESSAGE_SIZE or data[pos] != 4:
-                self.receive_datagram(data[pos : pos + length], source, now)
-                pos += length
-                continue
-            index = int.from_bytes(data[pos + 4 : pos + 8], "little")
-            kp = keypairs.get(index)
-            if kp is None or now - kp.created > REJECT_AFTER_TIME:
-                self.receive_datagram(data[pos : pos + length], source, now)  # counts it
-                pos += length
-                continue
-            replay = kp.replay
-            r = batch.open_train(kp.receive_key, index, data[pos:], segment, replay._ring, replay.last,
-                                 REJECT_AFTER_MESSAGES, out[pos:], udp)
-            if not r.consumed:  # reserved bytes set: the single path says why
-                self.receive_datagram(data[pos : pos + length], source, now)
-                pos += length
-                continue
-            replay.last = r.last
-            stats.rx_bad_tag += r.bad_tag
-            stats.rx_replay += r.replay
-            stats.rx_bad_ip += r.bad_ip
-            stats.rx_keepalives += r.keepalives
-            if r.nbytes:
-                peer = self._transport_authenticated(kp, source, now, r.nbytes, r.ok + r.bad_ip > 0)
-                aips = self._aips
-                delivered = r.ok
-                for header, start, end in r.frames:
-                    start += pos
-                    end += pos
-                    if out[start] >> 4 == 4:
-                        allowed = aips.lookup4(out[start + 12 : start + 16]) is peer
-                    else:
-                        allowed = aips.lookup6(out[start + 8 : start + 24]) is peer
-                    if not allowed:
-                        lost = batch.frame_packets(header, end - start)
-                        stats.rx_disallowed_source += lost
-                        delivered -= lost
-                        continue
-                    self.frames.append((header, out[start:end]))
-                stats.rx_data_packets += delivered
-            pos = min(n, pos + r.consumed * segment)
+            if length >= m.MIN_MESSAGE_SIZE and data[pos] == 4:
+                index = int.from_bytes(data[pos + 4 : pos + 8], "little")
+                kp = keypairs.get(index)
+                if kp is not None and now - kp.created <= REJECT_AFTER_TIME:
+                    return OpenJob(kp, index, pos), pos
+            self.receive_datagram(data[pos : pos + length], source, now)  # counts why it is dropped
+            pos += length
+        return None, pos
+
+    def opened(self, job: OpenJob, r: batch.OpenResult, data: memoryview, segment: int, source: Any, now: float,
+               out: memoryview) -> int:
+        """Account for what :meth:`OpenJob.open` did (counters, roaming, timers, the inner-source check) and
+        queue its frames; returns where the read goes on."""
+        pos = job.pos
+        n = len(data)
+        if not r.consumed:  # reserved bytes set: the single path says why
+            length = min(segment, n - pos)
+            self.receive_datagram(data[pos : pos + length], source, now)
+            return pos + length
+        end = min(n, pos + r.consumed * segment)
+        stats = self.stats
+        kp = job.keypair
+        if self._keypairs.get(job.receiver) is not kp:  # removed while it was being opened
+            stats.rx_unknown_index += r.consumed
+            return end
+        stats.rx_bad_tag += r.bad_tag
+        stats.rx_replay += r.replay
+        stats.rx_bad_ip += r.bad_ip
+        stats.rx_keepalives += r.keepalives
+        if r.nbytes:
+            peer = self._transport_authenticated(kp, source, now, r.nbytes, r.ok + r.bad_ip > 0)
+            aips = self._aips
+            delivered = r.ok
+            for header, start, stop in r.frames:
+                start += pos
+                stop += pos
+                if out[start] >> 4 == 4:
+                    allowed = aips.lookup4(out[start + 12 : start + 16]) is peer
+                else:
+                    allowed = aips.lookup6(out[start + 8 : start + 24]) is peer
+                if not allowed:
+                    lost = batch.frame_packets(header, stop - start)
+                    stats.rx_disallowed_source += lost
+                    delivered -= lost
+                    continue
+                self.frames.append((header, out[start:stop]))
+            stats.rx_data_packets += delivered
+        return end
 
     def _transport_received(self, kp: Keypair, plaintext: bytes, source: Any, now: float) -> None:
         n = len(plaintext)

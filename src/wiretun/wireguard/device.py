@@ -53,7 +53,8 @@ Behaviour follows wireguard-go; where it differs, it says so:
   packets coalesced back into super-packets written with their virtio-net header. ``offload=False``
   (or ``WIRETUN_WG_OFFLOAD=0`` in the environment) keeps the packet-by-packet path, as does a kernel
   that refuses TUN offloads. With offloads, TUN -> UDP runs on a second thread (reads, seals with the
-  GIL released and sends while the event loop opens what arrives; ``WIRETUN_WG_THREADS=0``: one thread).
+  GIL released and sends while the event loop opens what arrives, both outside the core's lock, which
+  they take for routing, counters and accounting only; ``WIRETUN_WG_THREADS=0``: one thread).
 
 Bad datagrams of any kind are dropped and counted (:attr:`Device.stats`), never raised.
 """
@@ -777,7 +778,10 @@ class Device:
                         self._link_events()
                     else:
                         sock = sockets.get(fd)
-                        if sock is not None:
+                        if sock is not None and self._tun_thread is not None:
+                            # Opening needs no lock (only this thread opens): the TUN thread goes on.
+                            conn.receive_trains(sock, self._train_received_unlocked, monotonic())
+                        elif sock is not None:
                             with lock:
                                 if conn.generation == gen:  # not retired meanwhile
                                     if self._offload:
@@ -889,6 +893,24 @@ class Device:
                 self.counters.tun_rx += len(views)
                 for peer, size in sent_by:
                     peer.tx_bytes += size
+
+    def _train_received_unlocked(self, data: memoryview, segment: int, source: Any, now: float) -> None:
+        """:meth:`_train_received` while the TUN thread runs: the core's lock only around the state steps
+        (:meth:`WireGuard.open_job`, :meth:`WireGuard.opened`), not around opening or writing."""
+        lock = self._lock
+        core = self._core
+        out = self._open_out
+        udp = self._udp_coalesce
+        pos = 0
+        while True:
+            with lock:
+                job, pos = core.open_job(data, pos, segment, source, now)
+                if job is None:
+                    self._flush()
+                    return
+            result = job.open(data, segment, out, udp)
+            with lock:
+                pos = core.opened(job, result, data, segment, source, now, out)
 
     def _train_received(self, data: memoryview, segment: int, source: Any, now: float) -> None:
         """One UDP read (a GRO train or one datagram) through the core, its packets to the session at
