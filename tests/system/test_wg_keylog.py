@@ -78,14 +78,19 @@ def decrypted_icmp(pcap: Path, keylog: Path | None) -> list[tuple[str, str, str]
     return [tuple(line.split("\t")) for line in r.stdout.splitlines() if line.strip()]  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("kind", ["daemon", "inproc"])
-def test_tshark_decrypts_a_capture_with_the_key_log(lab: Lab, tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind, initiator", [("daemon", "wiretun"), ("daemon", "peer"), ("inproc", "wiretun")])
+def test_tshark_decrypts_a_capture_with_the_key_log(lab: Lab, tmp_path: Path, kind: str, initiator: str) -> None:
+    """With wiretun as the initiator and as the responder (then its log holds the responder's keys)."""
     keylog = tmp_path / "wg.keys"
     left, right, wire = keyed_pair(lab, keylog, kind)
     capture = Capture(left.ns, wire.a_if, tmp_path / "wg.pcap")
     try:
-        assert ping(left.ns, right.inner4) == 3  # wiretun initiates
-        assert ping(right.ns, left.inner4) == 3
+        if initiator == "wiretun":
+            assert ping(left.ns, right.inner4) == 3
+            assert ping(right.ns, left.inner4) == 3
+        else:
+            assert ping(right.ns, left.inner4) == 3
+            assert ping(left.ns, right.inner4) == 3
     finally:
         capture.stop()
     assert stat.S_IMODE(os.stat(keylog).st_mode) == 0o600
