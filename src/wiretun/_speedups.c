@@ -1957,6 +1957,38 @@ core_send_packet(CoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyOb
     Py_RETURN_NONE;
 }
 
+/* Packet i of a batch (PySequence_Fast seq, hseq or NULL): its buffer (released by the caller) and its
+ * header (NULL: zero), checked as the Python twin does (buffer, header, size). -1 with InvalidParameter. */
+static int
+batch_item(PyObject *seq, PyObject *hseq, Py_ssize_t i, Py_buffer *b, const unsigned char **h)
+{
+    static const unsigned char zero[VNET_HDR_SIZE];
+    *h = NULL;
+    if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), b, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        raise_status(STATUS_INVALID_PARAMETER, "packet %zd is not a contiguous bytes-like object", i);
+        return -1;
+    }
+    if (hseq) {
+        PyObject *ho = PySequence_Fast_GET_ITEM(hseq, i);
+        if (!PyBytes_CheckExact(ho) || PyBytes_GET_SIZE(ho) != VNET_HDR_SIZE) {
+            PyBuffer_Release(b);
+            raise_status(STATUS_INVALID_PARAMETER, "header %zd must be %d bytes", i, VNET_HDR_SIZE);
+            return -1;
+        }
+        *h = (const unsigned char *)PyBytes_AS_STRING(ho);
+        if (memcmp(*h, zero, VNET_HDR_SIZE) == 0)
+            *h = NULL;
+    }
+    if (b->len < 1 || b->len > (Py_ssize_t)MAX_PACKET_SIZE) {
+        raise_status(STATUS_INVALID_PARAMETER, "packet %zd is %zd bytes; a packet must be 1..%d bytes", i, b->len,
+                     (int)MAX_PACKET_SIZE);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 core_send_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1993,32 +2025,59 @@ core_send_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (self->stalled)
         rc = core_flush(self);
-    static const unsigned char zero[VNET_HDR_SIZE];
-    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
-        Py_buffer b;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &b, PyBUF_C_CONTIGUOUS) < 0) {
-            PyErr_Clear();
-            raise_status(STATUS_INVALID_PARAMETER, "packet %zd is not a contiguous bytes-like object", i);
-            rc = -1;
-            break;
-        }
-        const unsigned char *h = NULL;
-        if (hseq) {
-            PyObject *ho = PySequence_Fast_GET_ITEM(hseq, i);
-            if (!PyBytes_CheckExact(ho) || PyBytes_GET_SIZE(ho) != VNET_HDR_SIZE) {
-                PyBuffer_Release(&b);
-                raise_status(STATUS_INVALID_PARAMETER, "header %zd must be %d bytes", i, VNET_HDR_SIZE);
+    Py_ssize_t i = 0;
+    if (rc == 0 && !self->stalled && self->tx_unsent == 0 &&
+        load_word(&self->tx, HEAD_WORD) == load_word(&self->tx, TAIL_WORD)) {
+        /* Nothing queued ahead: write straight from the caller's buffers (copying them into the ring
+         * would only be undone at once), until the kernel refuses one for now. */
+        static const unsigned char zero[VNET_HDR_SIZE];
+        for (; i < n; i++) {
+            Py_buffer b;
+            const unsigned char *h;
+            if (batch_item(seq, hseq, i, &b, &h) < 0) {
                 rc = -1;
                 break;
             }
-            h = (const unsigned char *)PyBytes_AS_STRING(ho);
-            if (memcmp(h, zero, VNET_HDR_SIZE) == 0)
-                h = NULL;
-        }
-        if (b.len < 1 || b.len > (Py_ssize_t)MAX_PACKET_SIZE) {
-            raise_status(STATUS_INVALID_PARAMETER, "packet %zd is %zd bytes; a packet must be 1..%d bytes", i, b.len,
-                         (int)MAX_PACKET_SIZE);
+            struct iovec iov[2];
+            iov[0].iov_base = (void *)(h ? h : zero);
+            iov[0].iov_len = VNET_HDR_SIZE;
+            iov[1].iov_base = b.buf;
+            iov[1].iov_len = (size_t)b.len;
+            PyThreadState *ts = PyEval_SaveThread();
+            Py_ssize_t w = writev_nogil(self->fd, iov, &ts);
+            int err = errno;
+            PyEval_RestoreThread(ts);
+            Py_ssize_t size = b.len;
             PyBuffer_Release(&b);
+            if (w == -2) {
+                rc = -1;
+                break;
+            }
+            if (w < 0) {
+                if (is_retry(err)) {
+                    self->stalled = 1; /* this one and the rest go through the ring */
+                    break;
+                }
+                if (is_gone(err)) {
+                    core_lost(self, err);
+                    rc = -1;
+                    break;
+                }
+                self->send_dropped++;
+                PyObject *r = PyObject_CallFunction(self->rejected, "in", err, size);
+                if (r == NULL) {
+                    rc = -1;
+                    break;
+                }
+                Py_DECREF(r);
+            }
+            count++;
+        }
+    }
+    for (; rc == 0 && i < n; i++) {
+        Py_buffer b;
+        const unsigned char *h;
+        if (batch_item(seq, hseq, i, &b, &h) < 0) {
             rc = -1;
             break;
         }

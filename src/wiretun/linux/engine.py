@@ -133,6 +133,28 @@ def _not_allocated(packet: object) -> InvalidParameter:
     )
 
 
+def _batch_item(
+    packets: Sequence[bytes | bytearray | memoryview], headers: Sequence[bytes] | None, i: int
+) -> tuple[bytes | bytearray | memoryview, bytes | None]:
+    """Packet ``i`` of a batch as a byte buffer and its header (None: the zero header), checked in the
+    C type's order (buffer, header, size); InvalidParameter for a bad one."""
+    item = packets[i]
+    try:
+        src = item if item.__class__ is bytes or item.__class__ is bytearray else memoryview(item).cast("B")
+    except (TypeError, ValueError):
+        raise InvalidParameter(f"packet {i} is not a contiguous bytes-like object") from None
+    hdr: bytes | None = None
+    if headers is not None:
+        h = headers[i]
+        if h.__class__ is not bytes or len(h) != VNET_HDR_SIZE:
+            raise InvalidParameter(f"header {i} must be {VNET_HDR_SIZE} bytes")
+        if h != ZERO_HEADER:
+            hdr = h
+    if not 0 < len(src) <= MAX_PACKET_SIZE:
+        raise InvalidParameter(f"packet {i} is {len(src)} bytes; a packet must be 1..{MAX_PACKET_SIZE} bytes")
+    return src, hdr
+
+
 def _release_view(view: memoryview) -> None:
     try:
         view.release()
@@ -649,9 +671,12 @@ class PySessionCore:
     def send_packets(
         self, packets: Sequence[bytes | bytearray | memoryview], headers: Sequence[bytes] | None = None
     ) -> int:
-        """Copy packets into the send ring in order and send them (after every earlier allocation); returns
-        how many were taken: the count stops where the ring is full even after writing what it holds.
-        Items are contiguous buffers of 1..0xFFFF bytes, ``headers`` one 10-byte ``bytes`` per packet."""
+        """Send packets in order, after every earlier allocation; returns how many were taken. When nothing
+        is queued ahead they are written straight from the caller's buffers (copying them into the ring
+        would only be undone at once); from the first the kernel refuses for now (EAGAIN) on, and whenever
+        something is queued, they are copied into the send ring and sent from there. The count stops where
+        the ring is full even after writing what it holds. Items are contiguous buffers of 1..0xFFFF
+        bytes, ``headers`` one 10-byte ``bytes`` per packet."""
         if headers is not None and len(headers) != len(packets):
             raise InvalidParameter(f"headers holds {len(headers)} item(s) for {len(packets)} packet(s)")
         count = 0
@@ -659,16 +684,32 @@ class PySessionCore:
             if self._state:
                 return len(packets)  # as send_packet after the end: discarded (WintunSendPacket)
             data = self._tx_data
+            words = self._tx_words
+            total = len(packets)
+            i = 0
             try:
                 if self._stalled:
                     self._flush()
-                for i, item in enumerate(packets):
-                    src = memoryview(item).cast("B") if not isinstance(item, (bytes, bytearray)) else item
+                if not self._stalled and not self._tx_unsent and words[HEAD_WORD] == words[TAIL_WORD]:
+                    writev = os.writev
+                    while i < total:
+                        src, hdr = _batch_item(packets, headers, i)
+                        try:
+                            writev(self._fd, [hdr or ZERO_HEADER, src])
+                        except OSError as e:
+                            code = e.errno or errno.EIO
+                            if code in _RETRY_ERRNOS:
+                                self._stalled = True
+                                break  # this one and the rest go through the ring
+                            if code in _GONE_ERRNOS:
+                                raise self._lost(code) from e
+                            self.send_dropped += 1
+                            self._rejected_cb(code, len(src))
+                        count += 1
+                        i += 1
+                while i < total:
+                    src, hdr = _batch_item(packets, headers, i)
                     n = len(src)
-                    if not 0 < n <= MAX_PACKET_SIZE:
-                        raise InvalidParameter(
-                            f"packet {i} is {n} bytes; a packet must be 1..{MAX_PACKET_SIZE} bytes"
-                        )
                     record = self._allocate_locked(n)
                     if record < 0:
                         self._flush()  # make room: everything queued so far goes first
@@ -676,14 +717,11 @@ class PySessionCore:
                         if record < 0:
                             break
                     data[record + 4 : record + 4 + n] = src
-                    if headers is not None:
-                        h = headers[i]
-                        if h.__class__ is not bytes or len(h) != VNET_HDR_SIZE:
-                            raise InvalidParameter(f"header {i} must be {VNET_HDR_SIZE} bytes")
-                        if h != ZERO_HEADER:
-                            self._tx_headers[record] = h
+                    if hdr is not None:
+                        self._tx_headers[record] = hdr
                     self._mark_sent(record)
                     count += 1
+                    i += 1
             finally:
                 if self._state == 0:
                     self._flush()
