@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {k}: {v}")
         else:
             print(f"  {key}: {value}")
+    def count(*words: str) -> int:
+        return sum(1 for d in defects if any(w in d for w in words))
+
+    print(f"  crashes: {count('(crash)', 'traceback', 'event loop failed')}, hangs: {count('(hang)')}, "
+          f"raw exceptions: {count(' raised ')}, C/Python disagreements: {count('disagree')}, "
+          f"fd leaks: {count('file descriptors')}, memory growth: {count('RSS grew')}")
     print(f"  defects: {len(defects)}")
     for d in defects:
         print(f"    - {d}")
