@@ -103,8 +103,8 @@ def test_infinite_and_huge_timeouts_wait_until_the_end(adapter, form, limit):
             s.release_receive_packet(p)
         return p
 
+    t0 = time.monotonic()  # before the ender starts its 0.3 s sleep, so the bound below cannot fire early
     ender = end_later(s, 0.3)
-    t0 = time.monotonic()
     until_end({"wait": wait, "wait_receive_packet": one, "receive_packets": batch, "deprecated": deprecated}[form])
     assert time.monotonic() - t0 >= 0.25  # it waited for the end, not returned at once
     ender.join(5)
