@@ -35,8 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import _netns
 from wiretun import packet as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.netns
+from tests import netns
 
 SOCK_DIR = Path("/var/run/wireguard")
 PORT_T, PORT_P = 51820, 51821
@@ -152,7 +154,7 @@ class Capture:
 
     def __init__(self, ns: str, ifname: str, kind: int, sink: Callable[[bytes, int], None], *,
                  vnet_header: bool = False) -> None:
-        with _netns.entered(ns):
+        with netns.entered(ns):
             self.sock = socket.socket(socket.AF_PACKET, kind, socket.htons(ETH_P_ALL))
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE: no capture drops
@@ -271,9 +273,9 @@ class Lab:
         self.close()
 
     def start(self) -> None:
-        self.tns = _netns.create("wtfzt")
+        self.tns = netns.create_up("wtfzt")
         self.namespaces.append(self.tns)
-        self.pns = _netns.create("wtfzp")
+        self.pns = netns.create_up("wtfzp")
         self.namespaces.append(self.pns)
         sh("ip", "link", "add", self.tveth, "netns", self.tns, "type", "veth", "peer", "name", self.pveth,
            "netns", self.pns)
@@ -315,19 +317,19 @@ class Lab:
             sh("ip", "-n", ns, "addr", "add", f"{a4}/24", "dev", dev)
             sh("ip", "-n", ns, "addr", "add", f"{a6}/64", "dev", dev, "nodad")
             sh("ip", "-n", ns, "link", "set", dev, "up")
-        with _netns.entered(self.tns):  # the probes' destination port exists: no ICMP back through the tunnel
+        with netns.entered(self.tns):  # the probes' destination port exists: no ICMP back through the tunnel
             sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             sink.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sink.bind(("::", PROBE_PORT))
             self.sockets.append(sink)
-        with _netns.entered(self.pns):
+        with netns.entered(self.pns):
             self.probe4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.probe6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         self.sockets += [self.probe4, self.probe6]
         # The target may hand its TUN UDP super-packets (GSO): each is split into its datagrams here.
         self.captures.append(Capture(self.tns, self.tif, socket.SOCK_RAW, self._delivered, vnet_header=True))
         self.captures.append(Capture(self.tns, self.tveth, socket.SOCK_RAW, self._on_wire, vnet_header=True))
-        with _netns.entered(self.pns):
+        with netns.entered(self.pns):
             self.inject = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.inject.bind((self.pveth, ETH_P_ALL))
         self.sockets.append(self.inject)
@@ -372,7 +374,7 @@ class Lab:
                     proc.kill()
                     proc.wait(5)
         for ns in self.namespaces:
-            _netns.remove(ns)
+            netns.remove(ns)
         for ifname in (self.tif, self.pif):
             with contextlib.suppress(FileNotFoundError):
                 (SOCK_DIR / f"{ifname}.sock").unlink()
@@ -452,7 +454,7 @@ class Lab:
 
     def udp_stats(self) -> dict[str, int]:
         """The target namespace's UDP counters (/proc/net/snmp as seen from inside)."""
-        text = _netns.run(self.tns, "cat", "/proc/net/snmp").stdout
+        text = netns.run(self.tns, "cat", "/proc/net/snmp", check=True, timeout=30).stdout
         rows = [line.split() for line in text.splitlines() if line.startswith("Udp:")]
         return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:])} if len(rows) >= 2 else {}
 
@@ -466,7 +468,7 @@ class Attacker:
     def __init__(self, lab: Lab, count: int = 16) -> None:
         self.lab = lab
         self.socks: dict[int, list[socket.socket]] = {4: [], 6: []}
-        with _netns.entered(lab.pns):
+        with netns.entered(lab.pns):
             for _ in range(count):
                 for version, family, host in ((4, socket.AF_INET, P4), (6, socket.AF_INET6, P6)):
                     s = socket.socket(family, socket.SOCK_DGRAM)
@@ -718,7 +720,7 @@ def run(budget: Budget, peer_kind: str, seed: int) -> tuple[list[str], dict[str,
 
             # Handshake flood: random and MAC1-valid initiations from 256 ports, IPv4.
             flood_socks: list[socket.socket] = []
-            with _netns.entered(lab.pns):
+            with netns.entered(lab.pns):
                 for _ in range(256):
                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                     s.bind((P4, 0))

@@ -1,7 +1,7 @@
 """Network namespaces for tests, benchmarks and the demo: create, enter (per thread), remove.
 
-Not part of the installed package: bench/ and demo/ import it as ``tests.netns`` (the repository root on
-sys.path). ``setns`` changes the calling thread's namespace only; sockets, TUN devices and
+Not part of the installed package: bench/, demo/ and fuzz/ import it as ``tests.netns`` (the repository
+root on sys.path). ``setns`` changes the calling thread's namespace only; sockets, TUN devices and
 netlink sockets belong to the namespace of the thread that creates them, and threads and processes
 started afterwards inherit it.
 """
@@ -33,6 +33,17 @@ def create(prefix: str = "wt") -> str:
     return name
 
 
+def create_up(prefix: str = "wt") -> str:
+    """:func:`create` with loopback up; the namespace is removed again if that fails."""
+    name = create(prefix)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    except BaseException:
+        remove(name)
+        raise
+    return name
+
+
 def remove(name: str) -> None:
     # Kill anything still running inside first so the namespace really goes away.
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
@@ -61,9 +72,8 @@ def entered(name: str) -> Iterator[None]:
 @contextlib.contextmanager
 def temporary(prefix: str = "wt", *, enter: bool = True) -> Iterator[str]:
     """A fresh namespace with loopback up; entered for the body if ``enter``; always removed."""
-    name = create(prefix)
+    name = create_up(prefix)
     try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         if enter:
             with entered(name):
                 yield name
@@ -79,9 +89,7 @@ def several(*prefixes: str) -> Iterator[list[str]]:
     made: list[str] = []
     try:
         for prefix in prefixes:
-            name = create(prefix)
-            made.append(name)
-            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+            made.append(create_up(prefix))
         yield made
     finally:
         for name in made:
