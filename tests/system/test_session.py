@@ -8,7 +8,6 @@ adapter. Every check is on exact bytes, addresses and counts.
 from __future__ import annotations
 
 import asyncio
-import select
 import selectors
 import socket
 import struct
@@ -20,14 +19,25 @@ import pytest
 
 from wiretun import packet
 from wiretun.adapter import Adapter
-from wiretun.errors import BufferOverflow, Busy, EndOfFile, InvalidParameter, NoMoreItems
+from wiretun.errors import Busy, EndOfFile, InvalidParameter, NoMoreItems
 from wiretun.linux import tun
 from wiretun.ring import RELEASE_BIT, record_size
-from wiretun.session import Session
 
-V4_LOCAL, V4_PEER = "10.0.0.1", "10.0.0.2"
-V6_LOCAL, V6_PEER = "fd00:1::1", "fd00:1::2"
-SMALL = 0x20000
+from ..sessionutil import (
+    SMALL,
+    V4_LOCAL,
+    V4_PEER,
+    V6_LOCAL,
+    V6_PEER,
+    ending_wakes_a_blocked_reader,
+    full_send_ring,
+    is_v4,
+    is_v6,
+    receive_matching,
+    send,
+    v4_expected,
+    v6_expected,
+)
 
 
 @pytest.fixture
@@ -40,55 +50,6 @@ def adapter(netns):
         yield a
     finally:
         a.close()
-
-
-def receive_matching(session: Session, match, timeout: float = 3.0) -> bytes:
-    """The first packet for which ``match(bytes)`` holds; others (IPv6 MLD, router solicitations ...)
-    are released and skipped. Returns a copy; the packet itself is released."""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError("no matching packet arrived")
-        pkt = session.wait_receive_packet(remaining)
-        if pkt is None:
-            continue
-        data = bytes(pkt)
-        session.release_receive_packet(pkt)
-        if match(data):
-            return data
-
-
-def send(session: Session, data: bytes) -> None:
-    buf = session.allocate_send_packet(len(data))
-    buf[:] = data
-    session.send_packet(buf)
-
-
-def is_v4(proto: int, dst: str | None = None):
-    dst_b = socket.inet_aton(dst) if dst else None
-    return lambda p: p[0] >> 4 == 4 and p[9] == proto and (dst_b is None or p[16:20] == dst_b)
-
-
-def is_v6(next_header: int, first_byte: int | None = None):
-    def match(p: bytes) -> bool:
-        return p[0] >> 4 == 6 and p[6] == next_header and (first_byte is None or p[40] == first_byte)
-
-    return match
-
-
-def v4_expected(received: bytes, body: bytes, src: str, dst: str, proto: int, ttl: int = 64) -> bytes:
-    """The IPv4 packet the kernel must have sent: every byte fixed except the IP ID and the DF bit,
-    which are taken from what arrived (the checksum is recomputed over them)."""
-    ident = struct.unpack_from("!H", received, 4)[0]
-    df = bool(received[6] & 0x40)
-    return packet.ipv4_header(src, dst, proto, len(body), ttl=ttl, ident=ident, dont_fragment=df) + body
-
-
-def v6_expected(received: bytes, body: bytes, src: str, dst: str, next_header: int) -> bytes:
-    """The IPv6 packet the kernel must have sent; the flow label (auto flow labels) is taken as received."""
-    flow = struct.unpack_from("!I", received, 0)[0] & 0xFFFFF
-    return packet.ipv6_header(src, dst, next_header, len(body), hop_limit=64, flow_label=flow) + body
 
 
 # ----------------------------------------------------------------------------- kernel <-> session
@@ -271,52 +232,7 @@ def test_out_of_order_release_frees_space_only_from_head(adapter):
 
 
 def test_full_send_ring_is_buffer_overflow_and_nothing_else_breaks(adapter):
-    fit = (SMALL - 4) // record_size(1400)
-    with adapter.start_session(SMALL) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((V4_LOCAL, 6200))
-        sock.settimeout(3)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        bufs = []
-        for i in range(fit):
-            buf = s.allocate_send_packet(1400)
-            buf[:] = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7200, 6200, struct.pack("!I", i) + bytes(1400 - 32))
-            bufs.append(buf)
-        with pytest.raises(BufferOverflow) as e:
-            s.allocate_send_packet(1400)
-        assert e.value.code == 111
-        big = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7200, 6200, bytes(1372))
-        assert s.send_packets([big] * 3) == 0  # the caller drops them
-        # The 496 bytes left take 41 records of 8-byte packets, then nothing (4 bytes always stay free).
-        smalls = []
-        while True:
-            try:
-                smalls.append(s.allocate_send_packet(8))
-            except BufferOverflow:
-                break
-        assert len(smalls) == (SMALL - 4 - fit * record_size(1400)) // record_size(8) == 41
-        # Receiving is unaffected.
-        send_ping = packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 1, 1, b"still alive", 64)
-        # (the ring is full, so the ping cannot be sent yet; the kernel's own traffic still arrives)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
-            out.sendto(b"rx ok", (V4_PEER, 9))
-        got = receive_matching(s, is_v4(packet.PROTO_UDP, V4_PEER))
-        assert got[28:] == b"rx ok"
-        # Send in reverse: nothing leaves until the first allocation is sent, then all in order.
-        for buf in reversed(bufs[1:]):
-            s.send_packet(buf)
-        sock.settimeout(0.2)
-        with pytest.raises(socket.timeout):
-            sock.recvfrom(2000)
-        for small in smalls:
-            s.send_packet(small)  # 8 zero bytes: not IP; the kernel will refuse them
-        s.send_packet(bufs[0])
-        sock.settimeout(3)
-        order = [struct.unpack_from("!I", sock.recvfrom(2000)[0])[0] for _ in range(fit)]
-        assert order == list(range(fit))
-        assert s.send_dropped == 41  # refused by the kernel (EINVAL), counted, logged once
-        send(s, send_ping)
-        reply = receive_matching(s, is_v4(packet.PROTO_ICMP, V4_PEER))
-        assert reply.endswith(b"still alive")
+    full_send_ring(adapter, quiet=0.2, dropped=41)
 
 
 def test_sending_while_the_adapter_is_down_drops_and_goes_on(adapter):
@@ -423,55 +339,10 @@ def test_read_wait_event_with_selectors_and_asyncio(adapter):
         assert asyncio.run(via_asyncio()).endswith(b"asyncio")
 
 
-def _blocked_reader(s: Session, how: str, out: dict) -> None:
-    try:
-        if how == "receive":
-            while True:
-                p = s.wait_receive_packet()
-                if p is not None:
-                    s.release_receive_packet(p)
-        else:
-            fd = s.get_read_wait_event()
-            while True:
-                select.select([fd], [], [])
-                p = s.try_receive_packet()
-                if p is not None:
-                    s.release_receive_packet(p)
-    except EndOfFile as e:
-        out["woke"] = time.monotonic()
-        out["error"] = e
-
-
 @pytest.mark.parametrize("how", ["receive", "select"])
 @pytest.mark.parametrize("ender", ["end", "adapter.close"])
 def test_ending_wakes_a_blocked_reader_within_100ms(adapter, how, ender):
-    s = adapter.start_session()
-    out: dict = {}
-    t = threading.Thread(target=_blocked_reader, args=(s, how, out), daemon=True)
-    t.start()
-    time.sleep(0.3)  # the reader is asleep by now
-    assert t.is_alive()
-    t0 = time.monotonic()
-    if ender == "end":
-        s.end()
-    else:
-        adapter.close()
-    t.join(2)
-    assert not t.is_alive()
-    assert out["error"].code == 38
-    # The end wakes the reader (it had slept 0.3 s without waking): an event, not the reader's own
-    # timer. Wintun's figure is 100 ms; a loaded 2-core machine may schedule the thread later, so the
-    # bound here is ten times that.
-    assert 0 <= out["woke"] - t0 < 1.0, f"woke after {1000 * (out['woke'] - t0):.1f} ms"
-    assert s.ended
-    with pytest.raises(EndOfFile):
-        s.receive_packet()
-    with pytest.raises(EndOfFile):
-        s.allocate_send_packet(20)
-    with pytest.raises(EndOfFile):
-        s.receive_packets()
-    select.select([s.get_read_wait_event()], [], [], 0)  # still a valid descriptor
-    s.end()  # again: nothing
+    ending_wakes_a_blocked_reader(adapter, how, ender, "receive_packet")
 
 
 def test_closing_the_adapter_ends_the_session_cleanly(adapter):

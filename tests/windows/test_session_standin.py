@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import select
 import socket
 import struct
 import subprocess
@@ -31,9 +30,23 @@ from wiretun.session import Session
 from wiretun.windows import wintun_dll
 from wiretun.windows.session import WintunSession
 
-V4_LOCAL, V4_PEER = "10.0.0.1", "10.0.0.2"
-V6_LOCAL, V6_PEER = "fd00:1::1", "fd00:1::2"
-SMALL = 0x20000
+from ..sessionutil import (
+    SMALL,
+    V4_LOCAL,
+    V4_PEER,
+    V6_LOCAL,
+    V6_PEER,
+    drain,
+    ending_wakes_a_blocked_reader,
+    full_send_ring,
+    is_v4,
+    is_v6,
+    receive_matching,
+    send,
+    v4_expected,
+    v6_expected,
+)
+
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h (Python's socket module lacks them)
 
 
@@ -47,53 +60,6 @@ def adapter(netns, windows_backend):
         yield a
     finally:
         a.close()
-
-
-def receive_matching(session: Session, match: Any, timeout: float = 3.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError("no matching packet arrived")
-        pkt = session.wait_receive_packet(remaining)
-        if pkt is None:
-            continue
-        data = bytes(pkt)
-        session.release_receive_packet(pkt)
-        if match(data):
-            return data
-
-
-def send(session: Session, data: bytes) -> None:
-    buf = session.allocate_send_packet(len(data))
-    buf[:] = data
-    session.send_packet(buf)
-
-
-def is_v4(proto: int, dst: str | None = None) -> Any:
-    dst_b = socket.inet_aton(dst) if dst else None
-    return lambda p: p[0] >> 4 == 4 and p[9] == proto and (dst_b is None or p[16:20] == dst_b)
-
-
-def is_v6(next_header: int, first_byte: int | None = None) -> Any:
-    return lambda p: p[0] >> 4 == 6 and p[6] == next_header and (first_byte is None or p[40] == first_byte)
-
-
-def v4_expected(received: bytes, body: bytes, src: str, dst: str, proto: int, ttl: int = 64) -> bytes:
-    ident = struct.unpack_from("!H", received, 4)[0]
-    df = bool(received[6] & 0x40)
-    return packet.ipv4_header(src, dst, proto, len(body), ttl=ttl, ident=ident, dont_fragment=df) + body
-
-
-def v6_expected(received: bytes, body: bytes, src: str, dst: str, next_header: int) -> bytes:
-    flow = struct.unpack_from("!I", received, 0)[0] & 0xFFFFF
-    return packet.ipv6_header(src, dst, next_header, len(body), hop_limit=64, flow_label=flow) + body
-
-
-def drain(s: Session) -> None:
-    time.sleep(0.2)
-    while (p := s.try_receive_packet()) is not None:  # link-up chatter (IPv6 MLD, RS)
-        s.release_receive_packet(p)
 
 
 # ----------------------------------------------------------------------------- the backend in use
@@ -274,44 +240,7 @@ def address_of(view: memoryview) -> int:
 
 
 def test_full_send_ring_is_buffer_overflow_and_nothing_else_breaks(adapter):
-    fit = (SMALL - 4) // record_size(1400)
-    with adapter.start_session(SMALL) as s, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((V4_LOCAL, 6200))
-        sock.settimeout(3)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        bufs = []
-        for i in range(fit):
-            buf = s.allocate_send_packet(1400)
-            buf[:] = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7200, 6200, struct.pack("!I", i) + bytes(1400 - 32))
-            bufs.append(buf)
-        with pytest.raises(BufferOverflow) as e:
-            s.allocate_send_packet(1400)
-        assert e.value.code == 111
-        big = packet.ipv4_udp(V4_PEER, V4_LOCAL, 7200, 6200, bytes(1372))
-        assert s.send_packets([big] * 3) == 0  # the caller drops them
-        smalls = []
-        while True:
-            try:
-                smalls.append(s.allocate_send_packet(8))
-            except BufferOverflow:
-                break
-        assert len(smalls) == (SMALL - 4 - fit * record_size(1400)) // record_size(8) == 41
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
-            out.sendto(b"rx ok", (V4_PEER, 9))
-        assert receive_matching(s, is_v4(packet.PROTO_UDP, V4_PEER))[28:] == b"rx ok"
-        for buf in reversed(bufs[1:]):  # nothing leaves until the first allocation is sent
-            s.send_packet(buf)
-        sock.settimeout(0.3)
-        with pytest.raises(socket.timeout):
-            sock.recvfrom(2000)
-        for small in smalls:
-            s.send_packet(small)  # 8 zero bytes: not IP; the kernel refuses them, the driver drops them
-        s.send_packet(bufs[0])
-        sock.settimeout(3)
-        order = [struct.unpack_from("!I", sock.recvfrom(2000)[0])[0] for _ in range(fit)]
-        assert order == list(range(fit))
-        send(s, packet.ipv4_icmp_echo(V4_PEER, V4_LOCAL, 1, 1, b"still alive", 64))
-        assert receive_matching(s, is_v4(packet.PROTO_ICMP, V4_PEER)).endswith(b"still alive")
+    full_send_ring(adapter, quiet=0.3, dropped=None)
 
 
 def test_threads_receive_release_and_send_at_once(adapter):
@@ -527,54 +456,10 @@ def test_ending_wakes_an_async_receiver(adapter):
     assert time.monotonic() - t0 < 0.3 + 0.45  # woken by the end, not by the half-second slice
 
 
-def _blocked_reader(s: Session, how: str, out: dict[str, Any]) -> None:
-    try:
-        if how == "receive":
-            while True:
-                p = s.wait_receive_packet()
-                if p is not None:
-                    s.release_receive_packet(p)
-        else:
-            handle = s.get_read_wait_event()  # on the stand-in an eventfd: select works as a wait
-            while True:
-                select.select([handle], [], [])
-                p = s.try_receive_packet()
-                if p is not None:
-                    s.release_receive_packet(p)
-    except EndOfFile as e:
-        out["woke"] = time.monotonic()
-        out["error"] = e
-
-
 @pytest.mark.parametrize("how", ["receive", "select"])
 @pytest.mark.parametrize("ender", ["end", "adapter.close"])
 def test_ending_wakes_a_blocked_reader_at_once(adapter, how, ender):
-    s = adapter.start_session()
-    out: dict[str, Any] = {}
-    t = threading.Thread(target=_blocked_reader, args=(s, how, out), daemon=True)
-    t.start()
-    time.sleep(0.3)
-    assert t.is_alive()
-    t0 = time.monotonic()
-    if ender == "end":
-        s.end()
-    else:
-        adapter.close()
-    t.join(2)
-    assert not t.is_alive()
-    assert out["error"].code == 38
-    # A few ms on an idle machine; the bound is generous for 2 cores under a load of 10 (seen: 320 ms).
-    # The select() reader has no timeout at all: only the end's signal can wake it.
-    assert out["woke"] - t0 < 1.0, f"woke after {1000 * (out['woke'] - t0):.1f} ms"
-    assert s.ended
-    with pytest.raises(EndOfFile):
-        s.try_receive_packet()
-    with pytest.raises(EndOfFile):
-        s.allocate_send_packet(20)
-    with pytest.raises(EndOfFile):
-        s.receive_packets()
-    select.select([s.get_read_wait_event()], [], [], 0)  # still a valid handle (our duplicate)
-    s.end()  # again: nothing
+    ending_wakes_a_blocked_reader(adapter, how, ender, "try_receive_packet")
 
 
 def test_closing_the_adapter_ends_the_session_and_releases_held_views(adapter):
