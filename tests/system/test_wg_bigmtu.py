@@ -15,17 +15,14 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import pytest
 
-from tests import netns as _netns
-
-from .wgutil import WIREGUARD_GO, Lab, Node, nsx, pair, ping, wait_for
+from .wgutil import WIREGUARD_GO, Lab, Node, nsx, pair, ping, stream_tcp, wait_for
 
 pytestmark = pytest.mark.skipif(
     WIREGUARD_GO is None or any(shutil.which(t) is None for t in ("wg", "iperf3", "ss")),
@@ -108,53 +105,20 @@ def tcp_transfer(server: Node, client: Node, address: str, size: int) -> int:
     """Send ``size`` bytes of a known pattern over TCP from ``client`` to ``server``'s ``address``;
     returns how many arrived, after checking their digest (bounded in time)."""
     pattern = bytes(random.Random(size).randrange(256) for _ in range(1 << 16))
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with _netns.entered(server.ns):
-        listener = socket.socket(family, socket.SOCK_STREAM)
-    with _netns.entered(client.ns):
-        sender = socket.socket(family, socket.SOCK_STREAM)
-    timeout = 60 + size / (2 << 20)
-    got: list[tuple[int, bytes]] = []
-    try:
-        listener.bind((address, 0))
-        listener.listen(1)
-        listener.settimeout(timeout)
+    expected = hashlib.sha256()
 
-        def receive() -> None:
-            conn, _ = listener.accept()
-            conn.settimeout(timeout)
-            digest = hashlib.sha256()
-            n = 0
-            with conn:
-                while True:
-                    chunk = conn.recv(1 << 20)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    n += len(chunk)
-            got.append((n, digest.digest()))
-
-        thread = threading.Thread(target=receive, daemon=True)
-        thread.start()
-        sender.settimeout(timeout)
-        sender.connect((address, listener.getsockname()[1]))
-        expected = hashlib.sha256()
+    def pieces() -> Iterator[memoryview]:
         left = size
         view = memoryview(pattern)
         while left > 0:
             piece = view[: min(left, len(pattern))]
-            sender.sendall(piece)
             expected.update(piece)
             left -= len(piece)
-        sender.shutdown(socket.SHUT_WR)
-        thread.join(timeout)
-        assert got, "the receiver did not finish in time"
-        n, digest = got[0]
-        assert n != size or digest == expected.digest(), "the bytes arrived changed"
-        return n
-    finally:
-        sender.close()
-        listener.close()
+            yield piece
+
+    n, digest = stream_tcp(client.ns, server.ns, address, pieces(), timeout=60 + size / (2 << 20))
+    assert n != size or digest == expected.hexdigest(), "the bytes arrived changed"
+    return n
 
 
 def check_counters(sender: tuple[Sample, Sample], receiver: tuple[Sample, Sample], *, sent: int, received: int,

@@ -27,7 +27,7 @@ import pytest
 
 from tests import netns as _netns
 
-from .wgutil import WIREGUARD_GO, Lab, Node, Wire, nsx, pair, ping, wait_for
+from .wgutil import WIREGUARD_GO, Lab, Node, Wire, nsx, pair, ping, stream_tcp, wait_for
 
 UPSTREAM = os.environ.get("WIREGUARD_GO_UPSTREAM", "")
 PEERS = ["inproc", "wggo"] + (["upstream"] if UPSTREAM else [])
@@ -71,44 +71,7 @@ def _upstream_binary(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureReq
 def tcp_transfer(src_ns: str, dst_ns: str, address: str, data: bytes, timeout: float = 90) -> tuple[int, str]:
     """Send ``data`` over one TCP connection from ``src_ns`` to ``address`` in ``dst_ns``; returns the bytes
     and sha256 that arrived."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with _netns.entered(dst_ns):
-        server = socket.socket(family, socket.SOCK_STREAM)
-    result: list[tuple[int, str]] = []
-    try:
-        server.bind((address, 0))
-        server.listen(1)
-        server.settimeout(timeout)
-        port = server.getsockname()[1]
-
-        def serve() -> None:
-            conn, _ = server.accept()
-            conn.settimeout(timeout)
-            digest = hashlib.sha256()
-            count = 0
-            with conn:
-                while True:
-                    chunk = conn.recv(1 << 20)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    count += len(chunk)
-            result.append((count, digest.hexdigest()))
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        with _netns.entered(src_ns):
-            client = socket.socket(family, socket.SOCK_STREAM)
-        with client:
-            client.settimeout(timeout)
-            client.connect((address, port))
-            client.sendall(data)
-            client.shutdown(socket.SHUT_WR)
-            thread.join(timeout)
-        assert result, "the receiver did not finish in time"
-        return result[0]
-    finally:
-        server.close()
+    return stream_tcp(src_ns, dst_ns, address, [data], timeout)
 
 
 def _datagram(seq: int, size: int) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
@@ -20,10 +21,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pytest
 
@@ -342,6 +344,51 @@ class Lab:
     def close(self) -> None:
         for node in reversed(self.nodes):
             node.close()
+
+
+def stream_tcp(src_ns: str, dst_ns: str, address: str, pieces: Iterable[bytes | memoryview],
+               timeout: float = 90) -> tuple[int, str]:
+    """Send ``pieces`` one after another over one TCP connection from ``src_ns`` to ``address`` in
+    ``dst_ns`` (bounded by ``timeout`` per step); returns how many bytes arrived and their sha256 (hex)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with _netns.entered(dst_ns):
+        server = socket.socket(family, socket.SOCK_STREAM)
+    result: list[tuple[int, str]] = []
+    try:
+        server.bind((address, 0))
+        server.listen(1)
+        server.settimeout(timeout)
+        port = server.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            conn.settimeout(timeout)
+            digest = hashlib.sha256()
+            count = 0
+            with conn:
+                while True:
+                    chunk = conn.recv(1 << 20)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    count += len(chunk)
+            result.append((count, digest.hexdigest()))
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with _netns.entered(src_ns):
+            client = socket.socket(family, socket.SOCK_STREAM)
+        with client:
+            client.settimeout(timeout)
+            client.connect((address, port))
+            for piece in pieces:
+                client.sendall(piece)
+            client.shutdown(socket.SHUT_WR)
+            thread.join(timeout)
+        assert result, "the receiver did not finish in time"
+        return result[0]
+    finally:
+        server.close()
 
 
 def pair(lab: Lab, left_kind: str, right_kind: str, outer: int = 4, *,
