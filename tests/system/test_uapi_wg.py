@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -320,21 +321,21 @@ def test_socket_permissions(uapi):
 # ----------------------------------------------------------- cross-check against wireguard-go
 
 
-@pytest.fixture
-def wireguard_go(netns):
-    """A wireguard-go daemon in the test's namespace; yields its socket path."""
-    exe = shutil.which("wireguard-go")
-    if exe is None:
-        pytest.skip("wireguard-go is not installed")
-    name = unique("wtg")
+def _run_wireguard_go(exe: str, prefix: str, what: str, *, hang_skips: bool) -> Iterator[Path]:
+    """Run ``exe`` (a wireguard-go) in the foreground in this namespace; yield its UAPI socket path, then
+    stop it and remove the socket. Skips when it exits before the socket appears; a socket still missing
+    after 10 s skips too with ``hang_skips``, else fails."""
+    name = unique(prefix)
     path = SOCK_DIR / f"{name}.sock"
     env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="silent")
     proc = subprocess.Popen([exe, "-f", name], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while not path.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"wireguard-go did not start (exit {proc.poll()})")
+            if proc.poll() is not None or (hang_skips and time.monotonic() > deadline):
+                pytest.skip(f"{what} did not start (exit {proc.poll()})")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after 10 s waiting for {what} to start")
             time.sleep(0.05)
         yield path
     finally:
@@ -346,6 +347,15 @@ def wireguard_go(netns):
             proc.wait()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+@pytest.fixture
+def wireguard_go(netns):
+    """A wireguard-go daemon in the test's namespace; yields its socket path."""
+    exe = shutil.which("wireguard-go")
+    if exe is None:
+        pytest.skip("wireguard-go is not installed")
+    yield from _run_wireguard_go(exe, "wtg", "wireguard-go", hang_skips=True)
 
 
 # Bad requests whose handling is the same in the installed (2022) and the current wireguard-go.
@@ -460,25 +470,7 @@ def upstream_wireguard_go(netns):
     """Upstream wireguard-go (``WIREGUARD_GO_UPSTREAM=/path``) in the test's namespace; its socket path."""
     if not UPSTREAM or not os.access(UPSTREAM, os.X_OK):
         pytest.skip("WIREGUARD_GO_UPSTREAM does not name an upstream wireguard-go binary")
-    name = unique("wtu")
-    path = SOCK_DIR / f"{name}.sock"
-    proc = subprocess.Popen([UPSTREAM, "-f", name], env=dict(os.environ, WG_PROCESS_FOREGROUND="1",
-                                                             LOG_LEVEL="silent"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: path.exists() or proc.poll() is not None, 10, "upstream wireguard-go to start")
-        if proc.poll() is not None:
-            pytest.skip(f"upstream wireguard-go did not start (exit {proc.returncode})")
-        yield path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    yield from _run_wireguard_go(UPSTREAM, "wtu", "upstream wireguard-go", hang_skips=False)
 
 
 def test_prefix_validation_matches_upstream_wireguard_go(uapi, upstream_wireguard_go):
