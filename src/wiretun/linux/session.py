@@ -496,6 +496,12 @@ class LinuxSession:
         count, tail, status, dropped = _rx_pull(
             self._fd, self._rx_words, self._rx_data, max_count, self._rx_hdr, 0, self._rx_scratch, views, offsets
         )
+        return self._pulled(views, offsets, count, tail, status, dropped)
+
+    def _pulled(self, views: list[memoryview], offsets: list[int], count: int, tail: int, status: int,
+                dropped: int) -> list[memoryview]:
+        """What :meth:`_pull` and :meth:`_pull_frames` do with a read's outcome: count the drops, hand the
+        ring's new records to the consumer, report the read's status, capture; returns ``views``."""
         if dropped:
             self._receive_dropped += dropped
         if count:
@@ -542,15 +548,7 @@ class LinuxSession:
         count, tail, status, dropped = _rx_frames(
             self._fd, self._rx_words, self._rx_data, max_count, self._rx_scratch, views, offsets, headers
         )
-        if dropped:
-            self._receive_dropped += dropped
-        if count:
-            self._rx_cons.accept(offsets, tail, views)
-        if status:
-            self._read_status(status, count)
-        if count and self._capture is not None:
-            self._record(views)
-        return views
+        return self._pulled(views, offsets, count, tail, status, dropped)
 
     def _pull_frame_one(self) -> memoryview | None:
         if self._rx_idle and not self._rx_poll.poll(0):
