@@ -99,14 +99,20 @@ def _py_rx_pull(fd: int, words: Any, data: memoryview, max_count: int, hdr: Any,
                 d += (n + 7) & ~3
     except OSError as e:
         status = e.errno or errno.EIO
+    return count, _pulled_to(words, d, cap, r, count), status, dropped
+
+
+def _pulled_to(words: Any, d: int, cap: int, r: int, count: int) -> int:
+    """The end of a pull whose next record would have its data at offset ``d`` (its Size at ``d - 4``, which
+    may lie past the end of Data): the new Tail, written to the ring when ``count`` records came in, else
+    Tail as it was (``r``)."""
     tail = d - 4
     if tail >= cap:
         tail -= cap
     if count:
         words[TAIL_WORD] = tail
-    else:
-        tail = r
-    return count, tail, status, dropped
+        return tail
+    return r
 
 
 def _py_rx_frames(fd: int, words: Any, data: memoryview, max_count: int, scratch: Any,
@@ -157,14 +163,7 @@ def _py_rx_frames(fd: int, words: Any, data: memoryview, max_count: int, scratch
             d += (n + 7) & ~3
     except OSError as e:
         status = e.errno or errno.EIO
-    tail = d - 4
-    if tail >= cap:
-        tail -= cap
-    if count:
-        words[TAIL_WORD] = tail
-    else:
-        tail = r
-    return count, tail, status, dropped
+    return count, _pulled_to(words, d, cap, r, count), status, dropped
 
 
 def _py_rx_one(fd: int, words: Any, data: memoryview, hdr: Any, scratch: Any) -> memoryview | int:
