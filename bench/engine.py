@@ -26,12 +26,12 @@ import os
 import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from _loops import HDR, drain_plain, drain_single, send_plain, send_single, timed
 from wiretun.errors import EndOfFile
 from wiretun.linux.engine import PySessionCore
 from wiretun.ring import Ring
@@ -40,8 +40,6 @@ try:
     from wiretun._speedups import SessionCore as CSessionCore
 except ImportError:
     CSessionCore = None
-
-HDR = bytes(10)
 
 
 def _io_error(code: int) -> BaseException:
@@ -117,54 +115,6 @@ def drain_sock(sock: socket.socket) -> int:
         n += 1
 
 
-def drain_plain(fd: int) -> int:
-    read = os.read
-    n = 0
-    while True:
-        try:
-            read(fd, 0x10009)
-        except BlockingIOError:
-            return n
-        n += 1
-
-
-def drain_core(core: Any) -> int:
-    receive = core.receive_packet
-    release = core.release_receive_packet
-    n = 0
-    while True:
-        pkt = receive()
-        if pkt is None:
-            return n
-        release(pkt)
-        n += 1
-
-
-def send_plain(fd: int, pkt: bytes, count: int) -> int:
-    writev = os.writev
-    iov = [HDR, pkt]
-    for _ in range(count):
-        writev(fd, iov)
-    return count
-
-
-def send_core(core: Any, pkt: bytes, count: int) -> int:
-    allocate = core.allocate_send_packet
-    send = core.send_packet
-    size = len(pkt)
-    for _ in range(count):
-        buf = allocate(size)
-        buf[:] = pkt
-        send(buf)
-    return count
-
-
-def timed(fn: Callable[[], int]) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    n = fn()
-    return n, time.perf_counter() - t0
-
-
 def plain_pair(kernel: socket.socket, fd: int, datagram: bytes, pkt: bytes, count: int) -> tuple[float, float]:
     """Packets/s of the plain receive loop and the plain send loop."""
     n, dt = timed_drain(kernel, datagram, count, functools.partial(drain_plain, fd))
@@ -211,9 +161,10 @@ def main() -> None:
                 measured: dict[str, tuple[float, float]] = {}
                 for name, kind in kinds:
                     core, rx_ring, tx_ring = make_core(kind, fd)
-                    n, dt = timed_drain(kernel, datagram, count, functools.partial(drain_core, core))
+                    drain = functools.partial(drain_single, core.receive_packet, core.release_receive_packet)
+                    n, dt = timed_drain(kernel, datagram, count, drain)
                     rx = n / dt
-                    n, dt = timed_send(kernel, count, functools.partial(send_core, core, pkt))
+                    n, dt = timed_send(kernel, count, functools.partial(send_single, core, pkt))
                     measured[name] = (rx, n / dt)
                     core.end()
                     rx_ring.close()

@@ -31,10 +31,9 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from functools import partial
-from typing import Callable
 
+from _loops import drain_plain, drain_single, send_plain, send_single, timed
 from wiretun import packet
 from wiretun.adapter import Adapter
 from wiretun.linux import tun
@@ -61,17 +60,6 @@ def prefill(sock: socket.socket, payload: bytes, count: int) -> None:
         send(payload, dest)
 
 
-def drain_plain(fd: int) -> int:
-    read = os.read
-    n = 0
-    while True:
-        try:
-            read(fd, 0x10009)
-        except BlockingIOError:
-            return n
-        n += 1
-
-
 def drain_plain_strip(fd: int) -> int:
     """The plain loop doing what a program needs to get the IP packet: drop the 10-byte header."""
     read = os.read
@@ -81,18 +69,6 @@ def drain_plain_strip(fd: int) -> int:
             read(fd, 0x10009)[10:]
         except BlockingIOError:
             return n
-        n += 1
-
-
-def drain_session_single(session) -> int:
-    receive = session.try_receive_packet
-    release = session.release_receive_packet
-    n = 0
-    while True:
-        pkt = receive()
-        if pkt is None:
-            return n
-        release(pkt)
         n += 1
 
 
@@ -108,25 +84,6 @@ def drain_session_batch(session) -> int:
         release(pkts)
 
 
-def send_plain(fd: int, pkt: bytes, count: int) -> int:
-    writev = os.writev
-    iov = [bytes(tun.VNET_HDR_SIZE), pkt]
-    for _ in range(count):
-        writev(fd, iov)
-    return count
-
-
-def send_session_single(session, pkt: bytes, count: int) -> int:
-    allocate = session.allocate_send_packet
-    send = session.send_packet
-    size = len(pkt)
-    for _ in range(count):
-        buf = allocate(size)
-        buf[:] = pkt
-        send(buf)
-    return count
-
-
 def send_session_batch(session, pkt: bytes, count: int) -> int:
     batch = [pkt] * BATCH
     send = session.send_packets
@@ -134,12 +91,6 @@ def send_session_batch(session, pkt: bytes, count: int) -> int:
     while sent < count:
         sent += send(batch if count - sent >= BATCH else batch[: count - sent])
     return sent
-
-
-def timed(fn: Callable[[], int]) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    n = fn()
-    return n, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -177,12 +128,12 @@ def main() -> None:
                     plain_round(adapter, sender, payload, out_pkt, count, size, results, r)
                     with adapter.start_session(0x400000) as session:
                         prefill(sender, payload, count)
-                        n, dt = timed(partial(drain_session_single, session))
+                        n, dt = timed(partial(drain_single, session.try_receive_packet, session.release_receive_packet))
                         _record(results, ("receive", size, "session per-packet"), n, count, dt)
                         prefill(sender, payload, count)
                         n, dt = timed(partial(drain_session_batch, session))
                         _record(results, ("receive", size, f"session batch ({BATCH})"), n, count, dt)
-                        n, dt = timed(partial(send_session_single, session, out_pkt, count))
+                        n, dt = timed(partial(send_single, session, out_pkt, count))
                         _record(results, ("send", size, "session per-packet"), n, count, dt)
                         n, dt = timed(partial(send_session_batch, session, out_pkt, count))
                         _record(results, ("send", size, f"session batch ({BATCH})"), n, count, dt)
