@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -27,6 +27,19 @@ from wiretun.session import Session
 V4_LOCAL, V4_PEER = "10.0.0.1", "10.0.0.2"
 V6_LOCAL, V6_PEER = "fd00:1::1", "fd00:1::2"
 SMALL = 0x20000
+
+
+def make_adapter() -> Iterator[Adapter]:
+    """The adapter under test (for a fixture, in the test's namespace): "wts0" with V4_LOCAL/24 and
+    V6_LOCAL/64, up (nothing to do on Windows: the link comes up with the session); closed at the end."""
+    a = Adapter.create("wts0", "SessionTest")
+    try:
+        a.add_address(f"{V4_LOCAL}/24")
+        a.add_address(f"{V6_LOCAL}/64")
+        a.up()
+        yield a
+    finally:
+        a.close()
 
 
 def receive_matching(session: Session, match: Any, timeout: float = 3.0) -> bytes:
@@ -79,6 +92,28 @@ def drain(s: Session) -> None:
     time.sleep(0.2)
     while (p := s.try_receive_packet()) is not None:  # link-up chatter (IPv6 MLD, RS)
         s.release_receive_packet(p)
+
+
+def iterator_ends_with_the_session(s: Session, sock: socket.socket) -> None:
+    """The session's iterator, run by a thread: blocking, it sees a datagram ``sock`` sends to V4_PEER
+    (routed out through the adapter) and ends when the session does."""
+    seen: list[bytes] = []
+
+    def iterate() -> None:
+        for p in s:
+            seen.append(bytes(p))
+            s.release_receive_packet(p)
+
+    t = threading.Thread(target=iterate)
+    t.start()
+    sock.sendto(b"iterated", (V4_PEER, 5999))
+    deadline = time.monotonic() + 10  # the loop exits as soon as the packet is in
+    while not any(p[28:] == b"iterated" for p in seen) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.end()
+    t.join(2)
+    assert not t.is_alive()
+    assert any(p[28:] == b"iterated" for p in seen)
 
 
 def full_send_ring(adapter: Adapter, *, quiet: float, dropped: int | None) -> None:

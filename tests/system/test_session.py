@@ -12,7 +12,6 @@ import selectors
 import socket
 import struct
 import subprocess
-import threading
 import time
 
 import pytest
@@ -33,6 +32,8 @@ from ..sessionutil import (
     full_send_ring,
     is_v4,
     is_v6,
+    iterator_ends_with_the_session,
+    make_adapter,
     receive_matching,
     send,
     v4_expected,
@@ -42,14 +43,7 @@ from ..sessionutil import (
 
 @pytest.fixture
 def adapter(netns):
-    a = Adapter.create("wts0", "SessionTest")
-    try:
-        a.add_address(f"{V4_LOCAL}/24")
-        a.add_address(f"{V6_LOCAL}/64")
-        a.up()
-        yield a
-    finally:
-        a.close()
+    yield from make_adapter()
 
 
 # ----------------------------------------------------------------------------- kernel <-> session
@@ -140,23 +134,7 @@ def test_batch_forms_and_iterator(adapter):
             s.release_receive_packets(batch)
         assert [p[28:] for p in got] == [b"out %d" % i for i in range(10)]
         # The iterator: blocking, ends when the session does.
-        seen: list[bytes] = []
-
-        def iterate() -> None:
-            for p in s:
-                seen.append(bytes(p))
-                s.release_receive_packet(p)
-
-        t = threading.Thread(target=iterate)
-        t.start()
-        sock.sendto(b"iterated", (V4_PEER, 5999))
-        deadline = time.monotonic() + 10
-        while not any(p[28:] == b"iterated" for p in seen) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        s.end()
-        t.join(2)
-        assert not t.is_alive()
-        assert any(p[28:] == b"iterated" for p in seen)
+        iterator_ends_with_the_session(s, sock)
 
 
 def test_empty_polls(adapter):

@@ -41,6 +41,8 @@ from ..sessionutil import (
     full_send_ring,
     is_v4,
     is_v6,
+    iterator_ends_with_the_session,
+    make_adapter,
     receive_matching,
     send,
     v4_expected,
@@ -52,14 +54,7 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h (Python's socket
 
 @pytest.fixture
 def adapter(netns, windows_backend):
-    a = Adapter.create("wts0", "SessionTest")
-    try:
-        a.add_address(f"{V4_LOCAL}/24")
-        a.add_address(f"{V6_LOCAL}/64")
-        a.up()  # nothing to do on Windows: the link comes up with the session
-        yield a
-    finally:
-        a.close()
+    yield from make_adapter()
 
 
 # ----------------------------------------------------------------------------- the backend in use
@@ -142,23 +137,7 @@ def test_batch_forms_and_iterator(adapter):
             s.release_receive_packets(batch)
         assert [p[28:] for p in got] == [b"out %d" % i for i in range(10)]
         assert all(h == bytes(10) for h in headers)
-        seen: list[bytes] = []
-
-        def iterate() -> None:
-            for p in s:
-                seen.append(bytes(p))
-                s.release_receive_packet(p)
-
-        t = threading.Thread(target=iterate)
-        t.start()
-        sock.sendto(b"iterated", (V4_PEER, 5999))
-        deadline = time.monotonic() + 3
-        while not any(p[28:] == b"iterated" for p in seen) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        s.end()
-        t.join(2)
-        assert not t.is_alive()
-        assert any(p[28:] == b"iterated" for p in seen)
+        iterator_ends_with_the_session(s, sock)
 
 
 def _takes_headers(s: Session) -> bool:
