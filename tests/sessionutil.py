@@ -20,7 +20,7 @@ import pytest
 
 from wiretun import packet
 from wiretun.adapter import Adapter
-from wiretun.errors import BufferOverflow, EndOfFile
+from wiretun.errors import BufferOverflow, EndOfFile, InvalidParameter
 from wiretun.ring import record_size
 from wiretun.session import Session
 
@@ -114,6 +114,24 @@ def iterator_ends_with_the_session(s: Session, sock: socket.socket) -> None:
     t.join(2)
     assert not t.is_alive()
     assert any(p[28:] == b"iterated" for p in seen)
+
+
+def bad_session_arguments(s: Session) -> None:
+    """Bad sizes, packets and views are InvalidParameter on both backends (a size's message names it)."""
+    for size in (0, 0x10000, -5):
+        with pytest.raises(InvalidParameter) as e:
+            s.allocate_send_packet(size)
+        assert str(size) in str(e.value)
+    with pytest.raises(InvalidParameter):
+        s.send_packets([b""])
+    with pytest.raises(InvalidParameter):
+        s.send_packets([bytes(0x10000)])
+    with pytest.raises(InvalidParameter):
+        s.receive_packets(0)
+    with pytest.raises(InvalidParameter):
+        s.release_receive_packet(memoryview(bytearray(20)))
+    with pytest.raises(InvalidParameter):
+        s.send_packet(memoryview(bytearray(20)))
 
 
 def full_send_ring(adapter: Adapter, *, quiet: float, dropped: int | None) -> None:
