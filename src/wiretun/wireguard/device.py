@@ -52,9 +52,10 @@ Behaviour follows wireguard-go; where it differs, it says so:
   read (a GRO train) is opened in one batch, replay-checked, and its TCP (and, on Linux 6.2+, UDP)
   packets coalesced back into super-packets written with their virtio-net header. ``offload=False``
   (or ``WIRETUN_WG_OFFLOAD=0`` in the environment) keeps the packet-by-packet path, as does a kernel
-  that refuses TUN offloads. With offloads, TUN -> UDP runs on a second thread (reads, seals with the
-  GIL released and sends while the event loop opens what arrives, both outside the core's lock, which
-  they take for routing, counters and accounting only; ``WIRETUN_WG_THREADS=0``: one thread).
+  that refuses TUN offloads. ``WIRETUN_WG_THREADS=1`` moves TUN -> UDP to a second thread (reads, seals
+  with the GIL released and sends while the event loop opens what arrives, both outside the core's
+  lock, which they take for routing, counters and accounting only); one thread is the default, as it
+  was faster on two cores (the two threads contend for the GIL).
 
 Bad datagrams of any kind are dropped and counted (:attr:`Device.stats`), never raised.
 """
@@ -251,7 +252,7 @@ class Device:
         self._open_out = memoryview(bytearray(_OPEN_OUT_SIZE))  # decrypted trains, coalesced
         self._rx_headers: list[Any] = []
         self._tun_thread: threading.Thread | None = None
-        self._tun_thread_wanted = os.environ.get("WIRETUN_WG_THREADS", "1") != "0"
+        self._tun_thread_wanted = os.environ.get("WIRETUN_WG_THREADS", "0") == "1"
         self._send_lock = threading.Lock()  # the conn's sends, from the event loop and the TUN thread
         try:
             from ..linux import netlink  # Linux only: imported where used, so the module imports anywhere
