@@ -126,6 +126,9 @@ def test_show_fields_and_showconf_setconf_round_trip(lab, tmp_path):
     (tmp_path / "same.conf").write_text(conf)
     wg("setconf", name, str(tmp_path / "same.conf"))
     assert wg("showconf", name).stdout == conf
+    # The far side still holds the replaced peer's session until the fresh handshake (started by the
+    # keepalive) lands; on a loaded machine that has taken longer than one ping's 2 s wait.
+    wait_for(lambda: ping(right.ns, left.inner4, 1, wait=1) == 1, 20, "the tunnel after setconf")
     assert ping(right.ns, left.inner4, 3) == 3
 
 
