@@ -56,6 +56,19 @@ class Tun:
     frames: int = field(default=0)
 
 
+def _wait_for_local_route(address: str) -> None:
+    """IPv6 installs an address's local route after link up from a work queue, so a packet written at
+    once can find no local route and be dropped (seen under load): wait, bounded, until it is in."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        r = subprocess.run(["ip", "-6", "route", "show", "table", "local", address], capture_output=True,
+                           text=True, timeout=10)
+        if r.stdout.strip():
+            return
+        assert time.monotonic() < deadline, f"no local route for {address} after {DEADLINE} s"
+        time.sleep(0.02)
+
+
 def make_tun(name: str, offloads: int, local: str, peer: str, *, v6: bool) -> Tun:
     fd = tun.open_queue(name, create=True)  # the device's only queue: it receives everything
     try:
@@ -65,6 +78,8 @@ def make_tun(name: str, offloads: int, local: str, peer: str, *, v6: bool) -> Tu
         ip(fam, "addr", "add", f"{local}/{128 if v6 else 32}", "dev", name, *extra)
         ip("link", "set", name, "up")
         ip(fam, "route", "add", f"{peer}/{128 if v6 else 32}", "dev", name, "initcwnd", "40")
+        if v6:
+            _wait_for_local_route(local)
     except BaseException:
         os.close(fd)
         raise
