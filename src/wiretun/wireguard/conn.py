@@ -271,38 +271,14 @@ class Conn:
         its segment size in a control message; it is cut back into its datagrams here. The source
         endpoint handed to ``deliver`` is an :class:`Endpoint` carrying the local address the
         datagram arrived at. The view is only valid during the call."""
-        recv = sock.recvmsg_into
-        buffers = self._rx_buffers
-        view = self._rx_view
-        counters = self.counters
-        endpoint_of = self._endpoint
-        count = 0
-        try:
-            for _ in range(BATCH):
-                n, ancillary, _, address = recv(buffers, _ANCILLARY_SPACE)
-                size = 0
-                local = b""
-                for level, kind, data in ancillary:
-                    if level == socket.SOL_UDP:
-                        if kind == _UDP_GRO and len(data) >= 4:
-                            size = _GRO_INT.unpack_from(data)[0]
-                    else:
-                        local = data
-                source = endpoint_of(address, local)
-                if 0 < size < n:
-                    counters.udp_rx_trains += 1
-                    for offset in range(0, n, size):
-                        deliver(view[offset:min(n, offset + size)], source, now)
-                        count += 1
-                    continue
-                deliver(view[:n], source, now)
-                count += 1
-        except BlockingIOError:
-            pass
-        except OSError:
-            counters.udp_rx_errors += 1  # e.g. an ICMP error queued on the socket: go on
-        counters.udp_rx += count
-        return count
+        def cut(train: memoryview, size: int, source: Endpoint, now: float) -> None:
+            if len(train) <= size:
+                deliver(train, source, now)
+                return
+            for offset in range(0, len(train), size):
+                deliver(train[offset:offset + size], source, now)
+
+        return self.receive_trains(sock, cut, now)
 
     def receive_trains(self, sock: socket.socket, deliver: DeliverTrain, now: float) -> int:
         """:meth:`receive` for a caller that takes a GRO train whole: ``deliver(view, segment, source,
