@@ -366,6 +366,12 @@ writev_nogil(int fd, struct iovec *iov, PyThreadState **ts)
     RETRYING(writev(fd, iov, 2))
 }
 
+static Py_ssize_t
+write_nogil(int fd, const void *buf, size_t len, PyThreadState **ts)
+{
+    RETRYING(write(fd, buf, len))
+}
+
 /* One packet read for rx_pull: the header into ``hdr`` (10 bytes), the packet at ``dst``. When the 6
  * bytes before the Size word (dst - 10 .. dst - 4) belong to records this very call wrote (not published,
  * no view of them handed out yet: nobody may look at them), one plain read() lands header and packet in
@@ -1062,6 +1068,11 @@ tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #define STATUS_NO_MORE_ITEMS 259
 #define RELEASE_BIT 0x80000000u
 #define COMPACT_AT 64
+/* Where an emptied ring starts again. Not 0: the 6 bytes before the first record's Size word are then
+ * ring memory nobody uses, so a read lands the virtio-net header there and the packet in place, and a
+ * write takes header and packet from there in one piece (a read() or write() of one buffer costs the
+ * kernel less than a readv() or writev() of two). See core_read_one and core_flush. */
+#define REWIND_OFFSET 8u
 
 /* The exception class for a status, from wiretun.errors (looked up once, on first use). */
 static PyObject *
@@ -1328,9 +1339,24 @@ core_flush(CoreObject *self)
                     status = -1;
                     break;
                 }
-                iov[1].iov_base = ring->data + head + 4;
-                iov[1].iov_len = size;
-                Py_ssize_t w = writev_nogil(self->fd, iov, &ts);
+                Py_ssize_t w;
+                if (head >= REWIND_OFFSET && ((head - self->tx_alloc) & ring->mask) >= 8) {
+                    /* The 6 bytes before the Size word are free ring space (written packets, no
+                     * allocation: the tx lock is held), the Size word is ours: the zero header goes
+                     * there for one write() of header and packet, and the 10 bytes are put back. */
+                    unsigned char *p = ring->data + head + 4 - VNET_HDR_SIZE, saved[VNET_HDR_SIZE];
+                    memcpy(saved, p, VNET_HDR_SIZE);
+                    memset(p, 0, VNET_HDR_SIZE);
+                    w = write_nogil(self->fd, p, VNET_HDR_SIZE + (size_t)size, &ts);
+                    int err = errno;
+                    memcpy(p, saved, VNET_HDR_SIZE);
+                    errno = err;
+                }
+                else {
+                    iov[1].iov_base = ring->data + head + 4;
+                    iov[1].iov_len = size;
+                    w = writev_nogil(self->fd, iov, &ts);
+                }
                 if (w < 0) {
                     if (w == -2)
                         failed = 1;
@@ -1458,10 +1484,17 @@ core_read_one(CoreObject *self, PyObject **out)
      * one read() lands header and packet there and the packet moves down over the header: a read() costs
      * the kernel less than a readv() of two buffers. Otherwise readv(header, packet). */
     int whole = free_bytes >= MAX_RECORD_SIZE + 12 && r + 4 + VNET_HDR_SIZE + READ_SPAN <= ring->cap + TRAILING_SIZE;
+    /* Nothing held and Tail past the ring's first bytes (as after a rewind): the 6 bytes before Tail's
+     * Size word are free, so the header lands there and the packet in place, with no move. */
+    int in_place = direct && r == head && r >= REWIND_OFFSET;
     Py_ssize_t n;
     int err;
     PyThreadState *ts = PyEval_SaveThread();
-    if (whole)
+    if (in_place) {
+        n = read_packet(self->fd, self->rx_hdr, ring->data + r + 4, 1, &ts);
+        whole = 0;
+    }
+    else if (whole)
         n = read_nogil(self->fd, ring->data + r + 4, VNET_HDR_SIZE + READ_SPAN, &ts);
     else {
         struct iovec iov[2];
@@ -1633,8 +1666,8 @@ core_release_locked(CoreObject *self, PyObject *packet)
     if (i == t->first) {
         tracked_drop_front(t);
         if (t->n == 0) { /* everything released: rewind so the ring keeps reusing cached memory */
-            store_word(ring, TAIL_WORD, 0);
-            store_word(ring, HEAD_WORD, 0);
+            store_word(ring, TAIL_WORD, REWIND_OFFSET);
+            store_word(ring, HEAD_WORD, REWIND_OFFSET);
         }
         else
             store_word(ring, HEAD_WORD, t->a[t->first].offset - 4);
@@ -1737,11 +1770,11 @@ static int64_t
 core_allocate_locked(CoreObject *self, uint32_t size)
 {
     Ring *ring = &self->tx;
-    if (!self->tx_unsent && !self->stalled && self->tx_release == self->tx_alloc && self->tx_alloc &&
-        load_word(ring, HEAD_WORD) == self->tx_release) {
-        store_word(ring, HEAD_WORD, 0); /* all written: rewind to the start, still in cache */
-        store_word(ring, TAIL_WORD, 0);
-        self->tx_alloc = self->tx_release = 0;
+    if (!self->tx_unsent && !self->stalled && self->tx_release == self->tx_alloc &&
+        self->tx_alloc != REWIND_OFFSET && load_word(ring, HEAD_WORD) == self->tx_release) {
+        store_word(ring, HEAD_WORD, REWIND_OFFSET); /* all written: rewind to the start, still in cache */
+        store_word(ring, TAIL_WORD, REWIND_OFFSET);
+        self->tx_alloc = self->tx_release = REWIND_OFFSET;
     }
     uint32_t head = load_word(ring, HEAD_WORD);
     if (check_ring_index(ring, "send", "Head", head) < 0)

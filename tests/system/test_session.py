@@ -20,6 +20,7 @@ from wiretun import packet
 from wiretun.adapter import Adapter
 from wiretun.errors import Busy, EndOfFile, InvalidParameter, NoMoreItems
 from wiretun.linux import tun
+from wiretun.linux.engine import REWIND_OFFSET
 from wiretun.ring import RELEASE_BIT, record_size
 
 from ..sessionutil import (
@@ -411,7 +412,7 @@ def test_plain_sessions_run_on_the_session_core(adapter):
             s.release_receive_packet(got[i])
         assert ring.head != 0  # packet 4, still held, pins Head at its record
         s.release_receive_packet(got[4])
-        assert ring.head == ring.tail == 0  # all back: the ring rewound
+        assert ring.head == ring.tail == REWIND_OFFSET  # all back: the ring rewound
         with pytest.raises(InvalidParameter):
             s.release_receive_packet(got[4])
         assert core.received == 0

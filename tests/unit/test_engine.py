@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from wiretun import errors
 from wiretun.errors import BufferOverflow, EndOfFile, InvalidData, InvalidParameter
 from wiretun.linux import engine
-from wiretun.linux.engine import PySessionCore, Status
+from wiretun.linux.engine import REWIND_OFFSET, PySessionCore, Status
 from wiretun.offload import VirtioNetHeader
 from wiretun.ring import DATA_WORD, HEAD_WORD, MIN_CAPACITY, RELEASE_BIT, TAIL_WORD, Ring
 
@@ -261,8 +261,64 @@ def test_receive_reads_into_the_ring_and_release_in_order_rewinds(kind: Any) -> 
             bytes(views[0])  # released
         r.core.release_receive_packet(views[1])
         r.core.release_receive_packet(views[2])
-        assert words[HEAD_WORD] == 0 and words[TAIL_WORD] == 0  # all released: rewound
+        assert words[HEAD_WORD] == REWIND_OFFSET and words[TAIL_WORD] == REWIND_OFFSET  # all released: rewound
         assert r.core.received == 0
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_emptied_ring_reads_and_writes_in_place_and_keeps_the_bytes_before(kind: Any) -> None:
+    """After a rewind the next packet is read with its header in the 6 free bytes before its Size word and
+    written with its header taken from there (the C type; the twin gets the same ring): those bytes are
+    put back, the packet and the header the kernel sees are exact."""
+    r = rig(kind)
+    try:
+        marker = bytes(range(0xA0, 0xA8))
+        r.kernel.send(dgram(0, 60))
+        r.core.release_receive_packet(r.core.receive_packet())
+        assert r.rx.words[TAIL_WORD] == REWIND_OFFSET
+        r.rx.data[:REWIND_OFFSET] = marker
+        header = bytes(range(1, 11))  # the kernel's header is dropped; the packet must start after it
+        r.kernel.send(header + pattern(1, 1400))
+        view = r.core.receive_packet()
+        assert view is not None and bytes(view) == pattern(1, 1400)
+        assert r.rx.words[DATA_WORD + REWIND_OFFSET // 4] == 1400
+        assert bytes(r.rx.data[:REWIND_OFFSET]) == marker
+        assert r.rx.words[TAIL_WORD] == REWIND_OFFSET + 1404
+        r.core.release_receive_packet(view)
+
+        out = r.core.allocate_send_packet(1400)  # a fresh send ring starts at the rewind offset too
+        out[:] = pattern(2, 1400)
+        r.tx.data[:REWIND_OFFSET] = marker
+        r.core.send_packet(out)
+        assert drain(r.kernel) == [bytes(HDR) + pattern(2, 1400)]
+        assert bytes(r.tx.data[:REWIND_OFFSET]) == marker
+        assert r.tx.words[DATA_WORD + REWIND_OFFSET // 4] == 1400  # Size back, release bit cleared
+        assert bytes(r.tx.data[REWIND_OFFSET + 4 : REWIND_OFFSET + 4 + 1400]) == pattern(2, 1400)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_nearly_full_send_ring_writes_every_packet_exactly(kind: Any) -> None:
+    """Allocated until full (the last allocation ends 4 bytes before Head, where no header fits), then
+    sent: every packet reaches the kernel whole, with the zero header, in order."""
+    r = rig(kind)
+    try:
+        # From the rewind offset round to 4 bytes before it: 130 records of 1004 bytes and one of 548.
+        assert (MIN_CAPACITY - 4) == 130 * 1004 + 548
+        views = [r.core.allocate_send_packet(1000) for _ in range(130)] + [r.core.allocate_send_packet(544)]
+        with pytest.raises(BufferOverflow):
+            r.core.allocate_send_packet(1)
+        for i, v in enumerate(views):
+            v[:] = pattern(i, len(v))
+        expected = [bytes(HDR) + pattern(i, len(v)) for i, v in enumerate(views)]
+        got: list[bytes] = []
+        for v in views:
+            r.core.send_packet(v)
+            got += drain(r.kernel)
+        assert got == expected
     finally:
         r.close()
 
@@ -310,7 +366,7 @@ def test_release_many_is_all_or_nothing(kind: Any) -> None:
         assert r.core.received == 5 and bytes(views[0]) == pattern(0, 60)
         r.core.release_receive_packets([views[3], views[1]])
         r.core.release_receive_packets(views[0:1] + views[2:3] + views[4:])
-        assert r.rx.words[HEAD_WORD] == 0 and r.core.received == 0
+        assert r.rx.words[HEAD_WORD] == REWIND_OFFSET and r.core.received == 0
     finally:
         r.close()
 
@@ -411,9 +467,10 @@ def test_allocate_send_in_order_and_out_of_order(kind: Any) -> None:
         for i, v in enumerate((a, b, c)):
             v[:] = pattern(i, len(v))
         words = r.tx.words
-        assert words[DATA_WORD] == 20 | RELEASE_BIT
+        first = DATA_WORD + REWIND_OFFSET // 4  # a fresh ring starts at the rewind offset
+        assert words[first] == 20 | RELEASE_BIT
         r.core.send_packet(b)  # waits for a
-        assert drain(r.kernel) == [] and words[TAIL_WORD] == 0 and r.core.allocated == 2
+        assert drain(r.kernel) == [] and words[TAIL_WORD] == REWIND_OFFSET and r.core.allocated == 2
         r.core.send_packet(a)
         assert drain(r.kernel) == [bytes(HDR) + pattern(0, 20), bytes(HDR) + pattern(1, 30)]
         with pytest.raises(InvalidParameter):

@@ -7,7 +7,8 @@ A :class:`SessionCore` holds what a session needs per packet, for its two rings 
   drops it if it does not fit, as Wintun's driver drops when the ring is full), publishes Tail and returns
   a memoryview of it; :meth:`~SessionCore.release_receive_packet` takes it back in any order: the oldest
   moves Head, a later one gets Wintun's release bit in its stored Size and is passed over when Head gets
-  there. When every packet is released the ring rewinds to offset 0 (its memory stays in cache).
+  there. When every packet is released the ring rewinds to offset 8 (its memory stays in cache, and the C
+  type reads and writes the virtio-net header in the 6 free bytes before the first Size word).
 * the **send ring** (caller -> kernel): :meth:`~SessionCore.allocate_send_packet` carves a packet at the
   allocation cursor (its Size carries the release bit: not sent yet), :meth:`~SessionCore.send_packet`
   clears the bit, moves Tail over the run of sent packets at the front (allocation order is send order)
@@ -58,6 +59,9 @@ VNET_HDR_SIZE = 10
 ZERO_HEADER = bytes(VNET_HDR_SIZE)
 RELEASE_BIT = 0x80000000
 _READ_SPAN = MAX_PACKET_SIZE
+# Where an emptied ring starts again (REWIND_OFFSET in C): not 0, so that the bytes before the first
+# record are ring memory the C type can put the virtio-net header in.
+REWIND_OFFSET = 8
 _GONE_ERRNOS = frozenset({errno.EBADFD, errno.EBADF, errno.ENODEV, errno.ENXIO})
 _RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM})
 _COMPACT_AT = 64  # entries released at the front before the tracking list is compacted
@@ -335,7 +339,17 @@ class PySessionCore:
         # the packet moves down over the header (what the C type does: a read costs less than a readv).
         whole = free >= MAX_RECORD_SIZE + 12 and r + 4 + VNET_HDR_SIZE + _READ_SPAN <= self._cap + TRAILING_SIZE
         try:
-            if whole:
+            if free >= MAX_RECORD_SIZE and r == head and r >= REWIND_OFFSET:
+                # Nothing held: the header lands in the free bytes before Tail's Size word and the packet
+                # in place; those 6 bytes are put back (as the C type does).
+                saved = bytes(data[r - 6 : r])
+                try:
+                    n = os.readv(self._fd, [data[r - 6 : r + 4 + _READ_SPAN]])
+                    if n > 0:
+                        self._hdr[: min(n, VNET_HDR_SIZE)] = data[r - 6 : r - 6 + min(n, VNET_HDR_SIZE)]
+                finally:
+                    data[r - 6 : r] = saved
+            elif whole:
                 n = os.readv(self._fd, [data[r + 4 : r + 4 + VNET_HDR_SIZE + _READ_SPAN]])
                 if n >= VNET_HDR_SIZE:
                     data[r + 4 : r + n - VNET_HDR_SIZE + 4] = data[r + 4 + VNET_HDR_SIZE : r + 4 + n]
@@ -412,7 +426,8 @@ class PySessionCore:
             self._raise_pending()
             if self._stalled:
                 self._retry_send()
-            # The usual case inline (what _read_one does when the whole read fits at Tail), the rest
+            # The usual case inline (what _read_one does when the whole read fits at Tail behind held
+            # packets), the rest
             # through _read_one: the same steps in the same order, only fewer Python calls.
             words, data, fd, mask, cap = self._rx_words, self._rx_data, self._fd, self._mask, self._cap
             views, offsets = self._rx_out.views, self._rx_out.offsets
@@ -423,7 +438,10 @@ class PySessionCore:
             for _ in range(max_count):
                 r = words[TAIL_WORD]
                 head = words[HEAD_WORD]
-                if r <= last and not r & 3 and head < cap and not head & 3 and (head - r - 4) & mask >= room:
+                if (
+                    r <= last and not r & 3 and head < cap and not head & 3 and (head - r - 4) & mask >= room
+                    and (r != head or r < REWIND_OFFSET)  # else _read_one reads in place
+                ):
                     d = r + 4
                     try:
                         n = readv(fd, [data[d : d + span]])
@@ -480,8 +498,8 @@ class PySessionCore:
             out.drop_front()
             words = self._rx_words
             if not out.views:  # everything released: rewind so the ring keeps reusing cached memory
-                words[TAIL_WORD] = 0
-                words[HEAD_WORD] = 0
+                words[TAIL_WORD] = REWIND_OFFSET
+                words[HEAD_WORD] = REWIND_OFFSET
             else:
                 words[HEAD_WORD] = out.offsets[out.first] - 4
         else:
@@ -505,8 +523,8 @@ class PySessionCore:
                 out.offsets.clear()
                 out.first = 0
                 words = self._rx_words
-                words[TAIL_WORD] = 0
-                words[HEAD_WORD] = 0
+                words[TAIL_WORD] = REWIND_OFFSET
+                words[HEAD_WORD] = REWIND_OFFSET
             elif not self._release_locked(packet):
                 raise _not_received(packet)
         finally:
@@ -555,10 +573,10 @@ class PySessionCore:
         words = self._tx_words
         if not self._tx_unsent and not self._stalled and self._tx_release == self._tx_alloc:
             head = words[HEAD_WORD]
-            if head == self._tx_release and self._tx_alloc:  # all written: rewind to cached memory
-                words[HEAD_WORD] = 0
-                words[TAIL_WORD] = 0
-                self._tx_alloc = self._tx_release = 0
+            if head == self._tx_release and self._tx_alloc != REWIND_OFFSET:  # all written: rewind
+                words[HEAD_WORD] = REWIND_OFFSET
+                words[TAIL_WORD] = REWIND_OFFSET
+                self._tx_alloc = self._tx_release = REWIND_OFFSET
         head = words[HEAD_WORD]
         if head >= self._cap or head & 3:
             raise _fail(
