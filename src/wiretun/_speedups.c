@@ -1071,7 +1071,7 @@ tx_direct(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 /* Where an emptied ring starts again. Not 0: the 6 bytes before the first record's Size word are then
  * ring memory nobody uses, so a read lands the virtio-net header there and the packet in place, and a
  * write takes header and packet from there in one piece (a read() or write() of one buffer costs the
- * kernel less than a readv() or writev() of two). See core_read_one and core_flush. */
+ * kernel less than a readv() or writev() of two). See core_fill and core_flush. */
 #define REWIND_OFFSET 8u
 
 /* The exception class for a status, from wiretun.errors (looked up once, on first use). */
@@ -1239,6 +1239,13 @@ typedef struct {
     unsigned char rx_hdr[VNET_HDR_SIZE];
     unsigned char *scratch;
     Py_ssize_t receive_dropped, send_dropped;
+    /* Read ahead: packets read into the receive ring (Tail is past them) and not handed out yet, from the
+     * record at rx_next on, as Wintun's driver fills its ring ahead of the caller. ready_fd (an eventfd,
+     * or -1) is set while some wait, so the session's read-wait handle stays readable. */
+    Py_ssize_t rx_pending;
+    uint32_t rx_next;
+    int rx_empty; /* the last fill stopped because the queue was empty */
+    int ready_fd, ready_set;
     PyObject *rx_error; /* raised by the next receive: packets were handed out before it happened */
     PyObject *io_error, *rejected, *convert;
 } CoreObject;
@@ -1469,42 +1476,20 @@ check_ring_index(Ring *ring, const char *which, const char *what, uint32_t value
     return 0;
 }
 
-/* One packet from the queue into the receive ring at Tail (rx lock held): 1 with *out its new view,
- * 0 for none (queue empty, or the packet dropped for lack of room), -1 with an exception set. */
+/* One packet through the scratch buffer when the ring lacks room for a read straight into it (rx lock
+ * held): 1 with *out its new view, 0 for none (the queue is empty, or the packet did not fit: dropped, as
+ * Wintun's driver drops when its ring is full), -1 with an exception set. */
 static int
-core_read_one(CoreObject *self, PyObject **out)
+core_read_scratch(CoreObject *self, PyObject **out)
 {
     Ring *ring = &self->rx;
     uint32_t r = load_word(ring, TAIL_WORD), head = load_word(ring, HEAD_WORD);
     if (check_ring_index(ring, "receive", "Tail", r) < 0 || check_ring_index(ring, "receive", "Head", head) < 0)
         return -1;
     uint32_t free_bytes = (head - r - 4) & ring->mask;
-    int direct = free_bytes >= MAX_RECORD_SIZE;
-    /* With room for the whole read (header too) at the record's contents and within the ring's memory,
-     * one read() lands header and packet there and the packet moves down over the header: a read() costs
-     * the kernel less than a readv() of two buffers. Otherwise readv(header, packet). */
-    int whole = free_bytes >= MAX_RECORD_SIZE + 12 && r + 4 + VNET_HDR_SIZE + READ_SPAN <= ring->cap + TRAILING_SIZE;
-    /* Nothing held and Tail past the ring's first bytes (as after a rewind): the 6 bytes before Tail's
-     * Size word are free, so the header lands there and the packet in place, with no move. */
-    int in_place = direct && r == head && r >= REWIND_OFFSET;
-    Py_ssize_t n;
-    int err;
     PyThreadState *ts = PyEval_SaveThread();
-    if (in_place) {
-        n = read_packet(self->fd, self->rx_hdr, ring->data + r + 4, 1, &ts);
-        whole = 0;
-    }
-    else if (whole)
-        n = read_nogil(self->fd, ring->data + r + 4, VNET_HDR_SIZE + READ_SPAN, &ts);
-    else {
-        struct iovec iov[2];
-        iov[0].iov_base = self->rx_hdr;
-        iov[0].iov_len = VNET_HDR_SIZE;
-        iov[1].iov_base = direct ? ring->data + r + 4 : self->scratch;
-        iov[1].iov_len = READ_SPAN;
-        n = readv_nogil(self->fd, iov, &ts);
-    }
-    err = errno;
+    Py_ssize_t n = read_packet(self->fd, self->rx_hdr, self->scratch, 0, &ts);
+    int err = errno;
     PyEval_RestoreThread(ts);
     if (n == -2)
         return -1;
@@ -1514,10 +1499,6 @@ core_read_one(CoreObject *self, PyObject **out)
         core_lost(self, err);
         return -1;
     }
-    if (whole && n >= VNET_HDR_SIZE) {
-        memcpy(self->rx_hdr, ring->data + r + 4, VNET_HDR_SIZE);
-        memmove(ring->data + r + 4, ring->data + r + 4 + VNET_HDR_SIZE, (size_t)n - VNET_HDR_SIZE);
-    }
     n -= VNET_HDR_SIZE;
     if (n < 0) {
         raise_status(STATUS_INVALID_DATA, "the TUN queue returned a read shorter than the %d-byte virtio-net header",
@@ -1525,13 +1506,11 @@ core_read_one(CoreObject *self, PyObject **out)
         return -1;
     }
     uint32_t rec = (uint32_t)((n + 7) & ~3);
-    if (!direct) {
-        if (rec > free_bytes) {
-            self->receive_dropped++; /* no room (too many packets held), as Wintun's driver drops */
-            return 0;
-        }
-        memcpy(ring->data + r + 4, self->scratch, (size_t)n);
+    if (rec > free_bytes) {
+        self->receive_dropped++;
+        return 0;
     }
+    memcpy(ring->data + r + 4, self->scratch, (size_t)n);
     store_size(ring, r, (uint32_t)n);
     PyObject *view = make_view(self->rx_data, (Py_ssize_t)r + 4, n);
     if (view == NULL)
@@ -1541,6 +1520,127 @@ core_read_one(CoreObject *self, PyObject **out)
         return -1;
     }
     store_word(ring, TAIL_WORD, (r + rec) & ring->mask);
+    *out = view;
+    return 1;
+}
+
+/* Set or clear ready_fd to say whether read-ahead packets wait (GIL released or held: no Python). */
+static void
+core_signal_ready(CoreObject *self, int ready)
+{
+    if (self->ready_fd < 0 || ready == self->ready_set)
+        return;
+    uint64_t v = 1;
+    ssize_t rc = ready ? write(self->ready_fd, &v, sizeof v) : read(self->ready_fd, &v, sizeof v);
+    (void)rc; /* an eventfd: a write of 1 or a read of a set counter cannot fail but for EAGAIN (cleared) */
+    self->ready_set = ready;
+}
+
+#define FILL_NO_ROOM (-3)
+
+/* Read up to ``want`` packets from the queue into the receive ring from Tail on, with the GIL released
+ * once for all of them (rx lock held, nothing read ahead): how many (they wait from rx_next on), 0 for
+ * none (the queue is empty), -1 with an exception set, or FILL_NO_ROOM when the ring lacks room for a
+ * read straight into it (then core_read_scratch reads through the scratch buffer). An error after some
+ * packets is kept for the receive after them. ``keep`` of those are handed out at once: ready_fd is set
+ * if more wait. */
+static Py_ssize_t
+core_fill(CoreObject *self, Py_ssize_t want, Py_ssize_t keep)
+{
+    Ring *ring = &self->rx;
+    uint32_t r = load_word(ring, TAIL_WORD), head = load_word(ring, HEAD_WORD);
+    if (check_ring_index(ring, "receive", "Tail", r) < 0 || check_ring_index(ring, "receive", "Head", head) < 0)
+        return -1;
+    if (((head - r - 4) & ring->mask) < MAX_RECORD_SIZE)
+        return FILL_NO_ROOM;
+    uint32_t first = r;
+    Py_ssize_t count = 0;
+    int err = 0, failed = 0, short_read = 0;
+    PyThreadState *ts = PyEval_SaveThread();
+    while (count < want) {
+        uint32_t free_bytes = (head - r - 4) & ring->mask;
+        if (free_bytes < MAX_RECORD_SIZE)
+            break; /* no room for another straight read: the rest waits in the queue */
+        /* In place (the header in the 6 bytes before the Size word, put back after) when those bytes are
+         * free (nothing held) or belong to the packet this call read just before (no view of it yet);
+         * else in one read() with the packet moved down over the header; else readv(header, packet). */
+        int in_place = r >= REWIND_OFFSET && (count > 0 || r == head);
+        int whole = !in_place && free_bytes >= MAX_RECORD_SIZE + 12 &&
+                    r + 4 + VNET_HDR_SIZE + READ_SPAN <= ring->cap + TRAILING_SIZE;
+        unsigned char *dst = ring->data + r + 4;
+        Py_ssize_t n = whole ? read_nogil(self->fd, dst, VNET_HDR_SIZE + READ_SPAN, &ts)
+                             : read_packet(self->fd, self->rx_hdr, dst, in_place, &ts);
+        if (n == -2) {
+            failed = 1;
+            break;
+        }
+        if (n < 0) {
+            err = errno;
+            break;
+        }
+        if (n < VNET_HDR_SIZE) {
+            short_read = 1;
+            break;
+        }
+        if (whole) {
+            memcpy(self->rx_hdr, dst, VNET_HDR_SIZE);
+            memmove(dst, dst + VNET_HDR_SIZE, (size_t)n - VNET_HDR_SIZE);
+        }
+        n -= VNET_HDR_SIZE;
+        store_size(ring, r, (uint32_t)n);
+        r = (r + (uint32_t)((n + 7) & ~3)) & ring->mask;
+        count++;
+    }
+    core_signal_ready(self, count > keep);
+    PyEval_RestoreThread(ts);
+    self->rx_empty = err == EAGAIN || err == EWOULDBLOCK;
+    if (count) {
+        store_word(ring, TAIL_WORD, r);
+        self->rx_pending = count;
+        self->rx_next = first;
+    }
+    if (failed || short_read || (err && err != EAGAIN && err != EWOULDBLOCK)) {
+        if (short_read)
+            raise_status(STATUS_INVALID_DATA,
+                         "the TUN queue returned a read shorter than the %d-byte virtio-net header", VNET_HDR_SIZE);
+        else if (!failed)
+            core_lost(self, err);
+        if (count == 0)
+            return -1;
+        PyObject *type, *exc, *tb; /* handed out after the packets before it */
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (exc != NULL && tb != NULL)
+            PyException_SetTraceback(exc, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        Py_XSETREF(self->rx_error, exc);
+    }
+    return count;
+}
+
+/* Hand out the next read-ahead packet (rx lock held, rx_pending > 0): 1 with *out its view, -1 with an
+ * exception set. */
+static int
+core_take(CoreObject *self, PyObject **out)
+{
+    Ring *ring = &self->rx;
+    uint32_t record = self->rx_next, size = load_size(ring, record);
+    if (size > MAX_PACKET_SIZE) { /* scribbled on: what was read ahead is lost */
+        self->rx_pending = 0;
+        raise_status(STATUS_INVALID_DATA, "receive ring packet at 0x%x claims 0x%x bytes", (unsigned)record,
+                     (unsigned)size);
+        return -1;
+    }
+    PyObject *view = make_view(self->rx_data, (Py_ssize_t)record + 4, size);
+    if (view == NULL)
+        return -1;
+    if (tracked_push(&self->rx_out, view, record + 4) < 0) {
+        Py_DECREF(view);
+        return -1;
+    }
+    self->rx_next = (record + ((size + 7) & ~3u)) & ring->mask;
+    self->rx_pending--;
     *out = view;
     return 1;
 }
@@ -1558,6 +1658,26 @@ core_pending_error(CoreObject *self)
     return -1;
 }
 
+/* The next packet (rx lock held, live): one read ahead, else the error kept for after them, else up to
+ * ``want`` read from the queue at once (one handed out now). 1 with *out, 0 for none (the queue is empty,
+ * or a packet was dropped for lack of room: see receive_dropped), -1 with an exception set. */
+static int
+core_next(CoreObject *self, PyObject **out, Py_ssize_t want, Py_ssize_t keep)
+{
+    if (self->rx_pending)
+        return core_take(self, out);
+    if (self->rx_error != NULL)
+        return core_pending_error(self);
+    if (self->stalled && core_retry_send(self) < 0)
+        return -1;
+    Py_ssize_t got = core_fill(self, want, keep);
+    if (got == FILL_NO_ROOM)
+        return core_read_scratch(self, out);
+    if (got <= 0)
+        return (int)got;
+    return core_take(self, out);
+}
+
 static PyObject *
 core_receive_packet(CoreObject *self, PyObject *unused)
 {
@@ -1568,10 +1688,7 @@ core_receive_packet(CoreObject *self, PyObject *unused)
         unlock(&self->rx_lock);
         return raise_status(STATUS_HANDLE_EOF, "the session has ended");
     }
-    if (self->rx_error != NULL || (self->stalled && core_retry_send(self) < 0))
-        got = self->rx_error != NULL ? core_pending_error(self) : -1;
-    else
-        got = core_read_one(self, &view);
+    got = core_next(self, &view, CHUNK, 1);
     unlock(&self->rx_lock);
     if (got < 0)
         return NULL;
@@ -1605,14 +1722,16 @@ core_receive_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         raise_status(STATUS_HANDLE_EOF, "the session has ended");
         goto done;
     }
-    if (core_pending_error(self) < 0 || (self->stalled && core_retry_send(self) < 0))
-        goto done;
-    /* One read at a time, as receive_packet does (a dropped packet counts toward max_count); an error
-     * after some packets is raised by the next receive, those packets handed out first. */
+    /* What was read ahead first, then reads of as many as are still wanted (a dropped packet counts
+     * toward max_count); an error after some packets is raised by the next receive, those packets
+     * handed out first. */
     for (long i = 0; i < max_count; i++) {
         PyObject *view = NULL;
         Py_ssize_t dropped = self->receive_dropped;
-        int rc = core_read_one(self, &view);
+        Py_ssize_t want = max_count - i < CHUNK ? max_count - i : CHUNK;
+        if (i > 0 && !self->rx_pending && self->rx_empty)
+            break; /* the queue was empty a moment ago: no read to find it so again */
+        int rc = core_next(self, &view, want, want);
         if (rc > 0) {
             int failed = PyList_Append(views, view);
             Py_DECREF(view);
@@ -1665,7 +1784,9 @@ core_release_locked(CoreObject *self, PyObject *packet)
     PyObject *view = t->a[i].view;
     if (i == t->first) {
         tracked_drop_front(t);
-        if (t->n == 0) { /* everything released: rewind so the ring keeps reusing cached memory */
+        if (t->n == 0 && self->rx_pending)
+            store_word(ring, HEAD_WORD, self->rx_next); /* up to what was read ahead */
+        else if (t->n == 0) { /* everything released: rewind so the ring keeps reusing cached memory */
             store_word(ring, TAIL_WORD, REWIND_OFFSET);
             store_word(ring, HEAD_WORD, REWIND_OFFSET);
         }
@@ -2177,6 +2298,7 @@ core_end(CoreObject *self, PyObject *unused)
     memset(&self->rx_out, 0, sizeof(Tracked));
     memset(&self->tx_out, 0, sizeof(Tracked));
     self->n_hdrs = 0;
+    self->rx_pending = 0; /* what was read ahead goes with the session */
     Py_CLEAR(self->rx_error);
     if (was != 2) {
         release_ring(&self->rx);
@@ -2213,14 +2335,15 @@ core_take_ring(PyObject *obj, const char *what, Ring *ring, PyObject **data)
 static int
 core_init(CoreObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", "rx", "tx", "io_error", "rejected", "convert_header", NULL};
-    int fd;
+    static char *kwlist[] = {"fd", "rx", "tx", "io_error", "rejected", "convert_header", "ready_fd", NULL};
+    int fd, ready_fd = -1;
     PyObject *rx, *tx, *io_error, *rejected, *convert;
     if (self->locks_made) {
         PyErr_SetString(PyExc_TypeError, "SessionCore is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOO", kwlist, &fd, &rx, &tx, &io_error, &rejected, &convert))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOOOOO|$i", kwlist, &fd, &rx, &tx, &io_error, &rejected, &convert,
+                                     &ready_fd))
         return -1;
     if (core_take_ring(rx, "rx", &self->rx, &self->rx_data) < 0)
         return -1;
@@ -2243,6 +2366,9 @@ core_init(CoreObject *self, PyObject *args, PyObject *kwds)
     pthread_mutex_init(&self->tx_lock, NULL);
     self->locks_made = 1;
     self->fd = fd;
+    self->ready_fd = ready_fd;
+    self->ready_set = 0;
+    self->rx_pending = 0;
     self->tx_alloc = self->tx_release = load_word(&self->tx, TAIL_WORD) & self->tx.mask & ~3u;
     Py_INCREF(io_error);
     self->io_error = io_error;

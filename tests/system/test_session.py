@@ -30,6 +30,7 @@ from ..sessionutil import (
     V6_LOCAL,
     V6_PEER,
     bad_session_arguments,
+    drain,
     ending_wakes_a_blocked_reader,
     full_send_ring,
     is_v4,
@@ -304,6 +305,34 @@ def test_read_wait_event_with_selectors_and_asyncio(adapter):
                 loop.remove_reader(fd)
 
         assert asyncio.run(via_asyncio()).endswith(b"asyncio")
+
+
+def test_the_read_wait_handle_stays_readable_while_read_ahead_packets_wait(adapter):
+    """A loop that receives one packet per wake-up gets every packet: the first receive reads all the
+    waiting packets ahead into the ring (the queue is empty after it), so the handle must stay readable
+    while they wait there, and stop being readable once a receive finds nothing."""
+    with adapter.start_session() as s:
+        drain(s)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for i in range(8):
+                sock.sendto(b"ahead %d" % i, (V4_PEER, 9))  # routed out through the adapter: queued
+        got: list[bytes] = []
+        with selectors.DefaultSelector() as sel:
+            sel.register(s.get_read_wait_event(), selectors.EVENT_READ)
+            deadline = time.monotonic() + 10
+            while len(got) < 8 and time.monotonic() < deadline:
+                if not sel.select(2):
+                    break  # not readable although packets wait: the loop would sleep forever
+                pkt = s.try_receive_packet()
+                if pkt is None:
+                    continue
+                data = bytes(pkt)
+                s.release_receive_packet(pkt)
+                if is_v4(packet.PROTO_UDP, V4_PEER)(data):
+                    got.append(data[28:])
+            assert got == [b"ahead %d" % i for i in range(8)]
+            drain(s)
+            assert sel.select(0.05) == []
 
 
 @pytest.mark.parametrize("how", ["receive", "select"])

@@ -69,7 +69,7 @@ class Rig:
             ring.close()
 
 
-def rig(kind: Any, capacity: int = MIN_CAPACITY, sndbuf: int = 1 << 20) -> Rig:
+def rig(kind: Any, capacity: int = MIN_CAPACITY, sndbuf: int = 1 << 20, ready_fd: int = -1) -> Rig:
     queue, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     for sock in (queue, kernel):
         sock.setblocking(False)
@@ -87,7 +87,7 @@ def rig(kind: Any, capacity: int = MIN_CAPACITY, sndbuf: int = 1 << 20) -> Rig:
     def rejected(code: int, size: int) -> None:
         r.rejected.append((code, size))
 
-    r.core = kind(queue.fileno(), rx, tx, io_error, rejected, convert_header)
+    r.core = kind(queue.fileno(), rx, tx, io_error, rejected, convert_header, ready_fd=ready_fd)
     return r
 
 
@@ -263,6 +263,96 @@ def test_receive_reads_into_the_ring_and_release_in_order_rewinds(kind: Any) -> 
         r.core.release_receive_packet(views[2])
         assert words[HEAD_WORD] == REWIND_OFFSET and words[TAIL_WORD] == REWIND_OFFSET  # all released: rewound
         assert r.core.received == 0
+    finally:
+        r.close()
+
+
+def queued(sock: socket.socket) -> bool:
+    """Whether a datagram waits on ``sock`` (the core's queue end), without taking it."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_receive_reads_ahead_what_waits_and_hands_it_out_one_by_one(kind: Any) -> None:
+    """As Wintun's driver fills its ring: the first receive reads every waiting packet into the ring (Tail
+    past them all), the next ones take no read; Head follows releases up to the read-ahead packets."""
+    ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    r = rig(kind, ready_fd=ready)
+    try:
+        sizes = [40, 1400, 1, 300, 64]
+        for i, n in enumerate(sizes):
+            r.kernel.send(dgram(i, n))
+        first = r.core.receive_packet()
+        assert first is not None and bytes(first) == pattern(0, 40)
+        assert not queued(r.queue)  # all five read
+        words = r.rx.words
+        records = [(n + 7) & ~3 for n in sizes]
+        assert words[TAIL_WORD] == sum(records) and r.core.received == 1
+        assert queued(ready)  # the read-wait handle must wake while four wait in the ring
+        r.core.release_receive_packet(first)
+        assert words[HEAD_WORD] == records[0]  # up to the read-ahead ones, not rewound
+        views = [r.core.receive_packet() for _ in sizes[1:]]
+        assert [bytes(v) for v in views if v is not None] == [pattern(i, n) for i, n in enumerate(sizes)][1:]
+        assert r.core.receive_packet() is None
+        assert not queued(ready)  # cleared when the queue was found empty
+        r.core.release_receive_packets(views)
+        assert words[HEAD_WORD] == words[TAIL_WORD] == REWIND_OFFSET
+    finally:
+        r.close()
+        os.close(ready)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_batch_receive_reads_only_what_it_asks_for(kind: Any) -> None:
+    ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    r = rig(kind, ready_fd=ready)
+    try:
+        for i in range(5):
+            r.kernel.send(dgram(i, 100 + i))
+        views = r.core.receive_packets(2)
+        assert [bytes(v) for v in views] == [pattern(0, 100), pattern(1, 101)]
+        assert queued(r.queue) and not queued(ready)  # three still in the queue, none in the ring
+        r.core.release_receive_packets(views)
+        one = r.core.receive_packet()  # reads the other three ahead
+        rest = r.core.receive_packets(10)  # the two read ahead, then the queue is empty
+        assert one is not None and [bytes(v) for v in [one, *rest]] == [pattern(i, 100 + i) for i in (2, 3, 4)]
+        assert r.core.receive_packets(10) == []
+    finally:
+        r.close()
+        os.close(ready)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_error_after_read_ahead_packets_comes_after_them(kind: Any) -> None:
+    """A bad read in the middle of a read-ahead: the packets before it are handed out, then the error,
+    then the packets after it."""
+    r = rig(kind)
+    try:
+        r.kernel.send(dgram(0, 50))
+        r.kernel.send(dgram(1, 60))
+        r.kernel.send(b"short")  # shorter than the virtio-net header
+        r.kernel.send(dgram(2, 70))
+        got = [r.core.receive_packet(), r.core.receive_packet()]
+        assert [bytes(v) for v in got if v is not None] == [pattern(0, 50), pattern(1, 60)]
+        with pytest.raises(InvalidData):
+            r.core.receive_packet()
+        last = r.core.receive_packet()
+        assert last is not None and bytes(last) == pattern(2, 70)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_read_ahead_packets_go_with_the_end(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        for i in range(3):
+            r.kernel.send(dgram(i, 80))
+        assert r.core.receive_packet() is not None
+        r.core.end()
+        assert r.core.received == 0
+        with pytest.raises(EndOfFile):
+            r.core.receive_packet()
     finally:
         r.close()
 

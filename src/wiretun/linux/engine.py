@@ -2,13 +2,18 @@
 
 A :class:`SessionCore` holds what a session needs per packet, for its two rings and its TUN queue:
 
-* the **receive ring** (kernel -> caller): :meth:`~SessionCore.receive_packet` reads the next packet from
-  the queue straight into the ring at Tail (when the ring is short of room, through a scratch buffer, and
-  drops it if it does not fit, as Wintun's driver drops when the ring is full), publishes Tail and returns
-  a memoryview of it; :meth:`~SessionCore.release_receive_packet` takes it back in any order: the oldest
-  moves Head, a later one gets Wintun's release bit in its stored Size and is passed over when Head gets
-  there. When every packet is released the ring rewinds to offset 8 (its memory stays in cache, and the C
-  type reads and writes the virtio-net header in the 6 free bytes before the first Size word).
+* the **receive ring** (kernel -> caller): :meth:`~SessionCore.receive_packet` hands out the next packet
+  read ahead; when none is, it reads what waits in the queue straight into the ring from Tail on (up to
+  64 packets, while the ring has room for another; the C type releases the GIL once for all of them),
+  publishes Tail and returns a memoryview of the first, as Wintun's driver fills its ring ahead of the
+  caller. The ``ready_fd`` eventfd is set while read-ahead packets wait, so a read-wait handle holding it
+  stays readable. When the ring is short of room, one packet is read through a scratch buffer and
+  dropped if it does not fit, as Wintun's driver drops when the ring is full.
+  :meth:`~SessionCore.release_receive_packet` takes a packet back in any order: the oldest moves Head,
+  a later one gets Wintun's release bit in its stored Size and is passed over when Head gets there.
+  When every packet is released (and none waits read ahead) the ring rewinds to offset 8 (its memory
+  stays in cache, and the C type reads and writes the virtio-net header in the 6 free bytes before the
+  first Size word).
 * the **send ring** (caller -> kernel): :meth:`~SessionCore.allocate_send_packet` carves a packet at the
   allocation cursor (its Size carries the release bit: not sent yet), :meth:`~SessionCore.send_packet`
   clears the bit, moves Tail over the run of sent packets at the front (allocation order is send order)
@@ -59,6 +64,8 @@ VNET_HDR_SIZE = 10
 ZERO_HEADER = bytes(VNET_HDR_SIZE)
 RELEASE_BIT = 0x80000000
 _READ_SPAN = MAX_PACKET_SIZE
+_CHUNK = 64  # packets a receive reads ahead at most (CHUNK in C: one GIL release)
+_NO_ROOM = -3
 # Where an emptied ring starts again (REWIND_OFFSET in C): not 0, so that the bytes before the first
 # record are ring memory the C type can put the virtio-net header in.
 REWIND_OFFSET = 8
@@ -121,6 +128,12 @@ HeaderConverter = Callable[[object], bytes]
 
 def _fail(status: Status, message: str) -> WintunError:
     return _ERROR_CLASSES[status](message)
+
+
+def _short_read() -> WintunError:
+    return _fail(
+        Status.INVALID_DATA, f"the TUN queue returned a read shorter than the {VNET_HDR_SIZE}-byte virtio-net header"
+    )
 
 
 def _not_received(packet: object) -> InvalidParameter:
@@ -258,8 +271,15 @@ class PySessionCore:
         io_error: IOErrorCallback,
         rejected: RejectedCallback,
         convert_header: HeaderConverter,
+        *,
+        ready_fd: int = -1,
     ) -> None:
         self._fd = fd
+        self._ready_fd = ready_fd  # an eventfd set while read-ahead packets wait (or -1)
+        self._ready_set = False
+        self._rx_pending = 0  # packets read ahead (Tail is past them), not handed out yet
+        self._rx_next = 0  # the record of the first of them
+        self._rx_empty = False  # the last fill stopped because the queue was empty
         self._rx_words = rx.words
         self._rx_data = rx.data
         self._tx_words = tx.words
@@ -330,33 +350,14 @@ class PySessionCore:
             )
         return tail, head
 
-    def _read_one(self) -> memoryview | None:
-        """One packet from the queue into the ring at Tail (rx lock held): its view, or None."""
+    def _read_scratch(self) -> memoryview | None:
+        """One packet through the scratch buffer when the ring lacks room for a read straight into it (rx
+        lock held): its view, or None (the queue is empty, or the packet did not fit: dropped, as Wintun's
+        driver drops when its ring is full)."""
         r, head = self._ring_indices()
         free = (head - r - 4) & self._mask
-        data = self._rx_data
-        # Room for the whole read at the record's contents: header and packet land there in one read and
-        # the packet moves down over the header (what the C type does: a read costs less than a readv).
-        whole = free >= MAX_RECORD_SIZE + 12 and r + 4 + VNET_HDR_SIZE + _READ_SPAN <= self._cap + TRAILING_SIZE
         try:
-            if free >= MAX_RECORD_SIZE and r == head and r >= REWIND_OFFSET:
-                # Nothing held: the header lands in the free bytes before Tail's Size word and the packet
-                # in place; those 6 bytes are put back (as the C type does).
-                saved = bytes(data[r - 6 : r])
-                try:
-                    n = os.readv(self._fd, [data[r - 6 : r + 4 + _READ_SPAN]])
-                    if n > 0:
-                        self._hdr[: min(n, VNET_HDR_SIZE)] = data[r - 6 : r - 6 + min(n, VNET_HDR_SIZE)]
-                finally:
-                    data[r - 6 : r] = saved
-            elif whole:
-                n = os.readv(self._fd, [data[r + 4 : r + 4 + VNET_HDR_SIZE + _READ_SPAN]])
-                if n >= VNET_HDR_SIZE:
-                    data[r + 4 : r + n - VNET_HDR_SIZE + 4] = data[r + 4 + VNET_HDR_SIZE : r + 4 + n]
-            elif free >= MAX_RECORD_SIZE:
-                n = os.readv(self._fd, [self._hdr, data[r + 4 : r + 4 + _READ_SPAN]])
-            else:
-                n = os.readv(self._fd, [self._hdr, self._scratch])
+            n = os.readv(self._fd, [self._hdr, self._scratch])
         except OSError as e:
             code = e.errno or errno.EIO
             if code == errno.EAGAIN:
@@ -364,16 +365,13 @@ class PySessionCore:
             raise self._lost(code) from e
         n -= VNET_HDR_SIZE
         if n < 0:
-            raise _fail(
-                Status.INVALID_DATA,
-                f"the TUN queue returned a read shorter than the {VNET_HDR_SIZE}-byte virtio-net header",
-            )
+            raise _short_read()
         rec = (n + 7) & ~3
-        if free < MAX_RECORD_SIZE:
-            if rec > free:
-                self.receive_dropped += 1  # no room (too many packets held), as Wintun's driver drops
-                return None
-            data[r + 4 : r + 4 + n] = memoryview(self._scratch)[:n]
+        if rec > free:
+            self.receive_dropped += 1
+            return None
+        data = self._rx_data
+        data[r + 4 : r + 4 + n] = memoryview(self._scratch)[:n]
         self._rx_words[DATA_WORD + (r >> 2)] = n
         view = data[r + 4 : r + 4 + n]
         out = self._rx_out
@@ -381,6 +379,113 @@ class PySessionCore:
         out.offsets.append(r + 4)
         self._rx_words[TAIL_WORD] = (r + rec) & self._mask
         return view
+
+    def _signal_ready(self, ready: bool) -> None:
+        """Set or clear the ready eventfd: read-ahead packets wait (or no longer do)."""
+        if self._ready_fd < 0 or ready == self._ready_set:
+            return
+        try:
+            if ready:
+                os.eventfd_write(self._ready_fd, 1)
+            else:
+                os.eventfd_read(self._ready_fd)
+        except OSError:
+            pass  # EAGAIN: already clear
+        self._ready_set = ready
+
+    def _fill(self, want: int, keep: int) -> int:
+        """Read up to ``want`` packets into the ring from Tail on (rx lock held, nothing read ahead): how
+        many (they wait from _rx_next on), 0 for none, or _NO_ROOM when the ring lacks room for a read
+        straight into it. An error after some packets is kept for the receive after them. ``keep`` are
+        handed out at once: the ready eventfd is set if more wait."""
+        r, head = self._ring_indices()
+        mask = self._mask
+        if (head - r - 4) & mask < MAX_RECORD_SIZE:
+            return _NO_ROOM
+        data, words, fd, hdr = self._rx_data, self._rx_words, self._fd, self._hdr
+        last = self._cap + TRAILING_SIZE - 4 - VNET_HDR_SIZE - _READ_SPAN  # the last Tail a whole read fits at
+        first = r
+        count = 0
+        error: BaseException | None = None
+        empty = False
+        while count < want:
+            free = (head - r - 4) & mask
+            if free < MAX_RECORD_SIZE:
+                break
+            d = r + 4
+            try:
+                if r >= REWIND_OFFSET and (count or r == head):  # in place (see the C type)
+                    saved = bytes(data[r - 6 : r])
+                    try:
+                        n = os.readv(fd, [data[r - 6 : d + _READ_SPAN]])
+                        if n > 0:
+                            hdr[: min(n, VNET_HDR_SIZE)] = data[r - 6 : r - 6 + min(n, VNET_HDR_SIZE)]
+                    finally:
+                        data[r - 6 : r] = saved
+                elif free >= MAX_RECORD_SIZE + 12 and r <= last:
+                    n = os.readv(fd, [data[d : d + VNET_HDR_SIZE + _READ_SPAN]])
+                    if n >= VNET_HDR_SIZE:
+                        hdr[:] = data[d : d + VNET_HDR_SIZE]
+                        data[d : d + n - VNET_HDR_SIZE] = data[d + VNET_HDR_SIZE : d + n]
+                else:
+                    n = os.readv(fd, [hdr, data[d : d + _READ_SPAN]])
+            except OSError as e:
+                code = e.errno or errno.EIO
+                if code == errno.EAGAIN:
+                    empty = True
+                else:
+                    error = self._lost(code)
+                break
+            except BaseException as e:  # a signal handler raised: after packets, the next receive raises it
+                error = e
+                break
+            if n < VNET_HDR_SIZE:
+                error = _short_read()
+                break
+            n -= VNET_HDR_SIZE
+            words[DATA_WORD + (r >> 2)] = n
+            r = (r + ((n + 7) & ~3)) & mask
+            count += 1
+        self._signal_ready(count > keep)
+        self._rx_empty = empty
+        if count:
+            words[TAIL_WORD] = r
+            self._rx_pending = count
+            self._rx_next = first
+        if error is not None:
+            if not count:
+                raise error
+            self._rx_error = error
+        return count
+
+    def _take(self) -> memoryview:
+        """Hand out the next read-ahead packet (rx lock held, some wait)."""
+        record = self._rx_next
+        size = self._rx_words[DATA_WORD + (record >> 2)]
+        if size > MAX_PACKET_SIZE:  # scribbled on: what was read ahead is lost
+            self._rx_pending = 0
+            raise _fail(Status.INVALID_DATA, f"receive ring packet at {record:#x} claims {size:#x} bytes")
+        view = self._rx_data[record + 4 : record + 4 + size]
+        out = self._rx_out
+        out.views.append(view)
+        out.offsets.append(record + 4)
+        self._rx_next = (record + ((size + 7) & ~3)) & self._mask
+        self._rx_pending -= 1
+        return view
+
+    def _next(self, want: int, keep: int) -> memoryview | None:
+        """The next packet (rx lock held, live): one read ahead, else the error kept for after them, else
+        up to ``want`` read from the queue at once; None when none is waiting (or one was dropped)."""
+        if self._rx_pending:
+            return self._take()
+        if self._rx_error is not None:
+            self._raise_pending()
+        if self._stalled:
+            self._retry_send()
+        got = self._fill(want, keep)
+        if got == _NO_ROOM:
+            return self._read_scratch()
+        return self._take() if got else None
 
     def _retry_send(self) -> None:
         lock = self._tx_lock
@@ -403,11 +508,7 @@ class PySessionCore:
         try:
             if self._state:
                 raise _fail(Status.HANDLE_EOF, "the session has ended")
-            if self._rx_error is not None:
-                self._raise_pending()
-            if self._stalled:
-                self._retry_send()
-            return self._read_one()
+            return self._next(_CHUNK, 1)
         finally:
             lock.release()
 
@@ -423,59 +524,15 @@ class PySessionCore:
         with self._rx_lock:
             if self._state:
                 raise _fail(Status.HANDLE_EOF, "the session has ended")
-            self._raise_pending()
-            if self._stalled:
-                self._retry_send()
-            # The usual case inline (what _read_one does when the whole read fits at Tail behind held
-            # packets), the rest
-            # through _read_one: the same steps in the same order, only fewer Python calls.
-            words, data, fd, mask, cap = self._rx_words, self._rx_data, self._fd, self._mask, self._cap
-            views, offsets = self._rx_out.views, self._rx_out.offsets
-            readv = os.readv
-            room = MAX_RECORD_SIZE + 12
-            last = cap + TRAILING_SIZE - 4 - VNET_HDR_SIZE - _READ_SPAN  # the last Tail a whole read fits at
-            span = VNET_HDR_SIZE + _READ_SPAN
-            for _ in range(max_count):
-                r = words[TAIL_WORD]
-                head = words[HEAD_WORD]
-                if (
-                    r <= last and not r & 3 and head < cap and not head & 3 and (head - r - 4) & mask >= room
-                    and (r != head or r < REWIND_OFFSET)  # else _read_one reads in place
-                ):
-                    d = r + 4
-                    try:
-                        n = readv(fd, [data[d : d + span]])
-                    except OSError as e:
-                        code = e.errno or errno.EIO
-                        if code == errno.EAGAIN:
-                            break
-                        exc: BaseException = self._lost(code)
-                        if not out:
-                            raise exc from e
-                        self._rx_error = exc
-                        break
-                    if n >= VNET_HDR_SIZE:
-                        n -= VNET_HDR_SIZE
-                        data[d : d + n] = data[d + VNET_HDR_SIZE : d + VNET_HDR_SIZE + n]
-                        words[DATA_WORD + (r >> 2)] = n
-                        view = data[d : d + n]
-                        views.append(view)
-                        offsets.append(d)
-                        words[TAIL_WORD] = (r + ((n + 7) & ~3)) & mask
-                        out.append(view)
-                        continue
-                    exc = _fail(
-                        Status.INVALID_DATA,
-                        f"the TUN queue returned a read shorter than the {VNET_HDR_SIZE}-byte virtio-net header",
-                    )
-                    if not out:
-                        raise exc
-                    self._rx_error = exc
-                    break
+            # What was read ahead first, then reads of as many as are still wanted.
+            for i in range(max_count):
+                want = min(max_count - i, _CHUNK)
+                if i and not self._rx_pending and self._rx_empty:
+                    break  # the queue was empty a moment ago: no read to find it so again
                 dropped = self.receive_dropped
                 try:
-                    got = self._read_one()
-                except Exception as exc:  # a failed read: after packets, the next receive raises it
+                    got = self._next(want, want)
+                except Exception as exc:  # after packets, the next receive raises it
                     if not out:
                         raise
                     self._rx_error = exc
@@ -497,7 +554,9 @@ class PySessionCore:
         if index == out.first:
             out.drop_front()
             words = self._rx_words
-            if not out.views:  # everything released: rewind so the ring keeps reusing cached memory
+            if not out.views and self._rx_pending:
+                words[HEAD_WORD] = self._rx_next  # up to what was read ahead
+            elif not out.views:  # everything released: rewind so the ring keeps reusing cached memory
                 words[TAIL_WORD] = REWIND_OFFSET
                 words[HEAD_WORD] = REWIND_OFFSET
             else:
@@ -518,7 +577,7 @@ class PySessionCore:
                 return
             out = self._rx_out
             views = out.views
-            if len(views) == 1 and views[0] is packet:  # the only one out: all back, rewind (the usual case)
+            if len(views) == 1 and views[0] is packet and not self._rx_pending:  # all back: rewind
                 views.clear()
                 out.offsets.clear()
                 out.first = 0
@@ -804,6 +863,7 @@ class PySessionCore:
         (receive, allocate, send_packets) or do nothing (release, send). Waits for running calls."""
         with self._rx_lock, self._tx_lock:
             self._state = 2
+            self._rx_pending = 0  # what was read ahead goes with the session
             self._rx_out.clear()
             self._tx_out.clear()
             self._tx_headers.clear()

@@ -7,8 +7,10 @@ rings of ``capacity`` bytes each in anonymous memory:
   next packet from the TUN queue straight into ring memory at Tail (``readv``: the 10-byte virtio-net
   header into a scratch buffer, the IP packet into the ring, which always has 0xFFFF bytes of room after
   Tail thanks to the trailing area), writes its Size, publishes Tail, and returns a ``memoryview`` of the
-  packet in the ring: zero copy. Packets are read on demand, so the ring never holds packets nobody has
-  asked for and the TUN queue's own readiness says whether more are waiting. Release them in any order;
+  packet in the ring: zero copy. A plain session reads ahead, as Wintun's driver fills its ring: a receive
+  that finds no packet waiting in the ring reads what waits in the queue (up to 64 packets, while the ring
+  has room for another) with the GIL released once, and later receives hand those out with no system
+  call. Offload and capture sessions read on demand. Release packets in any order;
   the space comes back as Wintun's release bit says (:class:`wiretun.ring.Consumer`). When a packet does
   not fit in the free space (you hold too many), it is read and dropped, as Wintun's driver drops when the
   ring is full (counted in :attr:`Session.receive_dropped`), so the queue never backs up into a busy loop.
@@ -20,11 +22,12 @@ rings of ``capacity`` bytes each in anonymous memory:
   (EINVAL: not IPv4/IPv6; EIO: the adapter is down) is dropped, counted in :attr:`Session.send_dropped`
   and logged once per kind of error.
 
-The read-wait handle (:meth:`Session.get_read_wait_event`) is an epoll fd holding the TUN queue and an
-eventfd that :meth:`Session.end` sets: it is readable when packets may be waiting or the session has
-ended, so it works with ``select``, ``selectors`` and ``asyncio``'s ``add_reader``. It stays valid (and,
-after the end, readable) until the session object is garbage-collected, so a thread still sleeping on it
-is never left holding a closed or recycled descriptor.
+The read-wait handle (:meth:`Session.get_read_wait_event`) is an epoll fd holding the TUN queue, an
+eventfd that :meth:`Session.end` sets and an eventfd set while packets read ahead wait in the ring: it is
+readable when packets may be waiting or the session has ended, so it works with ``select``,
+``selectors`` and ``asyncio``'s ``add_reader``. It stays valid (and, after the end, readable) until the
+session object is garbage-collected, so a thread still sleeping on it is never left holding a closed or
+recycled descriptor.
 
 **Offloads** (``start_session(capacity, offload=True)``): the session sets ``TUNSETOFFLOAD`` to
 checksum + TSO4 + TSO6, plus USO4 + USO6 where the kernel accepts them (Linux 6.2+; older kernels say
@@ -155,11 +158,12 @@ def _header_bytes(header: Any, where: str) -> Any:
 class _Resources:
     """What must be closed when the session goes away; held by the finalizer, not by the session."""
 
-    __slots__ = ("queue_fd", "event_fd", "epoll")
+    __slots__ = ("queue_fd", "event_fd", "ready_fd", "epoll")
 
     def __init__(self) -> None:
         self.queue_fd = -1
         self.event_fd = -1
+        self.ready_fd = -1  # set by the session core while packets it read ahead wait in the ring
         self.epoll: select.epoll | None = None
 
     def close_queue(self) -> None:
@@ -181,9 +185,11 @@ class _Resources:
         if self.epoll is not None:
             self.epoll.close()
             self.epoll = None
-        fd, self.event_fd = self.event_fd, -1
-        if fd >= 0:
-            os.close(fd)
+        for name in ("event_fd", "ready_fd"):
+            fd = getattr(self, name)
+            setattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
 
 
 def _release_views(views: Iterable[memoryview]) -> None:
@@ -240,9 +246,11 @@ class LinuxSession:
             res.queue_fd = adapter.open_queue()
             self._offloads = self._negotiate_offloads(res.queue_fd)
             res.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            res.epoll = select.epoll(2)
+            res.ready_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            res.epoll = select.epoll(3)
             res.epoll.register(res.queue_fd, select.EPOLLIN)
             res.epoll.register(res.event_fd, select.EPOLLIN)
+            res.epoll.register(res.ready_fd, select.EPOLLIN)
             if offload:
                 # Frames (header + packet) up to 10 bytes longer than Wintun's records: a little more room
                 # after the trailing area, in memory of our own (Ring.allocate sizes it for packets only).
@@ -908,7 +916,8 @@ def _make_core(session: LinuxSession) -> PySessionCore:
     def convert_header(header: object) -> bytes:
         return bytes(_header_bytes(header, "header"))
 
-    return SessionCore(session._fd, session._rx, session._tx, io_error, rejected, convert_header)
+    return SessionCore(session._fd, session._rx, session._tx, io_error, rejected, convert_header,
+                       ready_fd=session._res.ready_fd)
 
 
 def _check_batch(packets: Any, headers: Any) -> tuple[Sequence[Any], list[int], list[Any] | None]:
