@@ -1658,14 +1658,19 @@ core_pending_error(CoreObject *self)
     return -1;
 }
 
-/* The next packet (rx lock held, live): one read ahead, else the error kept for after them, else up to
- * ``want`` read from the queue at once (one handed out now). 1 with *out, 0 for none (the queue is empty,
- * or a packet was dropped for lack of room: see receive_dropped), -1 with an exception set. */
+/* The next packet (rx lock held): one read ahead (even when the queue was lost after reading it), else
+ * HandleEof after the end, else the error kept for after them, else up to ``want`` read from the queue at
+ * once (one handed out now). 1 with *out, 0 for none (the queue is empty, or a packet was dropped for lack
+ * of room: see receive_dropped), -1 with an exception set. */
 static int
 core_next(CoreObject *self, PyObject **out, Py_ssize_t want, Py_ssize_t keep)
 {
     if (self->rx_pending)
         return core_take(self, out);
+    if (self->state) {
+        raise_status(STATUS_HANDLE_EOF, "the session has ended");
+        return -1;
+    }
     if (self->rx_error != NULL)
         return core_pending_error(self);
     if (self->stalled && core_retry_send(self) < 0)
@@ -1683,12 +1688,7 @@ core_receive_packet(CoreObject *self, PyObject *unused)
 {
     lock(&self->rx_lock);
     PyObject *view = NULL;
-    int got;
-    if (self->state) {
-        unlock(&self->rx_lock);
-        return raise_status(STATUS_HANDLE_EOF, "the session has ended");
-    }
-    got = core_next(self, &view, CHUNK, 1);
+    int got = core_next(self, &view, CHUNK, 1);
     unlock(&self->rx_lock);
     if (got < 0)
         return NULL;
@@ -1718,10 +1718,11 @@ core_receive_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     lock(&self->rx_lock);
     PyObject *result = NULL;
-    if (self->state) {
+    if (self->state && !self->rx_pending) {
         raise_status(STATUS_HANDLE_EOF, "the session has ended");
         goto done;
     }
+    self->rx_empty = 0;
     /* What was read ahead first, then reads of as many as are still wanted (a dropped packet counts
      * toward max_count); an error after some packets is raised by the next receive, those packets
      * handed out first. */

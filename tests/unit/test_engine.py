@@ -343,6 +343,24 @@ def test_an_error_after_read_ahead_packets_comes_after_them(kind: Any) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_read_ahead_packets_come_out_before_a_lost_queue_is_noticed(kind: Any) -> None:
+    r = rig(kind)
+    try:
+        for i in range(3):
+            r.kernel.send(dgram(i, 90))
+        views = [r.core.receive_packet()]
+        r.queue.close()  # the adapter went away: the next read fails
+        views += [r.core.receive_packet(), r.core.receive_packet()]
+        assert [bytes(v) for v in views if v is not None] == [pattern(i, 90) for i in range(3)]
+        for _ in range(2):
+            with pytest.raises(EndOfFile):
+                r.core.receive_packets(4)
+        assert r.core.ended and r.errors == [errno.EBADF]
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_read_ahead_packets_go_with_the_end(kind: Any) -> None:
     r = rig(kind)
     try:

@@ -474,10 +474,13 @@ class PySessionCore:
         return view
 
     def _next(self, want: int, keep: int) -> memoryview | None:
-        """The next packet (rx lock held, live): one read ahead, else the error kept for after them, else
-        up to ``want`` read from the queue at once; None when none is waiting (or one was dropped)."""
+        """The next packet (rx lock held): one read ahead (even when the queue was lost after reading it),
+        else EndOfFile after the end, else the error kept for after them, else up to ``want`` read from the
+        queue at once; None when none is waiting (or one was dropped)."""
         if self._rx_pending:
             return self._take()
+        if self._state:
+            raise _fail(Status.HANDLE_EOF, "the session has ended")
         if self._rx_error is not None:
             self._raise_pending()
         if self._stalled:
@@ -506,8 +509,6 @@ class PySessionCore:
         lock = self._rx_lock
         lock.acquire()  # not a with-block: half the cost, paid per packet
         try:
-            if self._state:
-                raise _fail(Status.HANDLE_EOF, "the session has ended")
             return self._next(_CHUNK, 1)
         finally:
             lock.release()
@@ -522,8 +523,9 @@ class PySessionCore:
             raise InvalidParameter(f"headers must be a list to append to, not {type(headers).__name__}")
         out: list[memoryview] = []
         with self._rx_lock:
-            if self._state:
+            if self._state and not self._rx_pending:
                 raise _fail(Status.HANDLE_EOF, "the session has ended")
+            self._rx_empty = False
             # What was read ahead first, then reads of as many as are still wanted.
             for i in range(max_count):
                 want = min(max_count - i, _CHUNK)
