@@ -1476,6 +1476,27 @@ check_ring_index(Ring *ring, const char *which, const char *what, uint32_t value
     return 0;
 }
 
+/* Take the raised exception out and keep it for the receive after the packets that came before it. */
+static void
+core_keep_error(CoreObject *self)
+{
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (exc != NULL && tb != NULL)
+        PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    Py_XSETREF(self->rx_error, exc);
+}
+
+static void
+raise_short_read(void)
+{
+    raise_status(STATUS_INVALID_DATA, "the TUN queue returned a read shorter than the %d-byte virtio-net header",
+                 VNET_HDR_SIZE);
+}
+
 /* One packet through the scratch buffer when the ring lacks room for a read straight into it (rx lock
  * held): 1 with *out its new view, 0 for none (the queue is empty, or the packet did not fit: dropped, as
  * Wintun's driver drops when its ring is full), -1 with an exception set. */
@@ -1501,8 +1522,7 @@ core_read_scratch(CoreObject *self, PyObject **out)
     }
     n -= VNET_HDR_SIZE;
     if (n < 0) {
-        raise_status(STATUS_INVALID_DATA, "the TUN queue returned a read shorter than the %d-byte virtio-net header",
-                     VNET_HDR_SIZE);
+        raise_short_read();
         return -1;
     }
     uint32_t rec = (uint32_t)((n + 7) & ~3);
@@ -1601,20 +1621,12 @@ core_fill(CoreObject *self, Py_ssize_t want, Py_ssize_t keep)
     }
     if (failed || short_read || (err && err != EAGAIN && err != EWOULDBLOCK)) {
         if (short_read)
-            raise_status(STATUS_INVALID_DATA,
-                         "the TUN queue returned a read shorter than the %d-byte virtio-net header", VNET_HDR_SIZE);
+            raise_short_read();
         else if (!failed)
             core_lost(self, err);
         if (count == 0)
             return -1;
-        PyObject *type, *exc, *tb; /* handed out after the packets before it */
-        PyErr_Fetch(&type, &exc, &tb);
-        PyErr_NormalizeException(&type, &exc, &tb);
-        if (exc != NULL && tb != NULL)
-            PyException_SetTraceback(exc, tb);
-        Py_XDECREF(type);
-        Py_XDECREF(tb);
-        Py_XSETREF(self->rx_error, exc);
+        core_keep_error(self);
     }
     return count;
 }
@@ -1747,14 +1759,7 @@ core_receive_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (PyList_GET_SIZE(views) == 0 || !PyErr_ExceptionMatches(PyExc_Exception))
             goto done;
-        PyObject *type, *exc, *tb;
-        PyErr_Fetch(&type, &exc, &tb);
-        PyErr_NormalizeException(&type, &exc, &tb);
-        if (exc != NULL && tb != NULL)
-            PyException_SetTraceback(exc, tb);
-        Py_XDECREF(type);
-        Py_XDECREF(tb);
-        Py_XSETREF(self->rx_error, exc);
+        core_keep_error(self);
         break;
     }
     if (headers != Py_None) {
