@@ -414,14 +414,13 @@ class PySessionCore:
                 break
             d = r + 4
             try:
-                if r >= REWIND_OFFSET and (count or r == head):  # in place (see the C type)
-                    saved = bytes(data[r - 6 : r])
-                    try:
-                        n = os.readv(fd, [data[r - 6 : d + _READ_SPAN]])
-                        if n > 0:
-                            hdr[: min(n, VNET_HDR_SIZE)] = data[r - 6 : r - 6 + min(n, VNET_HDR_SIZE)]
-                    finally:
-                        data[r - 6 : r] = saved
+                if r >= REWIND_OFFSET and (count or r == head):
+                    # The C type reads in place (the header in the 6 bytes before the Size word, put
+                    # back after): the ring ends up as after readv(header, packet), but for a short
+                    # read, whose header bytes past the sixth stay in the Size word.
+                    n = os.readv(fd, [hdr, data[d : d + _READ_SPAN]])
+                    if 6 < n < VNET_HDR_SIZE:
+                        data[r : r + n - 6] = hdr[6:n]
                 elif free >= MAX_RECORD_SIZE + 12 and r <= last:
                     n = os.readv(fd, [data[d : d + VNET_HDR_SIZE + _READ_SPAN]])
                     if n >= VNET_HDR_SIZE:
@@ -509,6 +508,8 @@ class PySessionCore:
         lock = self._rx_lock
         lock.acquire()  # not a with-block: half the cost, paid per packet
         try:
+            if self._rx_pending:
+                return self._take()
             return self._next(_CHUNK, 1)
         finally:
             lock.release()
@@ -526,19 +527,28 @@ class PySessionCore:
             if self._state and not self._rx_pending:
                 raise _fail(Status.HANDLE_EOF, "the session has ended")
             self._rx_empty = False
-            # What was read ahead first, then reads of as many as are still wanted.
-            for i in range(max_count):
-                want = min(max_count - i, _CHUNK)
-                if i and not self._rx_pending and self._rx_empty:
-                    break  # the queue was empty a moment ago: no read to find it so again
+            # What was read ahead first, then reads of as many as are still wanted (a dropped packet
+            # counts toward max_count, as in C).
+            i = 0
+            take = self._take
+            while i < max_count:
                 dropped = self.receive_dropped
                 try:
+                    if self._rx_pending:
+                        for _ in range(min(self._rx_pending, max_count - i)):
+                            out.append(take())
+                            i += 1
+                        continue
+                    if i and self._rx_empty:
+                        break  # the queue was empty a moment ago: no read to find it so again
+                    want = min(max_count - i, _CHUNK)
                     got = self._next(want, want)
                 except Exception as exc:  # after packets, the next receive raises it
                     if not out:
                         raise
                     self._rx_error = exc
                     break
+                i += 1
                 if got is None:
                     if self.receive_dropped == dropped:
                         break
