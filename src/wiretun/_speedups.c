@@ -1324,11 +1324,15 @@ is_retry(int code)
 
 /* Write every packet between the send ring's Head and Tail to the queue (tx lock held, GIL held on entry
  * and exit). 0, or -1 with an exception set. */
+static int check_ring_index(Ring *ring, const char *which, const char *what, uint32_t value);
+
 static int
 core_flush(CoreObject *self)
 {
     Ring *ring = &self->tx;
     uint32_t head = load_word(ring, HEAD_WORD), tail = load_word(ring, TAIL_WORD);
+    if (check_ring_index(ring, "send", "Head", head) < 0 || check_ring_index(ring, "send", "Tail", tail) < 0)
+        return -1; /* scribbled on by another party: read nothing there */
     static const unsigned char zero[VNET_HDR_SIZE];
     int rc = 0;
     while (head != tail) {
@@ -1548,8 +1552,8 @@ core_read_scratch(CoreObject *self, PyObject **out)
 static void
 core_signal_ready(CoreObject *self, int ready)
 {
-    if (self->ready_fd < 0 || ready == self->ready_set)
-        return;
+    if (self->ready_fd < 0 || ready == self->ready_set || self->state == 2)
+        return; /* after the end the session may have closed the eventfd */
     uint64_t v = 1;
     ssize_t rc = ready ? write(self->ready_fd, &v, sizeof v) : read(self->ready_fd, &v, sizeof v);
     (void)rc; /* an eventfd: a write of 1 or a read of a set counter cannot fail but for EAGAIN (cleared) */
@@ -1640,6 +1644,7 @@ core_take(CoreObject *self, PyObject **out)
     uint32_t record = self->rx_next, size = load_size(ring, record);
     if (size > MAX_PACKET_SIZE) { /* scribbled on: what was read ahead is lost */
         self->rx_pending = 0;
+        core_signal_ready(self, 0);
         raise_status(STATUS_INVALID_DATA, "receive ring packet at 0x%x claims 0x%x bytes", (unsigned)record,
                      (unsigned)size);
         return -1;
@@ -1652,7 +1657,8 @@ core_take(CoreObject *self, PyObject **out)
         return -1;
     }
     self->rx_next = (record + ((size + 7) & ~3u)) & ring->mask;
-    self->rx_pending--;
+    if (--self->rx_pending == 0)
+        core_signal_ready(self, 0); /* set exactly while packets wait read ahead */
     *out = view;
     return 1;
 }
@@ -1773,6 +1779,7 @@ core_receive_packets(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     result = views;
     views = NULL;
 done:
+    core_signal_ready(self, self->rx_pending > 0); /* a loop cut short leaves some waiting: say so */
     unlock(&self->rx_lock);
     Py_XDECREF(views);
     return result;

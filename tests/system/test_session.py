@@ -335,6 +335,25 @@ def test_the_read_wait_handle_stays_readable_while_read_ahead_packets_wait(adapt
             assert sel.select(0.05) == []
 
 
+def test_a_wait_with_every_packet_held_sleeps_instead_of_spinning(adapter):
+    """Found in review: hold every packet until the small ring is full, then wait. The read-ahead
+    eventfd must be clear once nothing waits read ahead, or the handle stays readable and the wait
+    spins (it measured 341,266 receive calls in 0.5 s). Thread CPU time, not wall time, tells."""
+    with adapter.start_session(SMALL) as s:
+        drain(s)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for i in range(100):  # 140 KB: more than the 128 KiB ring holds
+                sock.sendto(bytes([i]) * 1400, (V4_PEER, 9))
+        held = []
+        while (pkt := s.wait_receive_packet(0.5)) is not None and len(held) < 200:
+            held.append(pkt)
+        assert 40 < len(held) < 100 and s.receive_dropped
+        cpu = time.thread_time()
+        assert s.wait_receive_packet(0.5) is None
+        assert time.thread_time() - cpu < 0.25
+        s.release_receive_packets(held)
+
+
 @pytest.mark.parametrize("how", ["receive", "select"])
 @pytest.mark.parametrize("ender", ["end", "adapter.close"])
 def test_ending_wakes_a_blocked_reader_within_100ms(adapter, how, ender):

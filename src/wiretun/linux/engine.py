@@ -203,7 +203,10 @@ class _Tracked:
             return -1
         try:
             offset = _address(packet) - _address(data)
-        except ValueError:
+        except ValueError:  # empty or released: no address to search by (C keeps one), so look it up
+            for i in range(first, n):
+                if views[i] is packet:
+                    return i
             return -1
         offsets = self.offsets
         base = offsets[first]
@@ -382,8 +385,8 @@ class PySessionCore:
 
     def _signal_ready(self, ready: bool) -> None:
         """Set or clear the ready eventfd: read-ahead packets wait (or no longer do)."""
-        if self._ready_fd < 0 or ready == self._ready_set:
-            return
+        if self._ready_fd < 0 or ready == self._ready_set or self._state == 2:
+            return  # after the end the session may have closed the eventfd
         try:
             if ready:
                 os.eventfd_write(self._ready_fd, 1)
@@ -463,6 +466,7 @@ class PySessionCore:
         size = self._rx_words[DATA_WORD + (record >> 2)]
         if size > MAX_PACKET_SIZE:  # scribbled on: what was read ahead is lost
             self._rx_pending = 0
+            self._signal_ready(False)
             raise _fail(Status.INVALID_DATA, f"receive ring packet at {record:#x} claims {size:#x} bytes")
         view = self._rx_data[record + 4 : record + 4 + size]
         out = self._rx_out
@@ -470,6 +474,8 @@ class PySessionCore:
         out.offsets.append(record + 4)
         self._rx_next = (record + ((size + 7) & ~3)) & self._mask
         self._rx_pending -= 1
+        if not self._rx_pending:
+            self._signal_ready(False)  # set exactly while packets wait read ahead
         return view
 
     def _next(self, want: int, keep: int) -> memoryview | None:
@@ -524,36 +530,39 @@ class PySessionCore:
             raise InvalidParameter(f"headers must be a list to append to, not {type(headers).__name__}")
         out: list[memoryview] = []
         with self._rx_lock:
-            if self._state and not self._rx_pending:
-                raise _fail(Status.HANDLE_EOF, "the session has ended")
-            self._rx_empty = False
-            # What was read ahead first, then reads of as many as are still wanted (a dropped packet
-            # counts toward max_count, as in C).
-            i = 0
-            take = self._take
-            while i < max_count:
-                dropped = self.receive_dropped
-                try:
-                    if self._rx_pending:
-                        for _ in range(min(self._rx_pending, max_count - i)):
-                            out.append(take())
-                            i += 1
-                        continue
-                    if i and self._rx_empty:
-                        break  # the queue was empty a moment ago: no read to find it so again
-                    want = min(max_count - i, _CHUNK)
-                    got = self._next(want, want)
-                except Exception as exc:  # after packets, the next receive raises it
-                    if not out:
-                        raise
-                    self._rx_error = exc
-                    break
-                i += 1
-                if got is None:
-                    if self.receive_dropped == dropped:
+            try:
+                if self._state and not self._rx_pending:
+                    raise _fail(Status.HANDLE_EOF, "the session has ended")
+                self._rx_empty = False
+                # What was read ahead first, then reads of as many as are still wanted (a dropped packet
+                # counts toward max_count, as in C).
+                i = 0
+                take = self._take
+                while i < max_count:
+                    dropped = self.receive_dropped
+                    try:
+                        if self._rx_pending:
+                            for _ in range(min(self._rx_pending, max_count - i)):
+                                out.append(take())
+                                i += 1
+                            continue
+                        if i and self._rx_empty:
+                            break  # the queue was empty a moment ago: no read to find it so again
+                        want = min(max_count - i, _CHUNK)
+                        got = self._next(want, want)
+                    except Exception as exc:  # after packets, the next receive raises it
+                        if not out:
+                            raise
+                        self._rx_error = exc
                         break
-                    continue  # dropped for lack of room: the queue may hold more
-                out.append(got)
+                    i += 1
+                    if got is None:
+                        if self.receive_dropped == dropped:
+                            break
+                        continue  # dropped for lack of room: the queue may hold more
+                    out.append(got)
+            finally:
+                self._signal_ready(self._rx_pending > 0)  # a loop cut short leaves some waiting: say so
         if headers is not None:
             headers.extend([ZERO_HEADER] * len(out))
         return out
@@ -827,6 +836,13 @@ class PySessionCore:
         words = self._tx_words
         head = words[HEAD_WORD]
         tail = words[TAIL_WORD]
+        cap = self._cap
+        for name, value in (("Head", head), ("Tail", tail)):
+            if value >= cap or value & 3:  # scribbled on by another party: read nothing there
+                raise _fail(
+                    Status.INVALID_DATA,
+                    f"send ring {name} {value:#x} is not a 4-aligned offset below capacity {cap:#x}",
+                )
         if head == tail:
             self._stalled = False
             return
