@@ -130,6 +130,13 @@ def _fail(status: Status, message: str) -> WintunError:
     return _ERROR_CLASSES[status](message)
 
 
+def _bad_index(which: str, what: str, value: int, cap: int) -> WintunError:
+    """A ring word that is no 4-aligned offset below the capacity (check_ring_index in C)."""
+    return _fail(
+        Status.INVALID_DATA, f"{which} ring {what} {value:#x} is not a 4-aligned offset below capacity {cap:#x}"
+    )
+
+
 def _short_read() -> WintunError:
     return _fail(
         Status.INVALID_DATA, f"the TUN queue returned a read shorter than the {VNET_HDR_SIZE}-byte virtio-net header"
@@ -345,12 +352,10 @@ class PySessionCore:
         tail = words[TAIL_WORD]
         head = words[HEAD_WORD]
         cap = self._cap
-        if tail >= cap or tail & 3 or head >= cap or head & 3:
-            name, value = ("Tail", tail) if tail >= cap or tail & 3 else ("Head", head)
-            raise _fail(
-                Status.INVALID_DATA,
-                f"receive ring {name} {value:#x} is not a 4-aligned offset below capacity {cap:#x}",
-            )
+        if tail >= cap or tail & 3:
+            raise _bad_index("receive", "Tail", tail, cap)
+        if head >= cap or head & 3:
+            raise _bad_index("receive", "Head", head, cap)
         return tail, head
 
     def _read_scratch(self) -> memoryview | None:
@@ -659,9 +664,7 @@ class PySessionCore:
                 self._tx_alloc = self._tx_release = REWIND_OFFSET
         head = words[HEAD_WORD]
         if head >= self._cap or head & 3:
-            raise _fail(
-                Status.INVALID_DATA, f"send ring Head {head:#x} is not a 4-aligned offset below capacity {self._cap:#x}"
-            )
+            raise _bad_index("send", "Head", head, self._cap)
         tail = self._tx_alloc
         rec = (size + 7) & ~3
         if rec > ((head - tail - 4) & self._mask):
@@ -837,12 +840,10 @@ class PySessionCore:
         head = words[HEAD_WORD]
         tail = words[TAIL_WORD]
         cap = self._cap
-        for name, value in (("Head", head), ("Tail", tail)):
-            if value >= cap or value & 3:  # scribbled on by another party: read nothing there
-                raise _fail(
-                    Status.INVALID_DATA,
-                    f"send ring {name} {value:#x} is not a 4-aligned offset below capacity {cap:#x}",
-                )
+        if head >= cap or head & 3:  # scribbled on by another party: read nothing there
+            raise _bad_index("send", "Head", head, cap)
+        if tail >= cap or tail & 3:
+            raise _bad_index("send", "Tail", tail, cap)
         if head == tail:
             self._stalled = False
             return
