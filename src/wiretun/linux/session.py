@@ -242,15 +242,17 @@ class LinuxSession:
         self._name = adapter.kernel_name()  # kept for messages: asking the adapter later may fail
         self._rx_memory: mmap.mmap | None = None
         self._claim = adapter.claim_session(self._multi_queue)  # Busy when another session has it
+        plain = not offload and record is None  # runs on a SessionCore (below)
         try:
             res.queue_fd = adapter.open_queue()
             self._offloads = self._negotiate_offloads(res.queue_fd)
             res.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            res.ready_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             res.epoll = select.epoll(3)
             res.epoll.register(res.queue_fd, select.EPOLLIN)
             res.epoll.register(res.event_fd, select.EPOLLIN)
-            res.epoll.register(res.ready_fd, select.EPOLLIN)
+            if plain:  # only the core reads ahead
+                res.ready_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                res.epoll.register(res.ready_fd, select.EPOLLIN)
             if offload:
                 # Frames (header + packet) up to 10 bytes longer than Wintun's records: a little more room
                 # after the trailing area, in memory of our own (Ring.allocate sizes it for packets only).
@@ -292,7 +294,7 @@ class LinuxSession:
         self._tx_headers: dict[int, Any] = {}  # data offset -> header, for queued packets sent with one
         self._tx_stalled = False
 
-        if not offload and record is None:
+        if plain:
             # A plain session keeps its per-packet state in one SessionCore (C when built): Wintun's
             # per-packet calls are the core's own methods, one call each (the portable Session binds
             # these attributes in turn). Offload and capture sessions run the loops below.
